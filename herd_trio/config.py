@@ -1,0 +1,153 @@
+"""The herd's configuration: TOML in, a validated frozen config out, or one clear error.
+
+msgspec does the type checking and rejects unknown keys with a path
+(`$.servers.Clark.port`); the cross-checks that span servers (unknown neighbours,
+duplicate ports) run after it. Relative paths in a file are relative to that file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+DEFAULT_CONFIG = "default_herd.toml"  # packaged beside this module
+_WILDCARDS = ("", "0.0.0.0", "::")  # bind every address: clash with any host
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # goes on the wire as one AT field
+
+
+class ConfigError(Exception):
+    """A configuration that cannot run; the message is the one line the user sees."""
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The `[herd]` table: settings shared by every server of the herd."""
+
+    log_dir: str = "logs"
+    one_shot: bool = False
+    max_line: int = 4096
+    places: Literal["offline", "google", "google-legacy"] = "offline"
+    places_timeout: float = 5.0
+    places_url: str | None = None
+    places_key_env: str = "GOOGLE_PLACES_API_KEY"
+    places_concurrency: int = 16
+    places_cache_ttl: float = 10.0
+    places_cache_size: int = 1024
+    state_dir: str | None = None
+    secret_env: str | None = None
+
+
+class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One `[servers.NAME]` table."""
+
+    port: int
+    peer_port: int
+    host: str = "127.0.0.1"
+    neighbours: list[str] = msgspec.field(default_factory=list)
+
+
+class HerdConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole file; `servers` keeps the file's order."""
+
+    servers: dict[str, ServerConfig]
+    herd: Settings = msgspec.field(default_factory=Settings)
+
+    def neighbours(self, name: str) -> list[str]:
+        """Everyone `name` talks to: talk relations are symmetric (PROTOCOL.md §4)."""
+        mine = set(self.servers[name].neighbours)
+        mine.update(other for other, cfg in self.servers.items() if name in cfg.neighbours)
+        mine.discard(name)
+        return sorted(mine)
+
+    def secret(self) -> bytes | None:
+        """The shared peer secret, read from the environment variable `secret_env` names."""
+        env = self.herd.secret_env
+        return None if env is None else os.environ[env].encode()
+
+    def places_key(self) -> str:
+        """The Google API key, read from the environment variable `places_key_env` names."""
+        return os.environ[self.herd.places_key_env]
+
+
+def load(path: Path | None = None, *, environ: Mapping[str, str] = os.environ) -> HerdConfig:
+    """Read and validate a config file, or the embedded default herd when `path` is None.
+
+    Paths in a file resolve against its folder; those of the embedded default against
+    the working directory. Raises ConfigError with a one-line message.
+    """
+    if path is None:
+        text = resources.files("herd_trio").joinpath(DEFAULT_CONFIG).read_text()
+        where, base = "embedded default config", Path.cwd()
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {str(path)!r}: {exc}") from exc
+        where, base = str(path), path.resolve().parent
+    try:
+        herd = msgspec.convert(tomllib.loads(text), HerdConfig)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from exc
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    check(herd, environ)
+    settings = herd.herd
+    return msgspec.structs.replace(
+        herd,
+        herd=msgspec.structs.replace(
+            settings,
+            log_dir=str(base / settings.log_dir),
+            state_dir=None if settings.state_dir is None else str(base / settings.state_dir),
+        ),
+    )
+
+
+def check(herd: HerdConfig, environ: Mapping[str, str] = os.environ) -> None:
+    """The checks that span fields and servers; ConfigError names the first problem."""
+    settings = herd.herd
+    if not herd.servers:
+        raise ConfigError("no servers configured")
+    if not 64 <= settings.max_line <= 1 << 20:
+        raise ConfigError(f"max_line must be between 64 and 1048576, not {settings.max_line}")
+    if not 0 < settings.places_timeout <= 600:
+        raise ConfigError(f"places_timeout must be in (0, 600] seconds: {settings.places_timeout}")
+    if settings.places_concurrency < 1 or settings.places_cache_size < 0:
+        raise ConfigError("places_concurrency must be >= 1 and places_cache_size >= 0")
+    if settings.places_cache_ttl < 0:
+        raise ConfigError("places_cache_ttl must be >= 0")
+    if settings.secret_env is not None and not environ.get(settings.secret_env):
+        raise ConfigError(f"secret_env names {settings.secret_env}, which is not set")
+    if settings.places != "offline" and not environ.get(settings.places_key_env):
+        raise ConfigError(
+            f"places = {settings.places!r} needs an API key in ${settings.places_key_env},"
+            " which is not set"
+        )
+    if settings.places_url is not None and not re.match(r"https?://[^/\s]+", settings.places_url):
+        raise ConfigError(f"places_url must be an http(s) URL: {settings.places_url!r}")
+    taken: dict[tuple[str, int], str] = {}
+    for name, server in herd.servers.items():
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"server name {name!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+        for key in ("port", "peer_port"):
+            port: int = getattr(server, key)
+            label = f"servers.{name}.{key}"
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"{label} = {port} is not a TCP port (1-65535)")
+            host = "*" if server.host in _WILDCARDS else server.host
+            clashes = [(host, port)] if host != "*" else [k for k in taken if k[1] == port]
+            clashes += [("*", port)]
+            for clash in clashes:
+                if clash in taken:
+                    raise ConfigError(f"{label} = {port} is already used by {taken[clash]}")
+            taken[host, port] = label
+        for neighbour in server.neighbours:
+            if neighbour not in herd.servers:
+                raise ConfigError(f"servers.{name}.neighbours: unknown server {neighbour!r}")
+            if neighbour == name:
+                raise ConfigError(f"servers.{name}.neighbours: a server cannot neighbour itself")

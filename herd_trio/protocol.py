@@ -1,0 +1,175 @@
+"""The wire protocol as pure functions: bytes in, records and bytes out.
+
+Nothing here does I/O or imports trio, so every rule of PROTOCOL.md §1-2 is tested
+without an event loop. Fields are split with `bytes.split()` (no argument), which splits
+on exactly the six ASCII white-space bytes the protocol names; `str.split()` would also
+split on U+00A0, `\\x1c` and friends.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+import attrs
+
+MAX_CLIENT_ID = 256  # bytes: PROTOCOL.md §1
+MAX_RADIUS_KM = 50
+MAX_BOUND = 20
+NS_PER_S = 1_000_000_000
+
+# Checked with a bytes regex before any conversion: Decimal() and int() accept "nan",
+# "1_000", " 7" and non-ASCII digits, none of which the protocol allows.
+_TIME = re.compile(rb"([0-9]+)(?:\.([0-9]+))?")
+_COORDS = re.compile(rb"([+-][0-9]{1,2}(?:\.[0-9]+)?)([+-][0-9]{1,3}(?:\.[0-9]+)?)")
+_RADIUS = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
+_BOUND = re.compile(rb"[0-9]+")
+_SKEW = re.compile(rb"[+-][0-9]+\.[0-9]{9}")
+
+
+class ProtocolError(ValueError):
+    """A line or field that the protocol does not allow."""
+
+
+@attrs.frozen
+class Iamat:
+    """`IAMAT client coords time`, fields kept as received."""
+
+    client: bytes
+    coords: bytes
+    time: bytes
+    lat: Decimal
+    lon: Decimal
+    sent: Decimal  # the client's clock, exact
+
+
+@attrs.frozen
+class Whatsat:
+    """`WHATSAT client radius bound` (or its synonym WHATISAT)."""
+
+    client: bytes
+    radius_km: Decimal
+    bound: int
+
+    @property
+    def radius_m(self) -> int:
+        """The radius in whole metres (10 km -> 10000), never below 1 m."""
+        return max(1, int((self.radius_km * 1000).to_integral_value()))
+
+
+@attrs.frozen
+class Record:
+    """One client's location as a server took it; what the herd floods and stores."""
+
+    client: bytes
+    coords: bytes
+    sent: Decimal  # the client's clock, exact
+    origin: bytes  # the name of the server that took the IAMAT
+    at_line: bytes  # the reply as first produced, without LF; WHATSAT repeats it
+
+    @property
+    def rank(self) -> tuple[Decimal, bytes, bytes]:
+        """Higher rank wins: client time, then origin, then coords; the same on every server."""
+        return (self.sent, self.origin, self.coords)
+
+    @property
+    def lat_lon(self) -> tuple[Decimal, Decimal]:
+        """The coordinates as exact decimal degrees."""
+        return parse_coords(self.coords)
+
+
+Command = Iamat | Whatsat
+
+
+def parse_time(field: bytes) -> Decimal:
+    """POSIX seconds from the wire, exactly; ProtocolError for anything else."""
+    if not _TIME.fullmatch(field):
+        raise ProtocolError(f"bad time {field!r}")
+    return Decimal(field.decode("ascii"))
+
+
+def time_ns(field: bytes) -> int:
+    """POSIX seconds from the wire as integer nanoseconds, truncating extra digits."""
+    match = _TIME.fullmatch(field)
+    if match is None:
+        raise ProtocolError(f"bad time {field!r}")
+    whole, frac = match.group(1), match.group(2) or b""
+    return int(whole) * NS_PER_S + int(frac[:9].ljust(9, b"0"))
+
+
+def parse_coords(field: bytes) -> tuple[Decimal, Decimal]:
+    """ISO 6709 `+lat-lon` as exact decimal degrees; ProtocolError when out of range."""
+    match = _COORDS.fullmatch(field)
+    if match is None:
+        raise ProtocolError(f"bad coordinates {field!r}")
+    lat, lon = Decimal(match.group(1).decode()), Decimal(match.group(2).decode())
+    if abs(lat) > 90 or abs(lon) > 180:
+        raise ProtocolError(f"coordinates out of range {field!r}")
+    return lat, lon
+
+
+def _client_id(field: bytes) -> bytes:
+    if len(field) > MAX_CLIENT_ID:
+        raise ProtocolError(f"client id longer than {MAX_CLIENT_ID} bytes")
+    return field
+
+
+def parse_command(line: bytes) -> Command:
+    """Parse one client line (terminator already removed); ProtocolError if invalid."""
+    fields = line.split()
+    if len(fields) != 4:
+        raise ProtocolError("wrong number of fields")
+    verb = fields[0]
+    if verb == b"IAMAT":
+        client, coords, time = fields[1], fields[2], fields[3]
+        lat, lon = parse_coords(coords)
+        return Iamat(_client_id(client), coords, time, lat, lon, parse_time(time))
+    if verb in (b"WHATSAT", b"WHATISAT"):
+        radius, bound = fields[2], fields[3]
+        if not _RADIUS.fullmatch(radius):
+            raise ProtocolError(f"bad radius {radius!r}")
+        radius_km = Decimal(radius.decode("ascii"))
+        if not 0 < radius_km <= MAX_RADIUS_KM:
+            raise ProtocolError(f"radius out of range {radius!r}")
+        if not _BOUND.fullmatch(bound) or int(bound) > MAX_BOUND:
+            raise ProtocolError(f"bad bound {bound!r}")
+        return Whatsat(_client_id(fields[1]), radius_km, int(bound))
+    raise ProtocolError(f"unknown command {verb!r}")
+
+
+def format_skew(skew_ns: int) -> bytes:
+    """`+S.NNNNNNNNN`: sign always shown (`+` for zero), exactly nine fractional digits."""
+    sign = b"-" if skew_ns < 0 else b"+"
+    seconds, ns = divmod(abs(skew_ns), NS_PER_S)
+    return b"%s%d.%09d" % (sign, seconds, ns)
+
+
+def make_record(server: bytes, received_ns: int, iamat: Iamat) -> Record:
+    """The record (and its AT line) for an IAMAT that arrived complete at `received_ns`."""
+    skew = format_skew(received_ns - time_ns(iamat.time))
+    at_line = b"AT %s %s %s %s %s" % (server, skew, iamat.client, iamat.coords, iamat.time)
+    return Record(iamat.client, iamat.coords, iamat.sent, server, at_line)
+
+
+def parse_at(line: bytes) -> Record:
+    """A record from an AT line as a server produced it; ProtocolError if malformed.
+
+    This is how records travel between servers: the AT line carries every field of
+    the record, and forwarding it byte for byte keeps WHATSAT's first line exact.
+    """
+    fields = line.split()
+    if len(fields) != 6 or fields[0] != b"AT":
+        raise ProtocolError("not an AT line")
+    _, origin, skew, client, coords, time = fields
+    if not _SKEW.fullmatch(skew):
+        raise ProtocolError(f"bad time difference {skew!r}")
+    parse_coords(coords)
+    at_line = b" ".join(fields)
+    if at_line != line:
+        raise ProtocolError("AT line not in canonical form")
+    return Record(_client_id(client), coords, parse_time(time), origin, at_line)
+
+
+def question(line: bytes) -> bytes:
+    """The reply to anything invalid: `? ` and the line exactly as received, then LF."""
+    return b"? " + line + b"\n"
