@@ -41,6 +41,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     places_cache_size: int = 1024
     state_dir: str | None = None
     secret_env: str | None = None
+    heartbeat_interval: float = 1.0  # seconds between PINGs on an idle peer link
+    write_deadline: float = 10.0  # seconds a peer or client write may stall before drop
 
 
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -119,6 +121,8 @@ def check(herd: HerdConfig, environ: Mapping[str, str] = os.environ) -> None:
         raise ConfigError(f"places_timeout must be in (0, 600] seconds: {settings.places_timeout}")
     if settings.places_concurrency < 1 or settings.places_cache_size < 0:
         raise ConfigError("places_concurrency must be >= 1 and places_cache_size >= 0")
+    if not 0 < settings.heartbeat_interval <= 3600 or not 0 < settings.write_deadline <= 3600:
+        raise ConfigError("heartbeat_interval and write_deadline must be in (0, 3600] seconds")
     if settings.places_cache_ttl < 0:
         raise ConfigError("places_cache_ttl must be >= 0")
     if settings.secret_env is not None and not environ.get(settings.secret_env):

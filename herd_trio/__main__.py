@@ -1,0 +1,125 @@
+"""Command line: `python -m herd_trio NAME` or `python -m herd_trio --all`.
+
+Exit status: 0 after SIGINT/SIGTERM, 2 for a bad command line or config, 1 when a
+server cannot start (a port in use); every failure is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from functools import partial
+from pathlib import Path
+from typing import NoReturn
+
+import msgspec
+import trio
+
+from herd_trio import config
+from herd_trio.config import ConfigError, HerdConfig
+from herd_trio.log import ServerLog
+from herd_trio.places import open_places
+from herd_trio.server import Server, StartupError, log_path, serve
+
+PROG = "herd_trio"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line, as PROTOCOL.md §5 gives it."""
+    parser = _Parser(prog=PROG, description="Run a server (or all servers) of a proxy herd.")
+    parser.add_argument("name", nargs="?", help="the server to run, e.g. Clark")
+    parser.add_argument("--all", action="store_true", help="run every server of the config")
+    parser.add_argument("--config", type=Path, help="herd config file (TOML); default: built in")
+    parser.add_argument("--log-dir", type=Path, help="write <NAME>.log here (overrides config)")
+    parser.add_argument("--one-shot", action="store_true", help="close after the first reply")
+    args = parser.parse_args(argv)
+    if args.all == (args.name is not None):
+        parser.error("give a server NAME or --all, not both" if args.all else "give a server NAME")
+    return args
+
+
+def apply_overrides(herd: HerdConfig, args: argparse.Namespace) -> HerdConfig:
+    """The config with command-line settings (paths relative to the working directory)."""
+    settings = herd.herd
+    if args.log_dir is not None:
+        settings = msgspec.structs.replace(settings, log_dir=str(args.log_dir.resolve()))
+    if args.one_shot:
+        settings = msgspec.structs.replace(settings, one_shot=True)
+    return msgspec.structs.replace(herd, herd=settings)
+
+
+async def run_herd(herd: HerdConfig, names: list[str], logs: dict[str, ServerLog]) -> None:
+    """Run the named servers until SIGINT or SIGTERM, then cancel them all."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_places(herd) as places, trio.open_nursery() as nursery:
+            for name in names:
+                server = Server(name, herd, places, logs[name])
+                await nursery.start(partial(serve, server), name=f"server {name}")
+                cfg = herd.servers[name]
+                where = f"clients on {cfg.host}:{cfg.port}, peers on {cfg.host}:{cfg.peer_port}"
+                print(f"{name}: {where}", flush=True)
+            signum = await anext(signals)
+            for log in logs.values():
+                log.write(f"{signal.Signals(signum).name} received, shutting down")
+            nursery.cancel_scope.cancel()
+
+
+def leaves(group: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(group, BaseExceptionGroup):
+        for exc in group.exceptions:
+            yield from leaves(exc)
+    else:
+        yield group
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        herd = apply_overrides(config.load(args.config), args)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    if args.all:
+        names = list(herd.servers)
+    elif args.name in herd.servers:
+        names = [args.name]
+    else:
+        known = ", ".join(herd.servers)
+        print(f"{PROG}: unknown server {args.name!r} (configured: {known})", file=sys.stderr)
+        return 2
+    failed: list[BaseException] = []
+    with ExitStack() as stack:
+        logs: dict[str, ServerLog] = {}
+        try:
+            for name in names:
+                logs[name] = ServerLog(log_path(herd, name), name)
+                stack.callback(logs[name].close)  # the last lines reach the file on any exit
+        except OSError as exc:
+            print(f"{PROG}: cannot open log file: {exc}", file=sys.stderr)
+            return 1
+        try:
+            trio.run(run_herd, herd, names, logs)
+        except* StartupError as group:
+            failed = list(leaves(group))
+    for error in failed:
+        print(f"{PROG}: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cli() -> NoReturn:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

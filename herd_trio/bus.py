@@ -1,0 +1,102 @@
+"""Fan-out of accepted records to the peer links, one coalescing outbox per link.
+
+Publishing never waits: a link that cannot keep up does not slow the server, the
+clients or the other links. Its outbox holds at most one pending record per client
+(a storm of updates for one client coalesces to the newest), so its memory is bounded
+by the number of clients, never by the update rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import islice
+
+import attrs
+import trio
+
+from herd_trio.protocol import Record
+
+
+class OutboxClosed(Exception):
+    """The outbox was closed: its link is being replaced or shut down."""
+
+
+@attrs.define(eq=False)
+class Outbox:
+    """Records waiting for one link's writer; newest per client, in first-queued order."""
+
+    _pending: dict[bytes, Record] = attrs.field(factory=dict, init=False)
+    _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+
+    def put(self, record: Record) -> None:
+        """Queue `record`, replacing an older pending record of the same client."""
+        held = self._pending.get(record.client)
+        if held is None or held.rank < record.rank:
+            self._pending[record.client] = record
+            self._wakeup.set()
+
+    def close(self) -> None:
+        """Wake the writer with OutboxClosed; later puts are ignored by the bus."""
+        self._closed = True
+        self._wakeup.set()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def take(self, limit: int = 4096) -> list[Record]:
+        """Wait for pending records and take up to `limit` of them, oldest first.
+
+        Raises OutboxClosed once the outbox is closed. Always checkpoints.
+        """
+        while not self._pending:
+            if self._closed:
+                raise OutboxClosed
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if len(self._pending) <= limit:
+            batch = list(self._pending.values())
+            self._pending.clear()
+        else:
+            batch = [self._pending.pop(client) for client in list(islice(self._pending, limit))]
+        return batch
+
+
+@attrs.define(eq=False)
+class Bus:
+    """Hands every record the store accepted to every link but the one it came from."""
+
+    _outboxes: dict[str, Outbox] = attrs.field(factory=dict, init=False)
+    published: int = attrs.field(default=0, init=False)
+
+    @contextmanager
+    def subscribe(self, link: str) -> Iterator[Outbox]:
+        """An outbox for `link` for the duration of the block.
+
+        A second subscription under the same name (a neighbour that reconnected)
+        closes the first one's outbox, so its stale writer ends.
+        """
+        outbox = Outbox()
+        if (old := self._outboxes.get(link)) is not None:
+            old.close()
+        self._outboxes[link] = outbox
+        try:
+            yield outbox
+        finally:
+            if self._outboxes.get(link) is outbox:
+                del self._outboxes[link]
+            outbox.close()
+
+    def publish(self, record: Record, *, source: str | None = None) -> None:
+        """Queue `record` on every link except `source`'s; never blocks."""
+        self.published += 1
+        for link, outbox in self._outboxes.items():
+            if link != source:
+                outbox.put(record)
+
+    @property
+    def links(self) -> list[str]:
+        """The names of the links subscribed now."""
+        return list(self._outboxes)

@@ -1,0 +1,93 @@
+"""A line reader over a trio byte stream with a hard cap on line length.
+
+Framing follows PROTOCOL.md §1: a line ends at LF, one CR before the LF is dropped, an
+unterminated last line at EOF is a complete line. Memory stays bounded: a line that
+grows past `max_line` bytes (counting every byte before the LF) is refused while it is
+still arriving, so a client streaming bytes without a newline costs at most
+`max_line + chunk` bytes.
+"""
+
+from __future__ import annotations
+
+import trio
+
+CHUNK = 65536  # bytes per receive_some: large enough that pipelined clients batch well
+
+
+class LineTooLong(Exception):
+    """A line longer than the reader's `max_line`; the connection should be closed."""
+
+    def __init__(self, max_line: int, head: bytes) -> None:
+        super().__init__(f"line longer than {max_line} bytes")
+        self.head = head  # the first bytes of the line, for the log
+
+
+class LineReader:
+    """Reads LF-terminated lines from `stream`; the one task reading it owns it.
+
+    `receive_lines` hands over every complete line that is buffered at once, so a
+    pipelining client's lines are answered in batches with one write each batch.
+    """
+
+    def __init__(self, stream: trio.abc.ReceiveStream, max_line: int, chunk: int = CHUNK) -> None:
+        self._stream = stream
+        self._max_line = max_line
+        self._chunk = chunk
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []
+        self._error: LineTooLong | None = None
+        self._eof = False
+
+    async def receive_lines(self) -> list[bytes]:
+        """The next complete lines (at least one), or [] at end of stream.
+
+        Raises LineTooLong once every line before the long one has been returned.
+        Always checkpoints (it may receive), plus the stream's own errors.
+        """
+        while not self._lines:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                if not self._buffer:
+                    return []
+                self._lines.append(bytes(self._buffer))
+                self._buffer.clear()
+                break
+            data = await self._stream.receive_some(self._chunk)
+            if data:
+                self._buffer += data
+                self._split()
+            else:
+                self._eof = True
+        lines, self._lines = self._lines, []
+        return lines
+
+    async def receive_line(self) -> bytes | None:
+        """The next complete line, or None at end of stream; see `receive_lines`."""
+        if not self._lines:
+            self._lines = await self.receive_lines()
+            if not self._lines:
+                return None
+        return self._lines.pop(0)
+
+    def _split(self) -> None:
+        buffer = self._buffer
+        end = buffer.rfind(b"\n")
+        if end >= 0:
+            lines = bytes(buffer[:end]).split(b"\n")
+            del buffer[: end + 1]
+            for index, line in enumerate(lines):
+                if len(line) > self._max_line:
+                    self._fail(line)
+                    del lines[index:]
+                    break
+                if line.endswith(b"\r"):
+                    lines[index] = line[:-1]
+            self._lines.extend(lines)
+        if self._error is None and len(buffer) > self._max_line:
+            self._fail(bytes(buffer))
+
+    def _fail(self, line: bytes) -> None:
+        self._error = LineTooLong(self._max_line, line[:64])
+        self._buffer.clear()
+        self._eof = True  # nothing after a refused line is read

@@ -1,0 +1,264 @@
+"""Peer links: one persistent TCP connection per pair of neighbours.
+
+Of each pair, the server whose name sorts first dials and keeps the link up with a
+supervised loop (`run_link`); the other accepts on its peer port (`handle_peer`).
+One connection per edge means each record crosses an edge at most once each way.
+
+On the wire, after a one-line handshake each way, a link carries AT lines exactly as
+the origin server produced them (the AT line holds every field of a record) and PING
+lines when idle. On link-up each side first sends every record it holds (catch-up),
+then every record its store accepts from then on, except back to where it came from.
+The receiver keeps only records newer than its own, so replays and duplicates are
+harmless and floods terminate on any graph.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import random
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, NoReturn
+
+import attrs
+import trio
+
+from herd_trio.bus import Outbox, OutboxClosed
+from herd_trio.lines import LineReader, LineTooLong
+from herd_trio.protocol import ProtocolError, parse_at
+
+if TYPE_CHECKING:
+    from herd_trio.server import Server
+
+VERSION = b"herd_trio/1"
+PING = b"PING"
+DIAL_DEADLINE = 3.0  # seconds: loopback and LAN dials take milliseconds
+HANDSHAKE_DEADLINE = 2.0  # seconds, as NATS gives a route to authenticate
+SILENT_BEATS = 3  # a link whose peer says nothing for this many heartbeats is dead
+FAILURE_LOG_EVERY = 20  # while a neighbour stays down, log every 20th failed dial
+PEER_LINE_SLACK = 512  # bytes an AT line adds to the client line it came from
+
+
+class LinkError(Exception):
+    """The peer broke the link protocol or went silent; the link is dropped."""
+
+
+LINK_ERRORS = (
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    LinkError,
+    LineTooLong,
+    OutboxClosed,
+)
+
+Dial = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
+@attrs.frozen
+class Backoff:
+    """Capped exponential backoff with jitter: attempt n waits in [hi/2, hi].
+
+    hi = min(cap, initial * factor**n). Half the range is random so a herd restarted
+    at once does not redial in lockstep; the floor of hi/2 avoids hammering a
+    neighbour that accepts and hangs up at once.
+    """
+
+    initial: float = 0.05
+    factor: float = 2.0
+    cap: float = 1.0  # a restarted neighbour is linked again within about a second
+    stable_after: float = 5.0  # seconds up before the failure count is forgotten
+    rand: Callable[[float, float], float] = random.uniform
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after `failures` consecutive failures."""
+        hi = min(self.cap, self.initial * self.factor ** min(failures, 64))
+        return self.rand(hi / 2, hi)
+
+
+BACKOFF = Backoff()
+
+
+def dials(me: str, peer: str) -> bool:
+    """True if `me` dials `peer` (the name that sorts first dials)."""
+    return me < peer
+
+
+def hello(me: bytes, peer: bytes) -> bytes:
+    """The handshake line: protocol version, who is talking, and to whom."""
+    return b"HELLO %s %s %s\n" % (VERSION, me, peer)
+
+
+def check_hello(line: bytes | None, *, sender: bytes | None, receiver: bytes) -> bytes:
+    """The sender's name from a handshake line; LinkError if it is not one.
+
+    `sender` None accepts any name (the acceptor checks it against its neighbours).
+    """
+    fields = line.split() if line is not None else []
+    if len(fields) != 4 or fields[0] != b"HELLO" or fields[1] != VERSION:
+        raise LinkError(f"bad handshake {line!r}")
+    if fields[3] != receiver:
+        raise LinkError(f"handshake addressed to {fields[3]!r}, not to us")
+    if sender is not None and fields[2] != sender:
+        raise LinkError(f"handshake from {fields[2]!r}, expected {sender!r}")
+    return fields[2]
+
+
+def is_loopback(stream: trio.abc.Stream) -> bool:
+    """True if the remote end of `stream` is on this host (127.0.0.0/8, ::1)."""
+    if not isinstance(stream, trio.SocketStream):
+        return False
+    try:
+        host = stream.socket.getpeername()[0]
+        address = ipaddress.ip_address(host.split("%")[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+async def carry(server: Server, peer: str, stream: trio.abc.Stream, reader: LineReader) -> NoReturn:
+    """Exchange records with `peer` over an established link until the link fails.
+
+    Raises one of LINK_ERRORS (inside an ExceptionGroup) when the peer closes, goes
+    silent, breaks the protocol or stops reading.
+    """
+    with server.bus.subscribe(peer) as outbox:
+        for record in server.store:  # catch-up: the peer keeps what is newer for it
+            outbox.put(record)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_outbox, server, stream, outbox)
+            await read_peer(server, peer, reader)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def read_peer(server: Server, peer: str, reader: LineReader) -> NoReturn:
+    """Take records from `peer`, keep the newer ones and flood those on."""
+    silence = SILENT_BEATS * server.settings.heartbeat_interval
+    who = f"peer {peer}"
+    store, bus, log = server.store, server.bus, server.log
+    while True:
+        lines: list[bytes] = []
+        with trio.move_on_after(silence) as scope:
+            lines = await reader.receive_lines()
+        if scope.cancelled_caught:
+            raise LinkError(f"no word from {peer} for {silence:g} s")
+        if not lines:
+            raise LinkError(f"{peer} closed the link")
+        for line in lines:
+            if line == PING:
+                continue
+            log.received(who, line)
+            try:
+                record = parse_at(line)
+            except ProtocolError as exc:
+                raise LinkError(f"{peer} sent a bad line {line[:80]!r}: {exc}") from exc
+            if store.offer(record):
+                bus.publish(record, source=peer)
+
+
+async def write_outbox(server: Server, stream: trio.abc.SendStream, outbox: Outbox) -> NoReturn:
+    """Send the outbox to the peer in batches, and a PING whenever the link is idle."""
+    interval = server.settings.heartbeat_interval
+    deadline = server.settings.write_deadline
+    while True:
+        batch = []
+        with trio.move_on_after(interval):
+            batch = await outbox.take()
+        data = b"".join([record.at_line + b"\n" for record in batch]) if batch else PING + b"\n"
+        with trio.fail_after(deadline):  # a peer that stops reading cannot pin us
+            await stream.send_all(data)
+
+
+async def run_link(
+    server: Server, peer: str, *, dial: Dial = trio.open_tcp_stream, backoff: Backoff = BACKOFF
+) -> NoReturn:
+    """Keep the link to `peer` up until cancelled; redial with capped, jittered backoff."""
+    target = server.herd.servers[peer]
+    log = server.log
+    failures = 0
+    while True:
+        up_since = math.inf
+        try:
+            with trio.fail_after(DIAL_DEADLINE):
+                stream = await dial(target.host, target.peer_port)
+            async with stream:
+                reader = LineReader(stream, server.settings.max_line + PEER_LINE_SLACK)
+                with trio.fail_after(HANDSHAKE_DEADLINE):
+                    await stream.send_all(hello(server.wire_name, peer.encode()))
+                    check_hello(
+                        await reader.receive_line(), sender=peer.encode(), receiver=server.wire_name
+                    )
+                up_since = trio.current_time()
+                log.write(f"link to {peer} up ({target.host}:{target.peer_port})")
+                await carry(server, peer, stream, reader)
+        except* LINK_ERRORS as group:
+            reason = "; ".join(_reasons(group))
+            if up_since < math.inf:
+                log.write(f"link to {peer} dropped: {reason}")
+            elif failures % FAILURE_LOG_EVERY == 0:
+                log.write(f"link to {peer} failed (attempt {failures + 1}): {reason}")
+        if trio.current_time() - up_since >= backoff.stable_after:
+            failures = 0
+        await trio.sleep(backoff.delay(failures))
+        failures += 1
+
+
+async def handle_peer(server: Server, stream: trio.abc.Stream) -> None:
+    """Accept a link from a neighbour on the peer port; refuse anyone else.
+
+    With no secret configured only loopback peers are accepted. A neighbour that
+    connects again replaces its old link (it was restarted, or the old one is dead).
+    """
+    from herd_trio.server import describe
+
+    who = describe(stream)
+    log = server.log
+    if not is_loopback(stream):
+        log.write(f"refused peer connection from {who}: not loopback and no secret configured")
+        return
+    reader = LineReader(stream, server.settings.max_line + PEER_LINE_SLACK)
+    neighbours = server.herd.neighbours(server.name)
+    try:
+        with trio.fail_after(HANDSHAKE_DEADLINE):
+            line = await reader.receive_line()
+            sender = check_hello(line, sender=None, receiver=server.wire_name)
+            peer = sender.decode("ascii", "replace")
+            if peer not in neighbours or not dials(peer, server.name):
+                raise LinkError(f"{sender!r} is not a neighbour that dials {server.name}")
+            await stream.send_all(hello(server.wire_name, sender))
+    except LINK_ERRORS as exc:
+        log.write(f"refused peer connection from {who}: {_describe(exc)}")
+        return
+    if (old := server.accepted.get(peer)) is not None:
+        old.cancel()
+    with trio.CancelScope() as scope:
+        server.accepted[peer] = scope
+        log.write(f"link from {peer} up ({who})")
+        try:
+            await carry(server, peer, stream, reader)
+        except* LINK_ERRORS as group:
+            log.write(f"link from {peer} dropped: {'; '.join(_reasons(group))}")
+        finally:
+            if server.accepted.get(peer) is scope:
+                del server.accepted[peer]
+    if scope.cancelled_caught:
+        log.write(f"link from {peer} replaced by a new connection")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    return str(exc) or repr(exc)
+
+
+def _reasons(group: BaseExceptionGroup[BaseException]) -> list[str]:
+    reasons: list[str] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            reasons += _reasons(exc)
+        else:
+            reasons.append(_describe(exc))
+    return reasons

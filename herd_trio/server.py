@@ -1,0 +1,214 @@
+"""One herd server: its client port, its peer port, its links, its store.
+
+`serve()` owns the server's nursery: the client listener, the peer listener, one
+supervised task per neighbour this server dials, and the log flusher. Everything a
+connection does is answered from the store; WHATSAT also asks the places source.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import NoReturn
+
+import attrs
+import trio
+
+from herd_trio import links
+from herd_trio.bus import Bus
+from herd_trio.config import HerdConfig, ServerConfig, Settings
+from herd_trio.lines import LineReader, LineTooLong
+from herd_trio.log import ServerLog
+from herd_trio.places import JSON, PlacesSource, error_body, legacy_body, render
+from herd_trio.protocol import (
+    Iamat,
+    ProtocolError,
+    Whatsat,
+    make_record,
+    parse_command,
+    question,
+)
+from herd_trio.store import Store
+
+# Errors that end one client connection and nothing else.
+CLIENT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError)
+
+
+class StartupError(Exception):
+    """A server could not start (a port in use, a log file it cannot open)."""
+
+
+@attrs.define(eq=False)
+class Server:
+    """The state one server's tasks share; `serve()` runs it."""
+
+    name: str
+    herd: HerdConfig
+    places: PlacesSource
+    log: ServerLog
+    store: Store = attrs.field(factory=Store)
+    bus: Bus = attrs.field(factory=Bus)
+    now_ns: Callable[[], int] = time.time_ns  # wall clock for AT time differences
+    accepted: dict[str, trio.CancelScope] = attrs.field(factory=dict, init=False)
+    wire_name: bytes = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.wire_name = self.name.encode("ascii")
+
+    @property
+    def config(self) -> ServerConfig:
+        """This server's own `[servers.NAME]` table."""
+        return self.herd.servers[self.name]
+
+    @property
+    def settings(self) -> Settings:
+        """The herd-wide `[herd]` settings."""
+        return self.herd.herd
+
+    def answer_nowait(self, line: bytes, received_ns: int) -> bytes | Whatsat:
+        """The reply to one client line, or the WHATSAT still to be answered.
+
+        An accepted IAMAT is handed to the links (published on the bus) before this
+        returns, so it is on its way to the neighbours before the client sees the reply.
+        """
+        try:
+            command = parse_command(line)
+        except ProtocolError:
+            return question(line)
+        if isinstance(command, Iamat):
+            record = make_record(self.wire_name, received_ns, command)
+            if self.store.offer(record):
+                self.bus.publish(record)
+                return record.at_line + b"\n"
+            held = self.store.get(command.client)
+            assert held is not None  # offer() refuses only when a newer record is held
+            return held.at_line + b"\n"
+        if self.store.get(command.client) is None:
+            return question(line)
+        return command
+
+    async def whatsat(self, command: Whatsat) -> bytes:
+        """The stored AT line plus the places near it; never later than places_timeout."""
+        record = self.store.get(command.client)
+        assert record is not None  # records are never removed
+        if command.bound == 0:
+            body = legacy_body([], "OK")  # PROTOCOL.md: bound 0 makes no outbound call
+        else:
+            lat, lon = record.lat_lon
+            timeout = self.settings.places_timeout
+            body = error_body("UNKNOWN_ERROR", f"places source did not answer within {timeout} s")
+            with trio.move_on_after(timeout):
+                body = await self.places.nearby(lat, lon, command.radius_m, command.bound)
+            body = _cap(body, command.bound)
+        return record.at_line + b"\n" + render(body) + b"\n\n"
+
+
+def _cap(body: JSON, bound: int) -> JSON:
+    results = body.get("results")
+    if isinstance(results, list) and len(results) > bound:
+        return {**body, "results": results[:bound]}
+    return body
+
+
+def describe(stream: trio.abc.Stream) -> str:
+    """`host:port` of the remote end, for the log."""
+    if isinstance(stream, trio.SocketStream):
+        try:
+            host, port, *_ = stream.socket.getpeername()
+        except OSError:
+            return "?"
+        return f"{host}:{port}"
+    return type(stream).__name__
+
+
+async def handle_client(server: Server, stream: trio.abc.Stream) -> None:
+    """Answer one client connection, line by line, in order, until EOF or error.
+
+    All lines that arrived together are answered with one write; each reply is whole
+    inside it. The caller (trio.serve_listeners) closes the stream afterwards.
+    """
+    who = describe(stream)
+    log = server.log
+    settings = server.settings
+    reader = LineReader(stream, settings.max_line)
+    one_shot = settings.one_shot
+    deadline = settings.write_deadline
+
+    async def send(replies: list[bytes]) -> None:
+        with trio.fail_after(deadline):  # a client that never reads is dropped, not buffered
+            await stream.send_all(b"".join(replies))
+
+    log.write(f"{who} connected")
+    try:
+        while lines := await reader.receive_lines():
+            received_ns = server.now_ns()  # when these lines were complete
+            replies: list[bytes] = []
+            for line in lines:
+                log.received(who, line)
+                if not line.split():
+                    continue  # blank lines are ignored, also in one_shot mode
+                reply = server.answer_nowait(line, received_ns)
+                if isinstance(reply, Whatsat):
+                    if replies:  # earlier answers must not wait for the places source
+                        await send(replies)
+                        replies = []
+                    reply = await server.whatsat(reply)
+                log.sent(who, reply)
+                replies.append(reply)
+                if one_shot:
+                    await send(replies)
+                    log.write(f"{who} closed after one reply (one_shot)")
+                    return
+            if replies:
+                await send(replies)
+        log.write(f"{who} closed by the client")
+    except LineTooLong as exc:
+        log.write(f"{who} sent a line longer than {settings.max_line} bytes, closing: {exc.head!r}")
+    except CLIENT_ERRORS as exc:
+        log.write(f"{who} dropped: {exc!r}")
+
+
+async def open_listeners(server: Server, role: str, port: int) -> list[trio.SocketListener]:
+    """Listen on `port` of the server's host; StartupError names the port if it can't."""
+    host = server.config.host
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or repr(exc)
+        message = f"{server.name}: cannot listen for {role}s on {host}:{port}: {reason}"
+        raise StartupError(message) from exc
+
+
+async def serve(
+    server: Server, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> NoReturn:
+    """Run `server` until cancelled; report its client port once both ports accept."""
+    cfg = server.config
+    clients = await open_listeners(server, "client", cfg.port)
+    try:
+        peers = await open_listeners(server, "peer", cfg.peer_port)
+    except StartupError:
+        for listener in clients:
+            await trio.aclose_forcefully(listener)
+        raise
+    server.log.write(
+        f"listening for clients on {cfg.host}:{cfg.port} and peers on {cfg.host}:{cfg.peer_port}"
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.log.run_flusher, name=f"{server.name} log flusher")
+        nursery.start_soon(trio.serve_listeners, partial(handle_client, server), clients)
+        nursery.start_soon(trio.serve_listeners, partial(links.handle_peer, server), peers)
+        for peer in server.herd.neighbours(server.name):
+            if links.dials(server.name, peer):
+                nursery.start_soon(links.run_link, server, peer, name=f"{server.name} link {peer}")
+        task_status.started(clients[0].socket.getsockname()[1])
+        await trio.sleep_forever()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def log_path(herd: HerdConfig, name: str) -> Path:
+    """Where server `name` writes its log."""
+    return Path(herd.herd.log_dir) / f"{name}.log"
