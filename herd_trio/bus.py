@@ -29,13 +29,23 @@ class Outbox:
     _pending: dict[bytes, Record] = attrs.field(factory=dict, init=False)
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _closed: bool = attrs.field(default=False, init=False)
+    queued: int = attrs.field(default=0, init=False)  # records accepted by put() so far
+    taken: int = attrs.field(default=0, init=False)  # value of `queued` at the last take()
+    written: int = attrs.field(default=0, init=False)  # all up to here reached the socket
+    busy: bool = attrs.field(default=False, init=False)  # the writer is inside a send
 
     def put(self, record: Record) -> None:
         """Queue `record`, replacing an older pending record of the same client."""
         held = self._pending.get(record.client)
         if held is None or held.rank < record.rank:
             self._pending[record.client] = record
+            self.queued += 1
             self._wakeup.set()
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called."""
+        return self._closed
 
     def close(self) -> None:
         """Wake the writer with OutboxClosed; later puts are ignored by the bus."""
@@ -56,11 +66,13 @@ class Outbox:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
         await trio.lowlevel.checkpoint_if_cancelled()
+        self.taken = self.queued
         if len(self._pending) <= limit:
             batch = list(self._pending.values())
             self._pending.clear()
         else:
             batch = [self._pending.pop(client) for client in list(islice(self._pending, limit))]
+            self.taken = self.queued - len(self._pending)
         return batch
 
 
@@ -69,6 +81,7 @@ class Bus:
     """Hands every record the store accepted to every link but the one it came from."""
 
     _outboxes: dict[str, Outbox] = attrs.field(factory=dict, init=False)
+    _progress: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
     published: int = attrs.field(default=0, init=False)
 
     @contextmanager
@@ -100,3 +113,21 @@ class Bus:
     def links(self) -> list[str]:
         """The names of the links subscribed now."""
         return list(self._outboxes)
+
+    def mark_written(self, outbox: Outbox, upto: int) -> None:
+        """A link's writer reports that records up to count `upto` reached its socket."""
+        outbox.written = max(outbox.written, upto)
+        self._progress.unpark_all()
+
+    async def wait_handed_off(self) -> None:
+        """Wait until what is queued now has been written to every link that is keeping up.
+
+        "Flood first, then reply" (PROTOCOL.md §2): the client handler calls this after
+        publishing and before writing its reply, so a neighbour asked right after the
+        reply already has the update. A link whose writer is stuck in a send (a slow or
+        paused neighbour) is not waited for: it must not slow anyone down, and it
+        catches up by itself. The caller bounds the wait with a deadline as well.
+        """
+        targets = [(o, o.queued) for o in self._outboxes.values() if not o.busy]
+        while any(o.written < upto and not o.closed and not o.busy for o, upto in targets):
+            await self._progress.park()

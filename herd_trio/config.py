@@ -93,11 +93,13 @@ def load(path: Path | None = None, *, environ: Mapping[str, str] = os.environ) -
             raise ConfigError(f"cannot read config {str(path)!r}: {exc}") from exc
         where, base = str(path), path.resolve().parent
     try:
-        herd = msgspec.convert(tomllib.loads(text), HerdConfig)
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: invalid TOML: {exc}") from exc
+    try:
+        herd = msgspec.convert(raw, HerdConfig)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        raise ConfigError(f"{where}: {_name_the_server(raw, exc)}") from exc
     check(herd, environ)
     settings = herd.herd
     return msgspec.structs.replace(
@@ -155,3 +157,18 @@ def check(herd: HerdConfig, environ: Mapping[str, str] = os.environ) -> None:
                 raise ConfigError(f"servers.{name}.neighbours: unknown server {neighbour!r}")
             if neighbour == name:
                 raise ConfigError(f"servers.{name}.neighbours: a server cannot neighbour itself")
+
+
+def _name_the_server(raw: dict[str, object], exc: msgspec.ValidationError) -> str:
+    """msgspec says `$.servers[...].port` for a dict value; say `servers.Clark.port`."""
+    servers = raw.get("servers")
+    if "$.servers[...]" in str(exc) and isinstance(servers, dict):
+        for name, table in servers.items():
+            try:
+                msgspec.convert(table, ServerConfig)
+            except msgspec.ValidationError as inner:
+                text = str(inner)
+                if " - at `$" not in text:
+                    return f"{text} - at `servers.{name}`"
+                return text.replace(" - at `$", f" - at `servers.{name}")
+    return str(exc)

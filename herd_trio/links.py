@@ -163,13 +163,20 @@ async def write_outbox(server: Server, stream: trio.abc.SendStream, outbox: Outb
     """Send the outbox to the peer in batches, and a PING whenever the link is idle."""
     interval = server.settings.heartbeat_interval
     deadline = server.settings.write_deadline
+    bus = server.bus
     while True:
         batch = []
         with trio.move_on_after(interval):
             batch = await outbox.take()
         data = b"".join([record.at_line + b"\n" for record in batch]) if batch else PING + b"\n"
-        with trio.fail_after(deadline):  # a peer that stops reading cannot pin us
-            await stream.send_all(data)
+        upto = outbox.taken
+        outbox.busy = True
+        try:
+            with trio.fail_after(deadline):  # a peer that stops reading cannot pin us
+                await stream.send_all(data)
+        finally:
+            outbox.busy = False
+        bus.mark_written(outbox, upto)
 
 
 async def run_link(
@@ -240,7 +247,8 @@ async def handle_peer(server: Server, stream: trio.abc.Stream) -> None:
         try:
             await carry(server, peer, stream, reader)
         except* LINK_ERRORS as group:
-            log.write(f"link from {peer} dropped: {'; '.join(_reasons(group))}")
+            if not scope.cancel_called:  # a replaced link's errors are part of its replacement
+                log.write(f"link from {peer} dropped: {'; '.join(_reasons(group))}")
         finally:
             if server.accepted.get(peer) is scope:
                 del server.accepted[peer]

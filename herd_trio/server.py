@@ -34,6 +34,7 @@ from herd_trio.protocol import (
 from herd_trio.store import Store
 
 # Errors that end one client connection and nothing else.
+HANDOFF_DEADLINE = 0.05  # seconds a reply may wait for its update to reach the links
 CLIENT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError)
 
 
@@ -137,33 +138,46 @@ async def handle_client(server: Server, stream: trio.abc.Stream) -> None:
     one_shot = settings.one_shot
     deadline = settings.write_deadline
 
-    async def send(replies: list[bytes]) -> None:
+    bus = server.bus
+    replies: list[bytes] = []
+    flooded = False  # an update among `replies` went to the bus
+
+    async def flush() -> None:
+        nonlocal replies, flooded
+        if flooded:  # flood first, then reply
+            with trio.move_on_after(HANDOFF_DEADLINE):
+                await bus.wait_handed_off()
+        data, replies, flooded = b"".join(replies), [], False
         with trio.fail_after(deadline):  # a client that never reads is dropped, not buffered
-            await stream.send_all(b"".join(replies))
+            await stream.send_all(data)
 
     log.write(f"{who} connected")
     try:
         while lines := await reader.receive_lines():
             received_ns = server.now_ns()  # when these lines were complete
-            replies: list[bytes] = []
+            # Peer records that became readable in the same poll as these lines are
+            # scheduled in this batch too; one checkpoint lets them land in the store
+            # first, so a WHATSAT sent after an IAMAT's reply sees that IAMAT.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             for line in lines:
                 log.received(who, line)
                 if not line.split():
                     continue  # blank lines are ignored, also in one_shot mode
+                published = bus.published
                 reply = server.answer_nowait(line, received_ns)
+                flooded |= bus.published != published
                 if isinstance(reply, Whatsat):
                     if replies:  # earlier answers must not wait for the places source
-                        await send(replies)
-                        replies = []
+                        await flush()
                     reply = await server.whatsat(reply)
                 log.sent(who, reply)
                 replies.append(reply)
                 if one_shot:
-                    await send(replies)
+                    await flush()
                     log.write(f"{who} closed after one reply (one_shot)")
                     return
             if replies:
-                await send(replies)
+                await flush()
         log.write(f"{who} closed by the client")
     except LineTooLong as exc:
         log.write(f"{who} sent a line longer than {settings.max_line} bytes, closing: {exc.head!r}")

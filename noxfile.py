@@ -1,0 +1,51 @@
+"""Developer tasks: `nox` runs lint, typecheck and tests; `nox -s bench` benchmarks."""
+
+from __future__ import annotations
+
+import nox
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_venv = "yes"
+
+# ASYNC127 asks for httpx2 instead of httpx; httpx is this project's chosen HTTP client.
+FLAKE8_ASYNC_DISABLE = "ASYNC127"
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit, property and end-to-end tests (real server processes on 127.0.0.1)."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.run("pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The long fault-injection scenarios (partitions, pauses, restarts)."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (style, bugs, ASYNC rules) and flake8-async (the ASYNC rules ruff lacks)."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run(
+        "flake8-async", f"--disable={FLAKE8_ASYNC_DISABLE}", "herd_trio", "tests", "noxfile.py"
+    )
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package and the tests."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
+    session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against a minimal trio server measured in the same run."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.run("python", "-m", "bench", *session.posargs)
