@@ -43,6 +43,13 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     secret_env: str | None = None
     heartbeat_interval: float = 1.0  # seconds between PINGs on an idle peer link
     write_deadline: float = 10.0  # seconds a peer or client write may stall before drop
+    sync_interval: float = 5.0  # seconds between digest exchanges on a peer link
+    max_clients: int = 10_000  # open client connections per server (clamped to the fd limit)
+    max_clients_per_address: int = 0  # open client connections per remote address; 0: no cap
+    keyring_file: str | None = None  # peer secrets, one per line, the first one signs
+    tls_cert: str | None = None  # PEM certificate chain of this herd's servers (peer links)
+    tls_key: str | None = None  # its private key
+    tls_ca: str | None = None  # the CA that signs every server's certificate
 
 
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -102,14 +109,12 @@ def load(path: Path | None = None, *, environ: Mapping[str, str] = os.environ) -
         raise ConfigError(f"{where}: {_name_the_server(raw, exc)}") from exc
     check(herd, environ)
     settings = herd.herd
-    return msgspec.structs.replace(
-        herd,
-        herd=msgspec.structs.replace(
-            settings,
-            log_dir=str(base / settings.log_dir),
-            state_dir=None if settings.state_dir is None else str(base / settings.state_dir),
-        ),
-    )
+    paths = {
+        key: str(base / value)
+        for key in ("log_dir", "state_dir", "keyring_file", "tls_cert", "tls_key", "tls_ca")
+        if (value := getattr(settings, key)) is not None
+    }
+    return msgspec.structs.replace(herd, herd=msgspec.structs.replace(settings, **paths))
 
 
 def check(herd: HerdConfig, environ: Mapping[str, str] = os.environ) -> None:
@@ -125,6 +130,13 @@ def check(herd: HerdConfig, environ: Mapping[str, str] = os.environ) -> None:
         raise ConfigError("places_concurrency must be >= 1 and places_cache_size >= 0")
     if not 0 < settings.heartbeat_interval <= 3600 or not 0 < settings.write_deadline <= 3600:
         raise ConfigError("heartbeat_interval and write_deadline must be in (0, 3600] seconds")
+    if not 0 < settings.sync_interval <= 86400:
+        raise ConfigError(f"sync_interval must be in (0, 86400] seconds: {settings.sync_interval}")
+    if settings.max_clients < 1 or settings.max_clients_per_address < 0:
+        raise ConfigError("max_clients must be >= 1 and max_clients_per_address >= 0")
+    tls = [settings.tls_cert, settings.tls_key, settings.tls_ca]
+    if any(tls) and not all(tls):
+        raise ConfigError("peer TLS needs all three of tls_cert, tls_key and tls_ca")
     if settings.places_cache_ttl < 0:
         raise ConfigError("places_cache_ttl must be >= 0")
     if settings.secret_env is not None and not environ.get(settings.secret_env):
