@@ -6,10 +6,11 @@ One connection per edge means each record crosses an edge at most once each way.
 
 On the wire, after a one-line handshake each way, a link carries AT lines exactly as
 the origin server produced them (the AT line holds every field of a record) and PING
-lines when idle. On link-up each side first sends every record it holds (catch-up),
-then every record its store accepts from then on, except back to where it came from.
-The receiver keeps only records newer than its own, so replays and duplicates are
-harmless and floods terminate on any graph.
+lines when idle. On link-up, and every sync_interval after, each side sends a DIGEST of its store
+(anti-entropy, as memberlist's push/pull): the other answers with the records of every
+bucket where the two differ. In between, a link carries every record its store accepts,
+except back to where it came from. The receiver keeps only records newer than its own,
+so replays and duplicates are harmless and floods terminate on any graph.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import trio
 
 from herd_trio.bus import Outbox, OutboxClosed
 from herd_trio.lines import LineReader, LineTooLong
-from herd_trio.protocol import ProtocolError, parse_at
+from herd_trio.protocol import DIGEST, ProtocolError, format_digest, parse_at, parse_digest
+from herd_trio.store import BUCKETS
 
 if TYPE_CHECKING:
     from herd_trio.server import Server
@@ -37,6 +39,7 @@ HANDSHAKE_DEADLINE = 2.0  # seconds, as NATS gives a route to authenticate
 SILENT_BEATS = 3  # a link whose peer says nothing for this many heartbeats is dead
 FAILURE_LOG_EVERY = 20  # while a neighbour stays down, log every 20th failed dial
 PEER_LINE_SLACK = 512  # bytes an AT line adds to the client line it came from
+PEER_MIN_LINE = 8192  # bytes: a DIGEST line is 16 hex digits per bucket
 
 
 class LinkError(Exception):
@@ -78,6 +81,11 @@ class Backoff:
 
 
 BACKOFF = Backoff()
+
+
+def peer_max_line(server: Server) -> int:
+    """The longest line a peer may send: an AT line built from a max_line IAMAT, or a DIGEST."""
+    return max(server.settings.max_line + PEER_LINE_SLACK, PEER_MIN_LINE)
 
 
 def dials(me: str, peer: str) -> bool:
@@ -126,16 +134,20 @@ async def carry(server: Server, peer: str, stream: trio.abc.Stream, reader: Line
     silent, breaks the protocol or stops reading.
     """
     with server.bus.subscribe(peer) as outbox:
-        for record in server.store:  # catch-up: the peer keeps what is newer for it
-            outbox.put(record)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(write_outbox, server, stream, outbox)
-            await read_peer(server, peer, reader)
+            await read_peer(server, peer, reader, outbox)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def read_peer(server: Server, peer: str, reader: LineReader) -> NoReturn:
-    """Take records from `peer`, keep the newer ones and flood those on."""
+async def read_peer(server: Server, peer: str, reader: LineReader, outbox: Outbox) -> NoReturn:
+    """Take records from `peer`, keep the newer ones and flood those on.
+
+    A DIGEST from the peer is answered by queueing, on this link's outbox, every
+    record of each bucket where the two stores differ; the peer does the same with
+    ours, and each side keeps what is newer, so the pair converges without resending
+    what both already hold.
+    """
     silence = SILENT_BEATS * server.settings.heartbeat_interval
     who = f"peer {peer}"
     store, bus, log = server.store, server.bus, server.log
@@ -150,8 +162,15 @@ async def read_peer(server: Server, peer: str, reader: LineReader) -> NoReturn:
         for line in lines:
             if line == PING:
                 continue
-            log.received(who, line)
             try:
+                if line.startswith(DIGEST):
+                    missing = store.differing(parse_digest(line, BUCKETS))
+                    for record in missing:
+                        outbox.put(record)
+                    if missing:
+                        log.write(f"sync with {peer}: sending {len(missing)} records")
+                    continue
+                log.received(who, line)
                 record = parse_at(line)
             except ProtocolError as exc:
                 raise LinkError(f"{peer} sent a bad line {line[:80]!r}: {exc}") from exc
@@ -160,15 +179,30 @@ async def read_peer(server: Server, peer: str, reader: LineReader) -> NoReturn:
 
 
 async def write_outbox(server: Server, stream: trio.abc.SendStream, outbox: Outbox) -> NoReturn:
-    """Send the outbox to the peer in batches, and a PING whenever the link is idle."""
-    interval = server.settings.heartbeat_interval
-    deadline = server.settings.write_deadline
-    bus = server.bus
+    """Send the outbox to the peer in batches, a DIGEST first and every sync_interval,
+    and a PING whenever the link is otherwise idle for a heartbeat interval."""
+    settings = server.settings
+    interval, deadline, sync = (
+        settings.heartbeat_interval,
+        settings.write_deadline,
+        settings.sync_interval,
+    )
+    bus, store = server.bus, server.store
+    next_sync = trio.current_time()  # the first thing on a new link is a digest
     while True:
-        batch = []
-        with trio.move_on_after(interval):
-            batch = await outbox.take()
-        data = b"".join([record.at_line + b"\n" for record in batch]) if batch else PING + b"\n"
+        if trio.current_time() >= next_sync:
+            data = format_digest(store.digest()) + b"\n"
+            next_sync = trio.current_time() + sync
+        else:
+            batch = []
+            with trio.move_on_at(min(trio.current_time() + interval, next_sync)):
+                batch = await outbox.take()
+            if batch:
+                data = b"".join([record.at_line + b"\n" for record in batch])
+            elif trio.current_time() >= next_sync:
+                continue
+            else:
+                data = PING + b"\n"
         upto = outbox.taken
         outbox.busy = True
         try:
@@ -192,7 +226,7 @@ async def run_link(
             with trio.fail_after(DIAL_DEADLINE):
                 stream = await dial(target.host, target.peer_port)
             async with stream:
-                reader = LineReader(stream, server.settings.max_line + PEER_LINE_SLACK)
+                reader = LineReader(stream, peer_max_line(server))
                 with trio.fail_after(HANDSHAKE_DEADLINE):
                     await stream.send_all(hello(server.wire_name, peer.encode()))
                     check_hello(
@@ -226,7 +260,7 @@ async def handle_peer(server: Server, stream: trio.abc.Stream) -> None:
     if not is_loopback(stream):
         log.write(f"refused peer connection from {who}: not loopback and no secret configured")
         return
-    reader = LineReader(stream, server.settings.max_line + PEER_LINE_SLACK)
+    reader = LineReader(stream, peer_max_line(server))
     neighbours = server.herd.neighbours(server.name)
     try:
         with trio.fail_after(HANDSHAKE_DEADLINE):

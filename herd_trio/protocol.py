@@ -24,6 +24,7 @@ _TIME = re.compile(rb"([0-9]+)(?:\.([0-9]+))?")
 _COORDS = re.compile(rb"([+-][0-9]{1,2}(?:\.[0-9]+)?)([+-][0-9]{1,3}(?:\.[0-9]+)?)")
 _RADIUS = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
 _BOUND = re.compile(rb"[0-9]+")
+_HEX = re.compile(rb"[0-9a-f]+")
 _SKEW = re.compile(rb"[+-][0-9]+\.[0-9]{9}")
 
 
@@ -173,3 +174,22 @@ def parse_at(line: bytes) -> Record:
 def question(line: bytes) -> bytes:
     """The reply to anything invalid: `? ` and the line exactly as received, then LF."""
     return b"? " + line + b"\n"
+
+
+DIGEST = b"DIGEST"
+
+
+def format_digest(digest: list[int]) -> bytes:
+    """A peer line summarising a store: `DIGEST` and 16 hex digits per bucket."""
+    return DIGEST + b" " + b"".join(b"%016x" % value for value in digest)
+
+
+def parse_digest(line: bytes, buckets: int) -> list[int]:
+    """The per-bucket summaries from a DIGEST line; ProtocolError if malformed."""
+    fields = line.split()
+    if len(fields) != 2 or fields[0] != DIGEST or not _HEX.fullmatch(fields[1]):
+        raise ProtocolError("bad DIGEST line")
+    text = fields[1]
+    if len(text) != 16 * buckets:
+        raise ProtocolError("DIGEST line with the wrong number of buckets")
+    return [int(text[i : i + 16], 16) for i in range(0, len(text), 16)]

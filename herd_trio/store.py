@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from hashlib import blake2b
 
 from herd_trio.protocol import Record
+
+BUCKETS = 256  # digest granularity: a difference costs resending 1/256 of the store
+
+
+def bucket_of(client: bytes) -> int:
+    """The digest bucket of a client: the same on every server."""
+    return zlib.crc32(client) % BUCKETS
+
+
+def fingerprint(record: Record) -> int:
+    """64 bits that change whenever the record does; the same on every server."""
+    return int.from_bytes(blake2b(record.at_line, digest_size=8).digest(), "big")
 
 
 class Store:
@@ -16,10 +30,14 @@ class Store:
     makes floods terminate on graphs with cycles.
     """
 
-    def __init__(self, records: Iterator[Record] | None = None) -> None:
+    def __init__(self, records: Iterable[Record] = ()) -> None:
         self._records: dict[bytes, Record] = {}
         self._listeners: list[Callable[[Record], None]] = []
-        for record in records or ():
+        # Per bucket, the XOR of the fingerprints of its records: kept up to date on
+        # every change, so a digest costs nothing to produce and two stores that hold
+        # the same records have the same digest whatever order they got them in.
+        self._digest = [0] * BUCKETS
+        for record in records:
             self.offer(record)
 
     def get(self, client: bytes) -> Record | None:
@@ -32,6 +50,8 @@ class Store:
         if held is not None and record.rank <= held.rank:
             return False
         self._records[record.client] = record
+        change = fingerprint(record) ^ (0 if held is None else fingerprint(held))
+        self._digest[bucket_of(record.client)] ^= change
         for listener in self._listeners:
             listener(record)
         return True
@@ -45,3 +65,15 @@ class Store:
 
     def __iter__(self) -> Iterator[Record]:
         return iter(list(self._records.values()))
+
+    def digest(self) -> list[int]:
+        """One 64-bit summary per bucket of what this store holds."""
+        return list(self._digest)
+
+    def differing(self, other: list[int]) -> list[Record]:
+        """The records of every bucket whose summary differs from `other`'s."""
+        pairs = enumerate(zip(self._digest, other, strict=True))
+        buckets = {bucket for bucket, (mine, theirs) in pairs if mine != theirs}
+        if not buckets:
+            return []
+        return [r for client, r in self._records.items() if bucket_of(client) in buckets]
