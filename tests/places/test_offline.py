@@ -512,11 +512,16 @@ async def test_failed_load_answers_unknown_error(
 ) -> None:
     async with open_offline(data_dir=tmp_path / "missing", cache=False) as places:
         body = await places.nearby(*latlon(*LOS_ANGELES), 10_000, 5)
-    assert body["status"] == "UNKNOWN_ERROR"
-    assert body["results"] == []
-    assert "FileNotFoundError" in body["error_message"]
+    assert body == {
+        "html_attributions": [],
+        "results": [],
+        "status": "UNKNOWN_ERROR",
+        "error_message": "offline places data is unavailable",
+    }
     assert places.failure is not None
-    assert "exited with status 1" in places.failure
+    assert places.failure.startswith(
+        "index child exited with status 1: cannot build the places index: FileNotFoundError"
+    )
     assert any(
         rec.levelno == logging.ERROR and "offline places unavailable" in rec.getMessage()
         for rec in caplog.records
