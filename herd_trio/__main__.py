@@ -22,7 +22,7 @@ from herd_trio import config
 from herd_trio.config import ConfigError, HerdConfig
 from herd_trio.log import ServerLog
 from herd_trio.places import open_places
-from herd_trio.server import Server, StartupError, log_path, serve
+from herd_trio.server import Server, StartupError, log_path, raise_fd_limit, serve
 
 PROG = "herd_trio"
 
@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         known = ", ".join(herd.servers)
         print(f"{PROG}: unknown server {args.name!r} (configured: {known})", file=sys.stderr)
         return 2
+    raise_fd_limit()  # before Server objects size max_clients by the descriptor limit
     failed: list[BaseException] = []
     with ExitStack() as stack:
         logs: dict[str, ServerLog] = {}

@@ -7,7 +7,10 @@ connection does is answered from the store; WHATSAT also asks the places source.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import re
+import resource
 import time
 from collections.abc import Callable
 from functools import partial
@@ -34,6 +37,9 @@ from herd_trio.protocol import (
 from herd_trio.store import Store
 
 # Errors that end one client connection and nothing else.
+# A browser or scanner that talks HTTP to a client port gets its `?` and is closed
+# at once rather than answered header by header.
+HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} \S+ HTTP/[0-9]")
 HANDOFF_DEADLINE = 0.05  # seconds a reply may wait for its update to reach the links
 CLIENT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError)
 
@@ -54,10 +60,14 @@ class Server:
     bus: Bus = attrs.field(factory=Bus)
     now_ns: Callable[[], int] = time.time_ns  # wall clock for AT time differences
     accepted: dict[str, trio.CancelScope] = attrs.field(factory=dict, init=False)
+    max_clients: int = attrs.field(init=False)
+    clients: int = attrs.field(default=0, init=False)  # open client connections
+    addresses: dict[str, int] = attrs.field(factory=dict, init=False)  # open ones per address
     wire_name: bytes = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.wire_name = self.name.encode("ascii")
+        self.max_clients = min(self.settings.max_clients, fd_budget())
 
     @property
     def config(self) -> ServerConfig:
@@ -107,6 +117,23 @@ class Server:
         return record.at_line + b"\n" + render(body) + b"\n\n"
 
 
+FD_RESERVE = 64  # descriptors kept for listeners, links, logs, state and the places source
+
+
+def fd_budget() -> int:
+    """How many client connections the process's descriptor limit leaves room for."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, soft - FD_RESERVE) if soft != resource.RLIM_INFINITY else 1 << 30
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft descriptor limit to the hard one, as servers commonly do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _cap(body: JSON, bound: int) -> JSON:
     results = body.get("results")
     if isinstance(results, list) and len(results) > bound:
@@ -126,12 +153,38 @@ def describe(stream: trio.abc.Stream) -> str:
 
 
 async def handle_client(server: Server, stream: trio.abc.Stream) -> None:
+    """Admit one client connection within the limits, then answer it.
+
+    Over `max_clients` open connections (or `max_clients_per_address` from one
+    address), a connection is closed at once without a word: the protocol has no
+    error reply for it, and a refused client can simply retry. The caller
+    (trio.serve_listeners) closes the stream afterwards.
+    """
+    who = describe(stream)
+    address = who.rpartition(":")[0]
+    per_address = server.settings.max_clients_per_address
+    if server.clients >= server.max_clients:
+        server.log.write(f"{who} refused: {server.max_clients} clients already connected")
+        return
+    if per_address and server.addresses.get(address, 0) >= per_address:
+        server.log.write(f"{who} refused: {per_address} connections from {address} already")
+        return
+    server.clients += 1
+    server.addresses[address] = server.addresses.get(address, 0) + 1
+    try:
+        await answer_client(server, stream, who)
+    finally:
+        server.clients -= 1
+        if (left := server.addresses.pop(address) - 1) > 0:
+            server.addresses[address] = left
+
+
+async def answer_client(server: Server, stream: trio.abc.Stream, who: str) -> None:
     """Answer one client connection, line by line, in order, until EOF or error.
 
     All lines that arrived together are answered with one write; each reply is whole
-    inside it. The caller (trio.serve_listeners) closes the stream afterwards.
+    inside it.
     """
-    who = describe(stream)
     log = server.log
     settings = server.settings
     reader = LineReader(stream, settings.max_line)
@@ -152,6 +205,7 @@ async def handle_client(server: Server, stream: trio.abc.Stream) -> None:
             await stream.send_all(data)
 
     log.write(f"{who} connected")
+    first = True  # the connection's first line: an HTTP request line ends it
     try:
         while lines := await reader.receive_lines():
             received_ns = server.now_ns()  # when these lines were complete
@@ -161,8 +215,15 @@ async def handle_client(server: Server, stream: trio.abc.Stream) -> None:
             await trio.lowlevel.cancel_shielded_checkpoint()
             for line in lines:
                 log.received(who, line)
-                if not line.split():
+                if not line.strip():  # bytes.strip() drops exactly the six white-space bytes
                     continue  # blank lines are ignored, also in one_shot mode
+                if first and HTTP_REQUEST.match(line):
+                    replies.append(question(line))
+                    log.sent(who, replies[-1])
+                    await flush()
+                    log.write(f"{who} sent an HTTP request to the client port; closing")
+                    return
+                first = False
                 published = bus.published
                 reply = server.answer_nowait(line, received_ns)
                 flooded |= bus.published != published

@@ -244,6 +244,17 @@ class Herd:
                         state[peer] = False
         return True if all(state.get(peer) for peer in peers) else None
 
+    async def wait_logged(self, name: str, text: str, *, deadline: float = 5.0) -> str:
+        """Wait until server `name`'s log contains `text`; the whole log."""
+
+        async def check() -> str | None:
+            await trio.lowlevel.checkpoint()
+            log = self.log(name)
+            content = log.read_text() if log.exists() else ""
+            return content if text in content else None
+
+        return await poll(f"{name} logs {text!r}", check, deadline=deadline)
+
     def running(self, name: str) -> bool:
         """True if server `name` was started and has not exited."""
         process = self.processes.get(name)

@@ -319,12 +319,7 @@ async def test_the_log_has_every_line_escaped_and_link_events(herd: Herd) -> Non
     reply = await exchange(herd.ports["Bailey"], evil + b"HELLO\tthere\n")
     assert reply.endswith(b"? HELLO\tthere\n")
 
-    async def logged() -> str | None:
-        await trio.lowlevel.checkpoint()
-        text = herd.log("Bailey").read_text()
-        return text if "HELLO\\tthere" in text else None
-
-    text = await poll("Bailey logged the lines", logged, deadline=3)
+    text = await herd.wait_logged("Bailey", "HELLO\\tthere")
     assert "\x1b" not in text  # the escape sequence is logged as \x1b
     assert r"< b'IAMAT ev\x1b[31mil +1-1 1'" in text
     assert r"> b'AT Bailey " in text
