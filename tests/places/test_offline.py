@@ -1,9 +1,9 @@
 """The offline places source: index building, radius search, the child process, the cache.
 
-Real GeoNames data throughout, no mocks. The search is held to a brute-force scan over
-every place (real data at random points, and small synthetic datasets built to sit on
-cell borders, the antimeridian and the poles). Speed targets live in the benchmark
-(`python -m herd_trio.places.offline --bench`), not here.
+Real GeoNames data and small synthetic tables, real child processes, no mocks. The
+search is held to a brute-force scan (real data at seeded random points; synthetic data
+placed on cell borders, the antimeridian, the poles and the rim of the circle). Speed
+targets live in the benchmark (`python -m herd_trio.places.offline --bench`), not here.
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ MID_PACIFIC = (0.0, -140.0)
 COUNTRIES = {"US": "United States", "FJ": "Fiji", "AQ": "Antarctica", "NO": "Norway"}
 US_STATES = {"CA": "California"}
 RESULT_KEYS = ["geometry", "name", "place_id", "types", "vicinity"]
-# Searches must agree with brute force exactly, so both use the module's distance; the
-# independent check below is only for "within the radius" on real answers.
 HYPOTHESIS = settings(
     max_examples=300,
     derandomize=True,  # a fixed set of examples: the same test every run
@@ -71,7 +69,11 @@ def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 def brute_force(
     index: PlacesIndex, candidates: range | list[int], lat: float, lon: float, r: float, bound: int
 ) -> list[int]:
-    """Geonameids of the top `bound` candidates in range, ranked by scanning them all."""
+    """Geonameids of the top `bound` candidates in range, ranked by scanning them all.
+
+    It uses the module's distance_m so that answers must agree exactly, even for a place
+    on the rim; haversine_m above independently checks "within the radius".
+    """
     ranked = sorted(
         (-index.population[i], d, index.geonameid[i])
         for i in candidates
