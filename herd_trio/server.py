@@ -12,6 +12,7 @@ import errno
 import re
 import resource
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -173,6 +174,12 @@ async def handle_client(server: Server, stream: trio.abc.Stream) -> None:
     server.addresses[address] = server.addresses.get(address, 0) + 1
     try:
         await answer_client(server, stream, who)
+    except Exception as exc:
+        # A bug must not let one client take the server and everyone else down: it is
+        # logged in full (tests fail on "internal error" in any log) and the connection
+        # is closed.
+        trace = "".join(traceback.format_exception(exc))
+        server.log.write(f"{who} internal error, closing: {trace!r}")
     finally:
         server.clients -= 1
         if (left := server.addresses.pop(address) - 1) > 0:

@@ -267,7 +267,10 @@ class Herd:
         return process.wait(timeout=10)
 
     def stop_all(self) -> None:
-        """SIGTERM every running server, SIGKILL stragglers; close the pipes."""
+        """SIGTERM every running server, SIGKILL stragglers; close the pipes.
+
+        Fails if any server logged an internal error (a bug caught at a connection).
+        """
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -279,6 +282,10 @@ class Herd:
                 process.wait()
             if process.stderr is not None:
                 process.stderr.close()
+        for name in self.names:
+            log = self.log(name)
+            if log.exists():
+                assert "internal error" not in log.read_text(), f"{name}: {log.read_text()}"
 
     async def session(self, name: str) -> Session:
         """A persistent connection to server `name`'s client port."""
