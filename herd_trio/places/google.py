@@ -412,7 +412,11 @@ class GooglePlaces:
     async def _call(self, lat: Decimal, lon: Decimal, radius_m: int, bound: int) -> JSON:
         """One outbound call under the concurrency cap and our deadline; never raises."""
         endpoint = self._endpoint
-        request = endpoint.request(self._client, lat, lon, radius_m, bound)
+        try:
+            request = endpoint.request(self._client, lat, lon, radius_m, bound)
+        except httpx.InvalidURL as exc:  # a places_url the config check let through
+            await trio.lowlevel.checkpoint()
+            return self._fail("UNKNOWN_ERROR", f"bad places_url {endpoint.url!r}: {exc}")
         # httpx's timeout is per phase (connect, each read...), so a server that drips
         # bytes could outlast it; this scope bounds the whole call, queueing included.
         with trio.move_on_after(self._deadline):

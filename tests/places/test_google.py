@@ -268,6 +268,14 @@ async def test_connection_refused_is_unknown_error(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_unusable_places_url_is_unknown_error_not_an_exception(kind: str) -> None:
+    async with open_google(herd_for("http://127.0.0.1:notaport", kind)) as places:
+        answer = await places.nearby(LAT, LON, 10_000, 5)
+    assert answer["status"] == "UNKNOWN_ERROR"
+    assert answer["error_message"].startswith("bad places_url 'http://127.0.0.1:notaport/")
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_connection_dropped_without_reply_is_unknown_error(
     server: FakeHTTPServer, kind: str
 ) -> None:
