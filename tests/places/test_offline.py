@@ -542,7 +542,8 @@ async def test_cache_is_written_then_reused(small_data: Path, tmp_path: Path) ->
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert first == second
     assert [r["place_id"] for r in first["results"]] == ["geonames:1", "geonames:2"]
-    assert list(cache_dir.iterdir()) == [cached]  # no temp files left behind
+    # No temp files left behind; the lock file that serialises builds stays.
+    assert sorted(cache_dir.iterdir()) == [cached, cached.with_suffix(".lock")]
 
 
 async def test_changed_data_or_damaged_cache_is_rebuilt(small_data: Path, tmp_path: Path) -> None:
