@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,3 +18,19 @@ async def herd(tmp_path: Path) -> AsyncIterator[Herd]:
     with running(Herd.create(tmp_path)) as started:
         await started.start_all()
         yield started
+
+
+@pytest.fixture(scope="session", autouse=True)
+def places_index() -> None:
+    """Build the offline gazetteer's cache once, before any herd starts.
+
+    A server builds it itself on its first start on a machine (a few seconds, one
+    build even for a whole herd), but that first start's WHATSAT may then wait for it;
+    the tests that assert WHATSAT answers should not depend on which test ran first.
+    """
+    subprocess.run(
+        [sys.executable, "-m", "herd_trio.places.offline"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=300,
+    )
