@@ -1,0 +1,355 @@
+"""Durable records: each server keeps its store in `<state_dir>/<NAME>.sqlite3`.
+
+With `state_dir` configured, a server reloads its records at start (`load_records`,
+before it serves) and a `Persister` attached to its store writes every record the
+store keeps, off the event loop, in batches. Neighbours catch a restarted server up
+by digest, so persistence matters most when the WHOLE herd restarts: then the files
+are the only copy.
+
+The file holds one table, `records(client BLOB PRIMARY KEY, at_line BLOB NOT NULL)`.
+Only the AT line is stored: it carries every field of a record (`parse_at` rebuilds
+the Record), and keeping it byte for byte keeps WHATSAT's first line exact across a
+restart.
+
+Durability (WAL journal, `synchronous=NORMAL`):
+
+- A record is on its way to disk within about `batch_interval` (plus one write) of
+  the store keeping it. A clean stop (SIGINT/SIGTERM, i.e. cancellation) writes
+  everything still pending before the file is closed, so it loses nothing.
+- A process crash (SIGKILL, a bug) loses only the batch not yet committed: every
+  committed transaction is in the WAL file, and the OS writes it out even though the
+  process is gone.
+- An OS crash or power cut can also lose the last commits: with NORMAL the WAL is
+  fsynced at checkpoints, not at every commit. The file stays consistent (never
+  half a batch); FULL would fsync every batch, which costs a disk flush per 50 ms
+  for records the rest of the herd usually still holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import NoReturn
+
+import attrs
+import trio
+
+from herd_trio.protocol import ProtocolError, Record, parse_at
+from herd_trio.store import Store
+
+BATCH_INTERVAL = 0.05  # seconds between batches: one transaction per 50 ms at most
+RETRY_INITIAL = 0.1  # seconds before the first retry of a failed write, doubling...
+RETRY_CAP = 5.0  # ...up to this: a full disk is retried, not hammered
+# A clean stop writes what is pending within this; PROTOCOL.md §5 gives the whole
+# server 3 s to stop after SIGTERM, and a batch takes milliseconds.
+FINAL_DEADLINE = 2.0
+BUSY_TIMEOUT = 1.0  # seconds sqlite waits for a lock held by another connection
+FAILURE_LOG_EVERY = 20  # while writes keep failing, log every 20th failure
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS records (client BLOB PRIMARY KEY, at_line BLOB NOT NULL)"
+# The store only ever notifies records newer than the last one it notified for that
+# client, and batches are written one at a time in the order they were taken, so
+# the last write for a client is always its newest record: a plain REPLACE is enough.
+_UPSERT = "INSERT OR REPLACE INTO records (client, at_line) VALUES (?, ?)"
+_SELECT = "SELECT client, at_line FROM records"
+
+
+class PersistError(Exception):
+    """The state file could not be read or written; the message names the file."""
+
+
+def state_path(state_dir: str | Path, name: str) -> Path:
+    """Where server `name` keeps its records."""
+    return Path(state_dir) / f"{name}.sqlite3"
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+    # check_same_thread=False: trio's worker threads differ from call to call; the
+    # Persister's lock makes sure only one of them uses the connection at a time.
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+    )
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def load_records(path: str | Path, *, log: Callable[[str], None] | None = None) -> list[Record]:
+    """Every record stored in `path`; [] if there is no such file yet.
+
+    Blocking: call it from a thread (`trio.to_thread.run_sync`) or before `trio.run`.
+    Rows that are not a valid AT line for their client are skipped and counted (the
+    count goes to `log`); a file that is not a readable records database raises
+    PersistError, rather than letting the server start empty and overwrite it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        conn = _connect(path)
+        try:
+            tables = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
+            ).fetchall()
+            rows = conn.execute(_SELECT).fetchall() if tables else []
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as exc:
+        raise PersistError(f"cannot read records from {path}: {exc}") from exc
+    records: list[Record] = []
+    skipped = 0
+    for client, at_line in rows:
+        try:
+            if not isinstance(at_line, bytes):
+                raise ProtocolError(f"at_line is {type(at_line).__name__}, not bytes")
+            record = parse_at(at_line)
+            if record.client != client:
+                raise ProtocolError("row key is not the AT line's client")
+        except ProtocolError:
+            skipped += 1
+            continue
+        records.append(record)
+    if log is not None:
+        log(f"loaded {len(records)} records from {path}")
+        if skipped:
+            log(f"skipped {skipped} rows of {path} that are not valid AT lines")
+    return records
+
+
+@attrs.frozen
+class PersisterStatistics:
+    """What a Persister has done so far."""
+
+    pending: int  # records noted but not yet committed
+    rows_written: int  # rows committed (a client noted 10 times in one batch counts once)
+    batches_written: int  # transactions committed
+    failures: int  # failed writes (each is retried)
+
+
+def _ignore(message: str) -> None:
+    pass
+
+
+@attrs.define(eq=False)
+class Persister:
+    """Writes the records a Store keeps to `path`, in batches, from a worker thread.
+
+    Attach with `store.on_change(persister.note)` AFTER loading the file into the
+    store (loaded records need no rewrite), and run `run()` in the server's nursery,
+    or use `open_persister`, which does all three in the right order.
+
+    The connection is opened, used and closed only inside worker threads, one at a
+    time (`_db_lock`); batches are taken and written one at a time (`_batch_lock`),
+    in order. A failed write (disk full, read-only, file removed) never raises out of
+    `run()`: it is logged through `log`, its records go back to the pending set (a
+    newer note for the same client wins) and are retried with capped backoff.
+    Pending records are bounded by the number of clients (one entry per client).
+    """
+
+    path: Path = attrs.field(converter=Path)
+    log: Callable[[str], None] = _ignore
+    batch_interval: float = BATCH_INTERVAL
+    retry_initial: float = RETRY_INITIAL
+    retry_cap: float = RETRY_CAP
+    final_deadline: float = FINAL_DEADLINE
+    log_every: int = FAILURE_LOG_EVERY
+    _pending: dict[bytes, Record] = attrs.field(factory=dict, init=False)
+    _wake: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _batch_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+    _db_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    _conn: sqlite3.Connection | None = attrs.field(default=None, init=False)
+    _closing: bool = attrs.field(default=False, init=False)
+    _rows_written: int = attrs.field(default=0, init=False)
+    _batches_written: int = attrs.field(default=0, init=False)
+    _failures: int = attrs.field(default=0, init=False)
+
+    def note(self, record: Record) -> None:
+        """Queue `record` for writing (sync, O(1)); a later note for its client replaces it."""
+        self._pending[record.client] = record
+        self._wake.set()
+
+    def statistics(self) -> PersisterStatistics:
+        """Counters for tests and diagnostics."""
+        return PersisterStatistics(
+            pending=len(self._pending),
+            rows_written=self._rows_written,
+            batches_written=self._batches_written,
+            failures=self._failures,
+        )
+
+    async def flush(self) -> None:
+        """Commit every record noted before this call; PersistError if the write fails.
+
+        Waits for a batch already being written. On failure the records stay pending
+        (`run()`, if running, retries them).
+        """
+        await self._write_pending()
+        while self._pending:  # notes that arrived during the write
+            await self._write_pending()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Write pending records until cancelled; then write what is left and close.
+
+        Reports started once the file is open, or once opening it failed and was
+        logged (the server serves on; records wait in memory and are retried).
+        """
+        try:
+            try:
+                await trio.to_thread.run_sync(self._sync, {}, abandon_on_cancel=True)
+            except PersistError as exc:
+                self._failed(exc)
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                try:
+                    await self._write_pending()
+                except PersistError as exc:
+                    self._failed(exc)
+                    await trio.sleep(self._retry_delay())
+                    continue
+                if self._failures:
+                    self.log(f"writing {self.path} works again after {self._failures} failures")
+                    self._failures = 0
+                await trio.sleep(self.batch_interval)  # let the next batch gather
+        finally:
+            with trio.move_on_after(self.final_deadline, shield=True) as scope:
+                await self._write_and_close()
+            if scope.cancelled_caught:
+                self._give_up()
+
+    def _failed(self, exc: PersistError) -> None:
+        self._failures += 1
+        if (self._failures - 1) % self.log_every == 0:  # the first, then every log_every-th
+            self.log(f"{exc} ({len(self._pending)} records pending, failure {self._failures})")
+
+    def _retry_delay(self) -> float:
+        return min(self.retry_cap, self.retry_initial * 2.0 ** min(self._failures - 1, 32))
+
+    async def _write_pending(self) -> None:
+        async with self._batch_lock:
+            batch, self._pending = self._pending, {}
+            self._wake = trio.Event()
+            if not batch:
+                return
+            try:
+                await trio.to_thread.run_sync(self._sync, batch, abandon_on_cancel=True)
+            except BaseException:
+                # Failed, or abandoned on cancel (the thread may still commit it, which
+                # a rewrite makes harmless). A newer note for the same client wins.
+                for client, record in batch.items():
+                    self._pending.setdefault(client, record)
+                if self._pending:
+                    self._wake.set()
+                raise
+            self._rows_written += len(batch)
+            self._batches_written += 1
+
+    async def _write_and_close(self) -> None:
+        # From here on, whichever thread uses the connection last closes it; a
+        # record noted while this runs gets its own (reopening) write.
+        self._closing = True
+        failed: PersistError | None = None
+        while self._pending and failed is None:
+            try:
+                await self._write_pending()
+            except PersistError as exc:
+                failed = exc
+        if failed is not None:
+            self.log(f"stopping with {len(self._pending)} records not saved: {failed}")
+        await trio.to_thread.run_sync(self._sync, {}, abandon_on_cancel=True)
+
+    def _give_up(self) -> None:
+        """The final write overran its deadline: stop waiting, leave the thread to close."""
+        self.log(
+            f"stopping: {self.path} not written within {self.final_deadline:g} s, "
+            f"{len(self._pending)} records may be lost"
+        )
+        if self._db_lock.acquire(blocking=False):
+            try:
+                self._drop_connection()
+            finally:
+                self._db_lock.release()
+        elif (conn := self._conn) is not None:
+            # A worker still holds it and will close it (_closing is set); make it quick.
+            with contextlib.suppress(sqlite3.Error):
+                conn.interrupt()
+
+    def _sync(self, batch: dict[bytes, Record]) -> None:
+        """In a worker thread: open if needed, write `batch` in one transaction."""
+        with self._db_lock:
+            try:
+                if batch or not self._closing:
+                    conn = self._connection()
+                    if batch:
+                        self._write(conn, batch)
+            except (sqlite3.Error, OSError) as exc:
+                self._drop_connection()  # the next attempt starts from a fresh open
+                raise PersistError(f"cannot write records to {self.path}: {exc}") from exc
+            finally:
+                if self._closing:
+                    self._drop_connection()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = _connect(self.path)
+            try:
+                conn.execute(_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, batch: dict[bytes, Record]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(_UPSERT, ((r.client, r.at_line) for r in batch.values()))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+
+@asynccontextmanager
+async def open_persister(
+    path: str | Path, store: Store, *, log: Callable[[str], None] = _ignore
+) -> AsyncIterator[Persister]:
+    """Load `path` into `store`, then keep every record `store` keeps in `path`.
+
+    Use it around everything that feeds the store (listeners, links): on exit, those
+    are done, so the final write (bounded by FINAL_DEADLINE) sees every record.
+    PersistError if the file exists but cannot be read.
+    """
+    records = await trio.to_thread.run_sync(partial(load_records, path, log=log))
+    for record in records:
+        store.offer(record)
+    persister = Persister(path, log=log)
+    store.on_change(persister.note)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(persister.run)
+        try:
+            yield persister
+        finally:
+            nursery.cancel_scope.cancel(reason="persister closing")
