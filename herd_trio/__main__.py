@@ -7,9 +7,10 @@ server cannot start (a port in use); every failure is one line on stderr.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -72,6 +73,21 @@ async def run_herd(herd: HerdConfig, names: list[str], logs: dict[str, ServerLog
             nursery.cancel_scope.cancel()
 
 
+class ToServerLogs(logging.Handler):
+    """Copies the package's own log records (places loading, source errors) to every
+    server log of this process, escaped like any other untrusted text."""
+
+    def __init__(self, logs: Iterable[ServerLog]) -> None:
+        super().__init__(logging.INFO)
+        self.logs = list(logs)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write one record to each server log."""
+        text = f"{record.name}: {record.levelname.lower()}: {record.getMessage()!r}"
+        for log in self.logs:
+            log.write(text)
+
+
 def leaves(group: BaseException) -> Iterator[BaseException]:
     """The exceptions inside (nested) exception groups."""
     if isinstance(group, BaseExceptionGroup):
@@ -108,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"{PROG}: cannot open log file: {exc}", file=sys.stderr)
             return 1
+        package_log = logging.getLogger("herd_trio")
+        package_log.setLevel(logging.INFO)
+        package_log.propagate = False  # into the server logs, never onto the terminal
+        package_log.addHandler(ToServerLogs(logs.values()))
         try:
             trio.run(run_herd, herd, names, logs)
         except* StartupError as group:
