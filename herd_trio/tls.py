@@ -1,0 +1,127 @@
+"""Optional mutual TLS on peer links: both ends show a certificate from the herd's CA.
+
+Identity is the server's herd NAME, not its host. Every server of the default herd
+listens on 127.0.0.1, so a certificate valid for "127.0.0.1" would let any server of
+the herd pose as any other; a certificate carrying the name ("Bona") as a DNS
+subjectAltName says which server it is. So the dialler passes the peer's name as
+`server_hostname` and OpenSSL checks it (case-insensitively, SAN only, no wildcards
+expected from a private CA); the acceptor cannot know the name before the HELLO line,
+so it checks the client certificate against the name the HELLO claims with
+`certificate_matches` (fold it into `allowed` of `auth.accept_handshake`).
+
+Only the CA in `tls_ca` is trusted (not the system's public CAs): a certificate some
+public CA issued for a look-alike name must not open a link.
+
+Errors: a failed TLS handshake raises `trio.BrokenResourceError` (its __cause__ is the
+`ssl.SSLError`, e.g. `ssl.SSLCertVerificationError`); the transport's own errors
+(`trio.BrokenResourceError`, `trio.ClosedResourceError`, `OSError`) pass through. With
+TLS 1.3 the client's handshake completes before the server has checked the client's
+certificate, so a refused client certificate may surface on the dialler's first
+receive instead (the auth handshake that follows does one) as
+`trio.BrokenResourceError`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from herd_trio.config import Settings
+
+MIN_VERSION = ssl.TLSVersion.TLSv1_2  # 1.0 and 1.1 are deprecated (RFC 8996)
+
+
+def _paths(settings: Settings) -> tuple[str, str, str]:
+    cert, key, ca = settings.tls_cert, settings.tls_key, settings.tls_ca
+    if cert is None or key is None or ca is None:
+        raise ValueError("peer TLS needs all three of tls_cert, tls_key and tls_ca")
+    return cert, key, ca
+
+
+def _context(purpose: ssl.Purpose, settings: Settings) -> ssl.SSLContext:
+    cert, key, ca = _paths(settings)
+    try:
+        # cafile given: only that CA is trusted, the system store is not loaded
+        context = ssl.create_default_context(purpose, cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load tls_ca {ca!r}: {exc}") from exc
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load tls_cert {cert!r} with tls_key {key!r}: {exc}") from exc
+    context.minimum_version = MIN_VERSION
+    context.verify_mode = ssl.CERT_REQUIRED  # mutual: the accepting side asks too
+    return context
+
+
+def server_context(settings: Settings) -> ssl.SSLContext:
+    """The accepting side's context: our certificate, and a client certificate required.
+
+    ValueError with a one-line message if the settings are incomplete or a file does
+    not load.
+    """
+    return _context(ssl.Purpose.CLIENT_AUTH, settings)
+
+
+def client_context(settings: Settings) -> ssl.SSLContext:
+    """The dialling side's context: our certificate, and the server's name checked.
+
+    ValueError with a one-line message if the settings are incomplete or a file does
+    not load.
+    """
+    context = _context(ssl.Purpose.SERVER_AUTH, settings)
+    context.check_hostname = True  # against the peer's herd name, see wrap_dialled
+    return context
+
+
+async def wrap_dialled(
+    stream: trio.abc.Stream, context: ssl.SSLContext, peer_name: str
+) -> trio.SSLStream[trio.abc.Stream]:
+    """TLS over a connection we dialled to `peer_name`; its certificate must name it.
+
+    On success the returned stream owns `stream` (closing it closes both). On error
+    nothing is closed: the caller still owns `stream` and closes it. Raises
+    trio.BrokenResourceError (TLS refused; __cause__ says why) or the transport's
+    errors. No deadline: the caller sets one.
+    """
+    tls = trio.SSLStream(stream, context, server_hostname=peer_name)
+    await tls.do_handshake()
+    return tls
+
+
+async def wrap_accepted(
+    stream: trio.abc.Stream, context: ssl.SSLContext
+) -> trio.SSLStream[trio.abc.Stream]:
+    """TLS over a connection a peer made to us; it must show a certificate of our CA.
+
+    Ownership, errors and deadline as for `wrap_dialled`. Which server the client is
+    gets checked after its HELLO, with `certificate_matches`.
+    """
+    tls = trio.SSLStream(stream, context, server_side=True)
+    await tls.do_handshake()
+    return tls
+
+
+def certificate_names(tls: trio.SSLStream[trio.abc.Stream]) -> frozenset[str]:
+    """The DNS names (lowercase) in the peer's verified certificate; empty if none."""
+    cert = tls.getpeercert()  # a dict once the handshake verified one, else None/{}
+    if not cert:
+        return frozenset()
+    alt_names: tuple[tuple[str, str], ...] = cert.get("subjectAltName", ())
+    return frozenset(value.lower() for kind, value in alt_names if kind == "DNS")
+
+
+def certificate_matches(tls: trio.SSLStream[trio.abc.Stream], name: bytes | str) -> bool:
+    """True if the peer's certificate carries herd server `name` as a DNS name.
+
+    Exact, case-insensitive, no wildcards: a herd CA issues one certificate per server.
+    """
+    if isinstance(name, bytes):
+        try:
+            name = name.decode("ascii")
+        except UnicodeDecodeError:
+            return False
+    return name.lower() in certificate_names(tls)
