@@ -7,6 +7,7 @@ server cannot start (a port in use); every failure is one line on stderr.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import signal
 import sys
@@ -67,10 +68,29 @@ async def run_herd(herd: HerdConfig, names: list[str], logs: dict[str, ServerLog
                 cfg = herd.servers[name]
                 where = f"clients on {cfg.host}:{cfg.port}, peers on {cfg.host}:{cfg.peer_port}"
                 print(f"{name}: {where}", flush=True)
+                if warning := unprotected(server):
+                    print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
+                    server.log.write(f"warning: {warning}")
             signum = await anext(signals)
             for log in logs.values():
                 log.write(f"{signal.Signals(signum).name} received, shutting down")
             nursery.cancel_scope.cancel()
+
+
+def unprotected(server: Server) -> str | None:
+    """A warning if `server` listens beyond loopback with no peer secret or TLS."""
+    host = server.config.host
+    if server.keyring is not None or server.tls is not None:
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name: be safe and warn
+        pass
+    return (
+        f"{server.name} listens on {host} without a peer secret or TLS: peers are accepted"
+        " from loopback only, and anyone who reaches the client port can report locations"
+    )
 
 
 class ToServerLogs(logging.Handler):

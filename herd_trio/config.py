@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
+
+if TYPE_CHECKING:
+    from herd_trio.auth import Keyring
 
 DEFAULT_CONFIG = "default_herd.toml"  # packaged beside this module
 _WILDCARDS = ("", "0.0.0.0", "::")  # bind every address: clash with any host
@@ -74,10 +78,22 @@ class HerdConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         mine.discard(name)
         return sorted(mine)
 
-    def secret(self) -> bytes | None:
-        """The shared peer secret, read from the environment variable `secret_env` names."""
-        env = self.herd.secret_env
-        return None if env is None else os.environ[env].encode()
+    def keyring(self, environ: Mapping[str, str] = os.environ) -> Keyring | None:
+        """The peer secrets (`secret_env` or `keyring_file`), or None if none are set.
+
+        ValueError with a one-line message if they are unusable.
+        """
+        from herd_trio.auth import Keyring
+
+        return Keyring.from_config(self.herd, environ)
+
+    def tls_contexts(self) -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
+        """(dialling, accepting) contexts for mutual TLS on peer links, if configured."""
+        if self.herd.tls_cert is None:
+            return None
+        from herd_trio.tls import client_context, server_context
+
+        return client_context(self.herd), server_context(self.herd)
 
     def places_key(self) -> str:
         """The Google API key, read from the environment variable `places_key_env` names."""
@@ -114,7 +130,13 @@ def load(path: Path | None = None, *, environ: Mapping[str, str] = os.environ) -
         for key in ("log_dir", "state_dir", "keyring_file", "tls_cert", "tls_key", "tls_ca")
         if (value := getattr(settings, key)) is not None
     }
-    return msgspec.structs.replace(herd, herd=msgspec.structs.replace(settings, **paths))
+    herd = msgspec.structs.replace(herd, herd=msgspec.structs.replace(settings, **paths))
+    try:  # secrets and certificates are read now, so a bad one fails at start (exit 2)
+        herd.keyring(environ)
+        herd.tls_contexts()
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return herd
 
 
 def check(herd: HerdConfig, environ: Mapping[str, str] = os.environ) -> None:
@@ -139,8 +161,6 @@ def check(herd: HerdConfig, environ: Mapping[str, str] = os.environ) -> None:
         raise ConfigError("peer TLS needs all three of tls_cert, tls_key and tls_ca")
     if settings.places_cache_ttl < 0:
         raise ConfigError("places_cache_ttl must be >= 0")
-    if settings.secret_env is not None and not environ.get(settings.secret_env):
-        raise ConfigError(f"secret_env names {settings.secret_env}, which is not set")
     if settings.places != "offline" and not environ.get(settings.places_key_env):
         raise ConfigError(
             f"places = {settings.places!r} needs an API key in ${settings.places_key_env},"

@@ -24,15 +24,16 @@ from typing import TYPE_CHECKING, NoReturn
 import attrs
 import trio
 
+from herd_trio.auth import HandshakeError, accept_handshake, dial_handshake
 from herd_trio.bus import Outbox, OutboxClosed
 from herd_trio.lines import LineReader, LineTooLong
 from herd_trio.protocol import DIGEST, ProtocolError, format_digest, parse_at, parse_digest
 from herd_trio.store import BUCKETS
+from herd_trio.tls import certificate_matches, wrap_accepted, wrap_dialled
 
 if TYPE_CHECKING:
     from herd_trio.server import Server
 
-VERSION = b"herd_trio/1"
 PING = b"PING"
 DIAL_DEADLINE = 3.0  # seconds: loopback and LAN dials take milliseconds
 HANDSHAKE_DEADLINE = 2.0  # seconds, as NATS gives a route to authenticate
@@ -47,7 +48,8 @@ class LinkError(Exception):
 
 
 LINK_ERRORS = (
-    OSError,
+    OSError,  # ssl.SSLError included
+    HandshakeError,
     trio.BrokenResourceError,
     trio.ClosedResourceError,
     trio.TooSlowError,
@@ -91,26 +93,6 @@ def peer_max_line(server: Server) -> int:
 def dials(me: str, peer: str) -> bool:
     """True if `me` dials `peer` (the name that sorts first dials)."""
     return me < peer
-
-
-def hello(me: bytes, peer: bytes) -> bytes:
-    """The handshake line: protocol version, who is talking, and to whom."""
-    return b"HELLO %s %s %s\n" % (VERSION, me, peer)
-
-
-def check_hello(line: bytes | None, *, sender: bytes | None, receiver: bytes) -> bytes:
-    """The sender's name from a handshake line; LinkError if it is not one.
-
-    `sender` None accepts any name (the acceptor checks it against its neighbours).
-    """
-    fields = line.split() if line is not None else []
-    if len(fields) != 4 or fields[0] != b"HELLO" or fields[1] != VERSION:
-        raise LinkError(f"bad handshake {line!r}")
-    if fields[3] != receiver:
-        raise LinkError(f"handshake addressed to {fields[3]!r}, not to us")
-    if sender is not None and fields[2] != sender:
-        raise LinkError(f"handshake from {fields[2]!r}, expected {sender!r}")
-    return fields[2]
 
 
 def is_loopback(stream: trio.abc.Stream) -> bool:
@@ -224,13 +206,19 @@ async def run_link(
         up_since = math.inf
         try:
             with trio.fail_after(DIAL_DEADLINE):
-                stream = await dial(target.host, target.peer_port)
-            async with stream:
-                reader = LineReader(stream, peer_max_line(server))
+                transport = await dial(target.host, target.peer_port)
+            async with transport:  # closing the transport also ends a TLS session on it
                 with trio.fail_after(HANDSHAKE_DEADLINE):
-                    await stream.send_all(hello(server.wire_name, peer.encode()))
-                    check_hello(
-                        await reader.receive_line(), sender=peer.encode(), receiver=server.wire_name
+                    stream = transport
+                    if server.tls is not None:
+                        stream = await wrap_dialled(transport, server.tls[0], peer)
+                    reader = LineReader(stream, peer_max_line(server))
+                    await dial_handshake(
+                        stream,
+                        reader,
+                        me=server.wire_name,
+                        peer=peer.encode(),
+                        keyring=server.keyring,
                     )
                 up_since = trio.current_time()
                 log.write(f"link to {peer} up ({target.host}:{target.peer_port})")
@@ -247,32 +235,49 @@ async def run_link(
         failures += 1
 
 
-async def handle_peer(server: Server, stream: trio.abc.Stream) -> None:
+async def handle_peer(server: Server, transport: trio.abc.Stream) -> None:
     """Accept a link from a neighbour on the peer port; refuse anyone else.
 
-    With no secret configured only loopback peers are accepted. A neighbour that
-    connects again replaces its old link (it was restarted, or the old one is dead).
+    A peer must be a configured neighbour that dials this server and pass the
+    handshake within HANDSHAKE_DEADLINE: HMAC challenge-response with a secret
+    configured, mutual TLS with certificates configured, and with neither, only
+    loopback peers are accepted. A neighbour that connects again replaces its old link
+    (it was restarted, or the old one is dead). Refusals are logged at most once per
+    address and kind every RateLimiter.interval, so a flood cannot fill the disk.
     """
     from herd_trio.server import describe
 
-    who = describe(stream)
+    who = describe(transport)
     log = server.log
-    if not is_loopback(stream):
-        log.write(f"refused peer connection from {who}: not loopback and no secret configured")
+
+    def refuse(kind: str, reason: str) -> None:
+        suppressed = server.refusals.allow(f"{who.rpartition(':')[0]} {kind}")
+        if suppressed is not None:
+            more = f" ({suppressed} more since the last)" if suppressed else ""
+            log.write(f"refused peer connection from {who}: {reason}{more}")
+
+    if server.keyring is None and server.tls is None and not is_loopback(transport):
+        refuse("address", "not loopback, and no secret or TLS configured")
         return
-    reader = LineReader(stream, peer_max_line(server))
-    neighbours = server.herd.neighbours(server.name)
+    dialling = {n.encode() for n in server.herd.neighbours(server.name) if dials(n, server.name)}
     try:
         with trio.fail_after(HANDSHAKE_DEADLINE):
-            line = await reader.receive_line()
-            sender = check_hello(line, sender=None, receiver=server.wire_name)
-            peer = sender.decode("ascii", "replace")
-            if peer not in neighbours or not dials(peer, server.name):
-                raise LinkError(f"{sender!r} is not a neighbour that dials {server.name}")
-            await stream.send_all(hello(server.wire_name, sender))
+            stream = transport
+            tls = None
+            if server.tls is not None:
+                stream = tls = await wrap_accepted(transport, server.tls[1])
+
+            def allowed(name: bytes) -> bool:
+                return name in dialling and (tls is None or certificate_matches(tls, name))
+
+            reader = LineReader(stream, peer_max_line(server))
+            sender = await accept_handshake(
+                stream, reader, me=server.wire_name, allowed=allowed, keyring=server.keyring
+            )
     except LINK_ERRORS as exc:
-        log.write(f"refused peer connection from {who}: {_describe(exc)}")
+        refuse(type(exc).__name__, _describe(exc))
         return
+    peer = sender.decode("ascii")  # allowed() matched it against the config's names
     if (old := server.accepted.get(peer)) is not None:
         old.cancel()
     with trio.CancelScope() as scope:

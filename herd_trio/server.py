@@ -11,6 +11,7 @@ import contextlib
 import errno
 import re
 import resource
+import ssl
 import time
 import traceback
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import attrs
 import trio
 
 from herd_trio import links
+from herd_trio.auth import Keyring, RateLimiter
 from herd_trio.bus import Bus
 from herd_trio.config import HerdConfig, ServerConfig, Settings
 from herd_trio.lines import LineReader, LineTooLong
@@ -61,6 +63,9 @@ class Server:
     bus: Bus = attrs.field(factory=Bus)
     now_ns: Callable[[], int] = time.time_ns  # wall clock for AT time differences
     accepted: dict[str, trio.CancelScope] = attrs.field(factory=dict, init=False)
+    keyring: Keyring | None = attrs.field(init=False)  # peer secrets; None: loopback only
+    tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = attrs.field(init=False)
+    refusals: RateLimiter = attrs.field(factory=RateLimiter, init=False)  # peer log lines
     max_clients: int = attrs.field(init=False)
     clients: int = attrs.field(default=0, init=False)  # open client connections
     addresses: dict[str, int] = attrs.field(factory=dict, init=False)  # open ones per address
@@ -69,6 +74,8 @@ class Server:
     def __attrs_post_init__(self) -> None:
         self.wire_name = self.name.encode("ascii")
         self.max_clients = min(self.settings.max_clients, fd_budget())
+        self.keyring = self.herd.keyring()
+        self.tls = self.herd.tls_contexts()
 
     @property
     def config(self) -> ServerConfig:
