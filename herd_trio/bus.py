@@ -27,6 +27,7 @@ class Outbox:
     """Records waiting for one link's writer; newest per client, in first-queued order."""
 
     _pending: dict[bytes, Record] = attrs.field(factory=dict, init=False)
+    _seq: dict[bytes, int] = attrs.field(factory=dict, init=False)  # `queued` at each put
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _closed: bool = attrs.field(default=False, init=False)
     queued: int = attrs.field(default=0, init=False)  # records accepted by put() so far
@@ -35,12 +36,19 @@ class Outbox:
     busy: bool = attrs.field(default=False, init=False)  # the writer is inside a send
 
     def put(self, record: Record) -> None:
-        """Queue `record`, replacing an older pending record of the same client."""
-        held = self._pending.get(record.client)
-        if held is None or held.rank < record.rank:
-            self._pending[record.client] = record
-            self.queued += 1
-            self._wakeup.set()
+        """Queue `record`, replacing an older pending record of the same client.
+
+        The replacement goes to the back of the queue, so the queue stays in `queued`
+        order and "everything up to count N was taken" is exact for partial takes.
+        """
+        held = self._pending.pop(record.client, None)
+        if held is not None and record.rank <= held.rank:
+            self._pending[record.client] = held  # not newer: the pending one stays
+            return
+        self.queued += 1
+        self._pending[record.client] = record
+        self._seq[record.client] = self.queued
+        self._wakeup.set()
 
     @property
     def closed(self) -> bool:
@@ -60,19 +68,21 @@ class Outbox:
 
         Raises OutboxClosed once the outbox is closed. Always checkpoints.
         """
+        await trio.lowlevel.checkpoint()
         while not self._pending:
             if self._closed:
                 raise OutboxClosed
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self.taken = self.queued
         if len(self._pending) <= limit:
             batch = list(self._pending.values())
             self._pending.clear()
+            self._seq.clear()
+            self.taken = self.queued
         else:
-            batch = [self._pending.pop(client) for client in list(islice(self._pending, limit))]
-            self.taken = self.queued - len(self._pending)
+            clients = list(islice(self._pending, limit))
+            batch = [self._pending.pop(client) for client in clients]
+            self.taken = max(self._seq.pop(client) for client in clients)
         return batch
 
 

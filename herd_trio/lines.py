@@ -44,21 +44,24 @@ class LineReader:
         Raises LineTooLong once every line before the long one has been returned.
         Always checkpoints (it may receive), plus the stream's own errors.
         """
+        received = False
         while not self._lines:
             if self._error is not None:
                 raise self._error
             if self._eof:
-                if not self._buffer:
-                    return []
-                self._lines.append(bytes(self._buffer))
-                self._buffer.clear()
+                if self._buffer:
+                    self._lines.append(bytes(self._buffer))
+                    self._buffer.clear()
                 break
             data = await self._stream.receive_some(self._chunk)
+            received = True
             if data:
                 self._buffer += data
                 self._split()
             else:
                 self._eof = True
+        if not received:  # like tricycle's receive_line: a checkpoint on every call
+            await trio.lowlevel.checkpoint()
         lines, self._lines = self._lines, []
         return lines
 
@@ -68,6 +71,8 @@ class LineReader:
             self._lines = await self.receive_lines()
             if not self._lines:
                 return None
+        else:
+            await trio.lowlevel.checkpoint()
         return self._lines.pop(0)
 
     def _split(self) -> None:

@@ -9,7 +9,7 @@ split on U+00A0, `\\x1c` and friends.
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import MAX_PREC, Decimal, localcontext
 
 import attrs
 
@@ -17,6 +17,8 @@ MAX_CLIENT_ID = 256  # bytes: PROTOCOL.md §1
 MAX_RADIUS_KM = 50
 MAX_BOUND = 20
 NS_PER_S = 1_000_000_000
+_INT_DIGITS = 4000  # below sys.get_int_max_str_digits() (4300 by default)
+_INT_LIMIT = 10**_INT_DIGITS
 
 # Checked with a bytes regex before any conversion: Decimal() and int() accept "nan",
 # "1_000", " 7" and non-ASCII digits, none of which the protocol allows.
@@ -95,6 +97,10 @@ def time_ns(field: bytes) -> int:
     if match is None:
         raise ProtocolError(f"bad time {field!r}")
     whole, frac = match.group(1), match.group(2) or b""
+    if len(whole) > _INT_DIGITS:  # int() refuses over 4300 digits (CVE-2020-10735)
+        with localcontext() as context:
+            context.prec = len(whole) + 10  # exact: no rounding at any length
+            return int(Decimal(whole.decode()).scaleb(9)) + int(frac[:9].ljust(9, b"0"))
     return int(whole) * NS_PER_S + int(frac[:9].ljust(9, b"0"))
 
 
@@ -104,7 +110,8 @@ def parse_coords(field: bytes) -> tuple[Decimal, Decimal]:
     if match is None:
         raise ProtocolError(f"bad coordinates {field!r}")
     lat, lon = Decimal(match.group(1).decode()), Decimal(match.group(2).decode())
-    if abs(lat) > 90 or abs(lon) > 180:
+    # Comparisons are exact; abs() would round to the context's 28 digits first.
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
         raise ProtocolError(f"coordinates out of range {field!r}")
     return lat, lon
 
@@ -132,7 +139,7 @@ def parse_command(line: bytes) -> Command:
         radius_km = Decimal(radius.decode("ascii"))
         if not 0 < radius_km <= MAX_RADIUS_KM:
             raise ProtocolError(f"radius out of range {radius!r}")
-        if not _BOUND.fullmatch(bound) or int(bound) > MAX_BOUND:
+        if not _BOUND.fullmatch(bound) or len(bound) > 3 or int(bound) > MAX_BOUND:
             raise ProtocolError(f"bad bound {bound!r}")
         return Whatsat(_client_id(fields[1]), radius_km, int(bound))
     raise ProtocolError(f"unknown command {verb!r}")
@@ -142,6 +149,10 @@ def format_skew(skew_ns: int) -> bytes:
     """`+S.NNNNNNNNN`: sign always shown (`+` for zero), exactly nine fractional digits."""
     sign = b"-" if skew_ns < 0 else b"+"
     seconds, ns = divmod(abs(skew_ns), NS_PER_S)
+    if seconds >= _INT_LIMIT:  # "%d" refuses over 4300 digits; Decimal prints any length
+        with localcontext() as context:
+            context.prec = MAX_PREC
+            return b"%s%s.%09d" % (sign, format(Decimal(seconds), "f").encode(), ns)
     return b"%s%d.%09d" % (sign, seconds, ns)
 
 
