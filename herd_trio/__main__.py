@@ -55,6 +55,12 @@ def apply_overrides(herd: HerdConfig, args: argparse.Namespace) -> HerdConfig:
         settings = msgspec.structs.replace(settings, log_dir=str(args.log_dir.resolve()))
     if args.one_shot:
         settings = msgspec.structs.replace(settings, one_shot=True)
+    if args.all and settings.state_dir is None:
+        # One process holding the whole herd is the case where a stop loses everything,
+        # so it keeps state by default, beside the logs.
+        settings = msgspec.structs.replace(
+            settings, state_dir=str(Path(settings.log_dir).parent / "state")
+        )
     return msgspec.structs.replace(herd, herd=settings)
 
 
@@ -141,8 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in names:
                 logs[name] = ServerLog(log_path(herd, name), name)
                 stack.callback(logs[name].close)  # the last lines reach the file on any exit
+            if herd.herd.state_dir is not None:
+                Path(herd.herd.state_dir).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            print(f"{PROG}: cannot open log file: {exc}", file=sys.stderr)
+            print(f"{PROG}: cannot open log or state files: {exc}", file=sys.stderr)
             return 1
         package_log = logging.getLogger("herd_trio")
         package_log.setLevel(logging.INFO)

@@ -28,6 +28,7 @@ from herd_trio.bus import Bus
 from herd_trio.config import HerdConfig, ServerConfig, Settings
 from herd_trio.lines import LineReader, LineTooLong
 from herd_trio.log import ServerLog
+from herd_trio.persist import PersistError, open_persister, state_path
 from herd_trio.places import JSON, PlacesSource, error_body, legacy_body, render
 from herd_trio.protocol import (
     Iamat,
@@ -274,7 +275,26 @@ async def open_listeners(server: Server, role: str, port: int) -> list[trio.Sock
 async def serve(
     server: Server, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 ) -> NoReturn:
-    """Run `server` until cancelled; report its client port once both ports accept."""
+    """Run `server` until cancelled; report its client port once both ports accept.
+
+    With `state_dir`, the server's records are loaded before anything is served and
+    every record it keeps is written back; the persister closes last, after the
+    listeners and links that feed the store, so a clean stop loses nothing.
+    """
+    state_dir = server.settings.state_dir
+    if state_dir is None:
+        await _serve(server, task_status)
+    path = state_path(state_dir, server.name)
+    try:
+        persister = open_persister(path, server.store, log=server.log.write)
+        async with persister:
+            server.log.write(f"{len(server.store)} records loaded from {path}")
+            await _serve(server, task_status)
+    except (OSError, PersistError) as exc:  # the load, before anything is served
+        raise StartupError(f"{server.name}: cannot use state file {str(path)!r}: {exc}") from exc
+
+
+async def _serve(server: Server, task_status: trio.TaskStatus[int]) -> NoReturn:
     cfg = server.config
     clients = await open_listeners(server, "client", cfg.port)
     try:
