@@ -89,8 +89,9 @@ def load_records(path: str | Path, *, log: Callable[[str], None] | None = None) 
 
     Blocking: call it from a thread (`trio.to_thread.run_sync`) or before `trio.run`.
     Rows that are not a valid AT line for their client are skipped and counted (the
-    count goes to `log`); a file that is not a readable records database raises
-    PersistError, rather than letting the server start empty and overwrite it.
+    count goes to `log`, the only thing logged here); a file that is not a readable
+    records database raises PersistError, rather than letting the server start empty
+    and overwrite it.
     """
     path = Path(path)
     if not path.exists():
@@ -119,10 +120,8 @@ def load_records(path: str | Path, *, log: Callable[[str], None] | None = None) 
             skipped += 1
             continue
         records.append(record)
-    if log is not None:
-        log(f"loaded {len(records)} records from {path}")
-        if skipped:
-            log(f"skipped {skipped} rows of {path} that are not valid AT lines")
+    if log is not None and skipped:  # the caller logs how many were loaded
+        log(f"skipped {skipped} rows of {path} that are not valid AT lines")
     return records
 
 
