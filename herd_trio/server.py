@@ -281,41 +281,39 @@ async def serve(
     every record it keeps is written back; the persister closes last, after the
     listeners and links that feed the store, so a clean stop loses nothing.
     """
-    state_dir = server.settings.state_dir
-    if state_dir is None:
-        await _serve(server, task_status)
-    path = state_path(state_dir, server.name)
-    try:
-        persister = open_persister(path, server.store, log=server.log.write)
-        async with persister:
+    cfg, state_dir = server.config, server.settings.state_dir
+    async with contextlib.AsyncExitStack() as stack:
+        if state_dir is not None:
+            path = state_path(state_dir, server.name)
+            persister = open_persister(path, server.store, log=server.log.write)
+            try:
+                await stack.enter_async_context(persister)
+            except (OSError, PersistError) as exc:
+                message = f"{server.name}: cannot use state file {str(path)!r}: {exc}"
+                raise StartupError(message) from exc
             server.log.write(f"{len(server.store)} records loaded from {path}")
-            await _serve(server, task_status)
-    except (OSError, PersistError) as exc:  # the load, before anything is served
-        raise StartupError(f"{server.name}: cannot use state file {str(path)!r}: {exc}") from exc
-
-
-async def _serve(server: Server, task_status: trio.TaskStatus[int]) -> NoReturn:
-    cfg = server.config
-    clients = await open_listeners(server, "client", cfg.port)
-    try:
+        clients = await open_listeners(server, "client", cfg.port)
+        stack.push_async_callback(_close_all, clients)  # until serve_listeners owns them
         peers = await open_listeners(server, "peer", cfg.peer_port)
-    except StartupError:
-        for listener in clients:
-            await trio.aclose_forcefully(listener)
-        raise
-    server.log.write(
-        f"listening for clients on {cfg.host}:{cfg.port} and peers on {cfg.host}:{cfg.peer_port}"
-    )
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.log.run_flusher, name=f"{server.name} log flusher")
-        nursery.start_soon(trio.serve_listeners, partial(handle_client, server), clients)
-        nursery.start_soon(trio.serve_listeners, partial(links.handle_peer, server), peers)
-        for peer in server.herd.neighbours(server.name):
-            if links.dials(server.name, peer):
-                nursery.start_soon(links.run_link, server, peer, name=f"{server.name} link {peer}")
-        task_status.started(clients[0].socket.getsockname()[1])
-        await trio.sleep_forever()
+        stack.push_async_callback(_close_all, peers)
+        where = f"clients on {cfg.host}:{cfg.port} and peers on {cfg.host}:{cfg.peer_port}"
+        server.log.write(f"listening for {where}")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.log.run_flusher, name=f"{server.name} log flusher")
+            nursery.start_soon(trio.serve_listeners, partial(handle_client, server), clients)
+            nursery.start_soon(trio.serve_listeners, partial(links.handle_peer, server), peers)
+            for peer in server.herd.neighbours(server.name):
+                if links.dials(server.name, peer):
+                    name = f"{server.name} link {peer}"
+                    nursery.start_soon(links.run_link, server, peer, name=name)
+            task_status.started(clients[0].socket.getsockname()[1])
+            await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _close_all(listeners: list[trio.SocketListener]) -> None:
+    for listener in listeners:
+        await trio.aclose_forcefully(listener)
 
 
 def log_path(herd: HerdConfig, name: str) -> Path:
