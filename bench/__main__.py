@@ -1,0 +1,73 @@
+"""`python -m bench [--quick] [--profile] [--out DIR] [--keep-logs]`; `nox -s bench` runs it.
+
+Writes DIR/results.json, DIR/summary.md and DIR/latency.svg (DIR defaults to
+bench-results/ at the top of the repo) and prints the ratio table with PASS/FAIL per
+target. The exit status is 0 when the suite ran, whatever the verdicts (a benchmark
+reports; it does not gate), and 1 when it could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench import procs, report, suite
+from bench.procs import ROOT
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite and write its results."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also record the entry server with py-spy under 100 x 16",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench-results",
+        help="output directory (default: bench-results/)",
+    )
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the servers' configs and logs under OUT/run/"
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run servers and generator at this niceness (negative needs root): on a"
+        " shared machine it makes the figures depend less on other users, and slows them",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite summary.md and latency.svg from OUT/results.json",
+    )
+    args = parser.parse_args(argv)
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+    else:
+        plan = suite.Plan.make(args.quick)
+        procs.NICE = args.nice
+        try:
+            results = suite.run(plan, out, profile=args.profile, keep_logs=args.keep_logs)
+            results["meta"]["nice"] = args.nice
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            print(f"bench: could not run: {exc}", file=sys.stderr)
+            return 1
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "summary.md").write_text(report.markdown(results))
+    (out / "latency.svg").write_text(report.svg(results))
+    print(report.text_table(results))
+    print(f"\nwritten: {out / 'results.json'}, {out / 'summary.md'}, {out / 'latency.svg'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Per-call cost of herd_trio's hot functions, in isolation: `python -m bench.micro`.
+
+The profile says where a loaded server spends its time; this says what one call costs,
+so a suggested change can be sized (a function called 8 times per update at 3 us is
+24 us of the herd's CPU per update). Prints one JSON object: microseconds per call.
+Each case is independent: one that no longer matches herd_trio's API is reported as an
+error, not a crash (the product changes under the benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+IAMAT = b"IAMAT kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.959498503"
+AT = b"AT Clark +0.263873386 kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.959498503"
+
+
+def per_call_us(fn: Callable[[], object], budget: float = 0.05) -> float:
+    """Best of 3 runs, each about `budget` seconds of CPU, in CPU microseconds per call.
+
+    CPU time (not wall time), so other processes on a shared machine inflate it little.
+    """
+    timer = timeit.Timer(fn, timer=time.process_time)
+    calibrate = 1000
+    taken = timer.timeit(calibrate)
+    number = max(1, int(calibrate * budget / max(taken, 1e-6)))
+    return min(timer.repeat(3, number)) / number * 1e6
+
+
+def each_us(fn: Callable[[Any], object], items: list[Any]) -> float:
+    """CPU microseconds per call of `fn` over `items`, each item used once."""
+    start = time.process_time()
+    for item in items:
+        fn(item)
+    return (time.process_time() - start) / max(1, len(items)) * 1e6
+
+
+def cases(tmp: Path) -> dict[str, Callable[[], float]]:
+    """The calls to time, built against the installed herd_trio."""
+    import trio
+
+    from herd_trio import protocol, store
+    from herd_trio.bus import Bus
+    from herd_trio.log import ServerLog
+
+    record = protocol.parse_at(AT)
+    iamat = protocol.parse_command(IAMAT)
+    assert isinstance(iamat, protocol.Iamat)
+    counter = iter(range(10**9))
+
+    def fresh_record() -> protocol.Record:
+        n = next(counter)
+        line = b"AT Clark +0.263873386 c%d +34.068930-118.445127 1621464827.959498503" % n
+        return protocol.parse_at(line)
+
+    held = store.Store()
+    held.offer(record)
+    log = ServerLog(tmp / "micro.log", "Clark")
+    bus = Bus()
+    subscriptions = [bus.subscribe(name) for name in ("Bona", "Jaquez")]
+    for subscription in subscriptions:
+        subscription.__enter__()
+    fresh = [fresh_record() for _ in range(50_000)]
+    big = store.Store(fresh)
+    other_digest = [value ^ 1 for value in big.digest()]  # every bucket differs
+    del trio  # imported only to fail early if herd_trio's runtime is missing
+
+    def timed(fn: Callable[[], object]) -> Callable[[], float]:
+        return lambda: per_call_us(fn)
+
+    return {
+        "parse_command(IAMAT)": timed(lambda: protocol.parse_command(IAMAT)),
+        "parse_coords": timed(lambda: protocol.parse_coords(b"+34.068930-118.445127")),
+        "parse_time": timed(lambda: protocol.parse_time(b"1621464827.959498503")),
+        "time_ns": timed(lambda: protocol.time_ns(b"1621464827.959498503")),
+        "make_record": timed(lambda: protocol.make_record(b"Clark", time.time_ns(), iamat)),
+        "parse_at (peer line)": timed(lambda: protocol.parse_at(AT)),
+        "Record.rank": timed(lambda: record.rank),
+        "store.fingerprint (blake2b)": timed(lambda: store.fingerprint(record)),
+        "store.bucket_of (crc32)": timed(lambda: store.bucket_of(record.client)),
+        "Store.offer, newer (kept)": lambda: each_us(store.Store().offer, fresh),
+        "Store.offer, not newer (dropped)": timed(lambda: held.offer(record)),
+        "Bus.publish to 2 links": lambda: each_us(bus.publish, fresh),
+        "ServerLog.received": timed(lambda: log.received("peer Bona", AT)),
+        "ServerLog.write (plain text)": timed(lambda: log.write("link to Bona up")),
+        "Store.differing, 50k records, all buckets differ": lambda: each_us(
+            big.differing, [other_digest] * 5
+        ),
+        "bytes.split + join (baseline)": timed(lambda: b" ".join(AT.split())),
+    }
+
+
+def main() -> None:
+    """Time every case; print {name: us per call or error text} as JSON."""
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            timed = cases(Path(tmp))
+        except Exception as exc:  # any API drift is reported, not raised
+            json.dump({"error": repr(exc)}, sys.stdout)
+            return
+        for name, measure in timed.items():
+            try:
+                out[name] = round(measure(), 3)
+            except Exception as exc:
+                out[name] = f"error: {exc!r}"
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
