@@ -181,10 +181,17 @@ class Herd:
         """Server `name`'s log file."""
         return self.root / "logs" / f"{name}.log"
 
-    def write_config(self) -> None:
-        """Write the TOML file (log_dir relative to it, as PROTOCOL.md §5 wants)."""
+    def write_config(self, path: Path | None = None, **overrides: object) -> Path:
+        """Write the TOML file (log_dir relative to it, as PROTOCOL.md §5 wants).
+
+        `path` (default: `config`) and `overrides` of the `[herd]` settings give one
+        process its own variant of the herd's config (its own keyring or certificate);
+        keep `path` in `root` so every process logs to the same `logs` folder.
+        """
+        path = self.config if path is None else path
         lines = ["[herd]", 'log_dir = "logs"', "heartbeat_interval = 0.2"]
-        lines += [f"{key} = {_toml(value)}" for key, value in self.extra.items()]
+        settings = {**self.extra, **overrides}
+        lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
         for name in self.names:
             # List each edge once, on one end only: relations are symmetric.
             listed = [b for a, b in self.edges if a == name]
@@ -195,17 +202,22 @@ class Herd:
                 f"peer_port = {self.peer_ports[name]}",
                 f"neighbours = {_toml(listed)}",
             ]
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.config.write_text("\n".join(lines) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        """Launch server `name` as `python -m herd_trio NAME --config FILE`."""
+    def start(self, name: str, *args: str, config: Path | None = None) -> subprocess.Popen[bytes]:
+        """Launch server `name` as `python -m herd_trio NAME --config FILE`.
+
+        `config`: another config file for this one process (see `write_config`).
+        """
         if (old := self.processes.get(name)) is not None:
             assert old.poll() is not None, f"{name} is still running"
             if old.stderr is not None:
                 old.stderr.close()
+        config = self.config if config is None else config
         process = subprocess.Popen(
-            [sys.executable, "-m", "herd_trio", name, "--config", str(self.config), *args],
+            [sys.executable, "-m", "herd_trio", name, "--config", str(config), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
