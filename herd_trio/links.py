@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, NoReturn
 
@@ -268,7 +269,10 @@ async def handle_peer(server: Server, transport: trio.abc.Stream) -> None:
                 stream = tls = await wrap_accepted(transport, server.tls[1])
 
             def allowed(name: bytes) -> bool:
-                return name in dialling and (tls is None or certificate_matches(tls, name))
+                if name in dialling and tls is not None and not certificate_matches(tls, name):
+                    shown = name.decode("ascii", "backslashreplace")
+                    raise HandshakeError(f"its TLS certificate does not name {shown}")
+                return name in dialling
 
             reader = LineReader(stream, peer_max_line(server))
             sender = await accept_handshake(
@@ -298,6 +302,12 @@ async def handle_peer(server: Server, transport: trio.abc.Stream) -> None:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
+    if isinstance(exc, ssl.SSLError) and exc.reason == "UNEXPECTED_EOF_WHILE_READING":
+        # What a dialler sees when the acceptor refused its certificate: TLS 1.3 checks
+        # the client's certificate after the client thinks the handshake is done.
+        return "the peer closed the connection during TLS (did it refuse our certificate?)"
+    if not str(exc) and exc.__cause__ is not None:  # a failed TLS handshake says why here
+        return f"{type(exc).__name__}: {_describe(exc.__cause__)}"
     return str(exc) or repr(exc)
 
 

@@ -662,11 +662,6 @@ async def start_tls_acceptor(herd: Herd, ca: trustme.CA) -> None:
     await (await connect(herd.ports["Jaquez"])).aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: links.handle_peer and run_link log a refused TLS handshake as"
-    " 'BrokenResourceError()'; _describe() drops the ssl error in __cause__",
-)
 async def test_refusing_a_certificate_from_another_ca_logs_why(
     tmp_path: Path, secret: bytes
 ) -> None:
@@ -687,11 +682,6 @@ async def test_refusing_a_certificate_from_another_ca_logs_why(
         assert re.search("certificate|unknown ca", failed, re.IGNORECASE), failed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: links.handle_peer logs a certificate that does not name the"
-    ' dialler as "is not a neighbour allowed to link here"',
-)
 async def test_refusing_a_certificate_for_another_name_logs_why(
     tmp_path: Path, secret: bytes
 ) -> None:
