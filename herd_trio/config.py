@@ -63,6 +63,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     peer_port: int
     host: str = "127.0.0.1"
     neighbours: list[str] = msgspec.field(default_factory=list)
+    tls_cert: str | None = None  # this server's own certificate, instead of [herd]'s
+    tls_key: str | None = None
 
 
 class HerdConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -87,13 +89,23 @@ class HerdConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
         return Keyring.from_config(self.herd, environ)
 
-    def tls_contexts(self) -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
-        """(dialling, accepting) contexts for mutual TLS on peer links, if configured."""
-        if self.herd.tls_cert is None:
+    def tls_contexts(self, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
+        """(dialling, accepting) contexts for mutual TLS on server `name`'s peer links.
+
+        A server's own `tls_cert`/`tls_key` take precedence over `[herd]`'s, so each
+        server can hold a certificate that names only itself, also under `--all`.
+        """
+        server = self.servers[name]
+        settings = self.herd
+        if server.tls_cert is not None:
+            settings = msgspec.structs.replace(
+                settings, tls_cert=server.tls_cert, tls_key=server.tls_key
+            )
+        if settings.tls_cert is None:
             return None
         from herd_trio.tls import client_context, server_context
 
-        return client_context(self.herd), server_context(self.herd)
+        return client_context(settings), server_context(settings)
 
     def places_key(self) -> str:
         """The Google API key, read from the environment variable `places_key_env` names."""
@@ -130,10 +142,23 @@ def load(path: Path | None = None, *, environ: Mapping[str, str] = os.environ) -
         for key in ("log_dir", "state_dir", "keyring_file", "tls_cert", "tls_key", "tls_ca")
         if (value := getattr(settings, key)) is not None
     }
-    herd = msgspec.structs.replace(herd, herd=msgspec.structs.replace(settings, **paths))
+    servers = {
+        name: msgspec.structs.replace(
+            server,
+            **{
+                key: str(base / value)
+                for key in ("tls_cert", "tls_key")
+                if (value := getattr(server, key)) is not None
+            },
+        )
+        for name, server in herd.servers.items()
+    }
+    settings = msgspec.structs.replace(settings, **paths)
+    herd = msgspec.structs.replace(herd, herd=settings, servers=servers)
     try:  # secrets and certificates are read now, so a bad one fails at start (exit 2)
         herd.keyring(environ)
-        herd.tls_contexts()
+        for name in herd.servers:
+            herd.tls_contexts(name)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
     return herd
@@ -156,9 +181,17 @@ def check(herd: HerdConfig, environ: Mapping[str, str] = os.environ) -> None:
         raise ConfigError(f"sync_interval must be in (0, 86400] seconds: {settings.sync_interval}")
     if settings.max_clients < 1 or settings.max_clients_per_address < 0:
         raise ConfigError("max_clients must be >= 1 and max_clients_per_address >= 0")
-    tls = [settings.tls_cert, settings.tls_key, settings.tls_ca]
-    if any(tls) and not all(tls):
-        raise ConfigError("peer TLS needs all three of tls_cert, tls_key and tls_ca")
+    for name, server in herd.servers.items():
+        cert = server.tls_cert or settings.tls_cert
+        key = server.tls_key if server.tls_cert else settings.tls_key
+        tls = [cert, key, settings.tls_ca]
+        if any(tls) and not all(tls):
+            raise ConfigError(
+                f"servers.{name}: peer TLS needs tls_cert and tls_key (here or in [herd])"
+                " and tls_ca in [herd]"
+            )
+        if (server.tls_cert is None) != (server.tls_key is None):
+            raise ConfigError(f"servers.{name}: set both tls_cert and tls_key, or neither")
     if settings.places_cache_ttl < 0:
         raise ConfigError("places_cache_ttl must be >= 0")
     if settings.places != "offline" and not environ.get(settings.places_key_env):

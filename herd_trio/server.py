@@ -76,7 +76,7 @@ class Server:
         self.wire_name = self.name.encode("ascii")
         self.max_clients = min(self.settings.max_clients, fd_budget())
         self.keyring = self.herd.keyring()
-        self.tls = self.herd.tls_contexts()
+        self.tls = self.herd.tls_contexts(self.name)
 
     @property
     def config(self) -> ServerConfig:

@@ -885,3 +885,32 @@ def test_fuzzed_bytes_on_both_ports_leave_the_server_answering(tmp_path: Path) -
             assert await holds(herd, "Solo", b"after-fuzz") == reply
 
         trio.run(still_answers)
+
+
+async def test_per_server_certificates_in_one_config(tmp_path: Path, secret: bytes) -> None:
+    """`[servers.NAME] tls_cert/tls_key`: each server proves only its own name."""
+    ca = trustme.CA()
+    names = ["Bona", "Campbell", "Clark"]
+    edges = [("Bona", "Campbell"), ("Campbell", "Clark")]
+    herd = Herd.create(
+        tmp_path, names, edges, secret_env=SECRET_ENV, tls_ca=write_ca(ca, tmp_path, "ca")
+    )
+    text = herd.config.read_text()
+    for name in names:
+        own = write_cert(ca, tmp_path, name, name)
+        lines = "".join(f'{key} = "{value}"\n' for key, value in own.items())
+        text = text.replace(f"[servers.{name}]\n", f"[servers.{name}]\n{lines}")
+    herd.config.write_text(text)
+    with running(herd):
+        await herd.start_all()
+        line = await herd.iamat("Bona", b"own.certs", b"+1+1", str(time.time()).encode())
+        for name in names:
+            await herd.wait_for(name, b"own.certs", line)
+        # Bona dials Campbell. A connection presenting Clark's certificate (valid, from
+        # the herd's CA) while claiming to be Bona is refused for the name.
+        conn = await tls_connect(
+            herd.peer_ports["Campbell"], source(20), ca, ca.issue_cert("Clark"), "Campbell"
+        )
+        assert await conn.finish(dial_hello("Bona", "Campbell", [secret]).line()) == b""
+        refused = await refused_line(herd, "Campbell", source(20), "")
+        assert "does not name Bona" in refused, refused
