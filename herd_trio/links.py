@@ -202,14 +202,20 @@ async def run_link(
     """Keep the link to `peer` up until cancelled; redial with capped, jittered backoff."""
     target = server.herd.servers[peer]
     log = server.log
+    # A neighbour that takes longer than a dead link's silence to answer a dial or a
+    # handshake is treated as dead too, so a healed partition relinks within about
+    # 3 heartbeats plus one backoff instead of waiting out the fixed deadlines.
+    silence = SILENT_BEATS * server.settings.heartbeat_interval
+    dial_deadline = min(DIAL_DEADLINE, silence)
+    handshake_deadline = min(HANDSHAKE_DEADLINE, silence)
     failures = 0
     while True:
         up_since = math.inf
         try:
-            with trio.fail_after(DIAL_DEADLINE):
+            with trio.fail_after(dial_deadline):
                 transport = await dial(target.host, target.peer_port)
             async with transport:  # closing the transport also ends a TLS session on it
-                with trio.fail_after(HANDSHAKE_DEADLINE):
+                with trio.fail_after(handshake_deadline):
                     stream = transport
                     if server.tls is not None:
                         stream = await wrap_dialled(transport, server.tls[0], peer)

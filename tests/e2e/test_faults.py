@@ -249,14 +249,6 @@ class SlowHeal(AssertionError):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    raises=pytest.RaisesGroup(SlowHeal),
-    reason=(
-        "product: a dial made during a blackhole partition waits out links.HANDSHAKE_DEADLINE"
-        " (2 s, not scaled by heartbeat_interval) before the redial that heals, so a heal"
-        " that lands just after such a dial takes 2 s + backoff + sync"
-    ),
-)
 async def test_partition_heals_to_identical_stores_within_2s(
     tmp_path: Path, figures: Figures
 ) -> None:
