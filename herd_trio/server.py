@@ -44,6 +44,7 @@ from herd_trio.store import Store
 # A browser or scanner that talks HTTP to a client port gets its `?` and is closed
 # at once rather than answered header by header.
 HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} \S+ HTTP/[0-9]")
+FAIR_SHARE = 64  # lines answered before a pipelining client yields to the others
 HANDOFF_DEADLINE = 0.05  # seconds a reply may wait for its update to reach the links
 CLIENT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError)
 
@@ -228,7 +229,9 @@ async def answer_client(server: Server, stream: trio.abc.Stream, who: str) -> No
             # scheduled in this batch too; one checkpoint lets them land in the store
             # first, so a WHATSAT sent after an IAMAT's reply sees that IAMAT.
             await trio.lowlevel.cancel_shielded_checkpoint()
-            for line in lines:
+            for index, line in enumerate(lines, 1):
+                if index % FAIR_SHARE == 0 and replies:
+                    await flush()  # a pipelining client must not hold the loop for long
                 log.received(who, line)
                 if not line.strip():  # bytes.strip() drops exactly the six white-space bytes
                     continue  # blank lines are ignored, also in one_shot mode
