@@ -42,7 +42,7 @@ class Outbox:
         order and "everything up to count N was taken" is exact for partial takes.
         """
         held = self._pending.pop(record.client, None)
-        if held is not None and record.rank <= held.rank:
+        if held is not None and not record.supersedes(held):
             self._pending[record.client] = held  # not newer: the pending one stays
             return
         self.queued += 1

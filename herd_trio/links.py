@@ -87,8 +87,13 @@ BACKOFF = Backoff()
 
 
 def peer_max_line(server: Server) -> int:
-    """The longest line a peer may send: an AT line built from a max_line IAMAT, or a DIGEST."""
-    return max(server.settings.max_line + PEER_LINE_SLACK, PEER_MIN_LINE)
+    """The longest line a peer may send: an AT line built from a max_line IAMAT, or a DIGEST.
+
+    An AT line holds the IAMAT's fields plus the time difference, which repeats the
+    client time's integer digits: up to twice the IAMAT. A record the peer cannot take
+    would drop the link on every digest exchange, forever.
+    """
+    return max(2 * server.settings.max_line + PEER_LINE_SLACK, PEER_MIN_LINE)
 
 
 def dials(me: str, peer: str) -> bool:

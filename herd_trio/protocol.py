@@ -72,8 +72,23 @@ class Record:
 
     @property
     def rank(self) -> tuple[Decimal, bytes, bytes]:
-        """Higher rank wins: client time, then origin, then coords; the same on every server."""
+        """PROTOCOL.md's key: client time, then origin, then coords; the same on every server.
+
+        An IAMAT whose rank is not higher than the stored one's is a repeat or stale.
+        """
         return (self.sent, self.origin, self.coords)
+
+    def supersedes(self, other: Record) -> bool:
+        """True if this record replaces `other` in a store: a higher rank, or the same
+        rank and a greater AT line.
+
+        Equal ranks with different AT lines happen (a server restarted without
+        state_dir takes the same IAMAT again, with another time difference; `5` and
+        `5.0` are the same time). The AT line as the last tie-break makes every server
+        keep the same one, so their WHATSAT answers and digests agree.
+        """
+        rank, other_rank = self.rank, other.rank
+        return rank > other_rank or (rank == other_rank and self.at_line > other.at_line)
 
     @property
     def lat_lon(self) -> tuple[Decimal, Decimal]:

@@ -101,12 +101,13 @@ class Server:
             return question(line)
         if isinstance(command, Iamat):
             record = make_record(self.wire_name, received_ns, command)
-            if self.store.offer(record):
-                self.bus.publish(record)
-                return record.at_line + b"\n"
             held = self.store.get(command.client)
-            assert held is not None  # offer() refuses only when a newer record is held
-            return held.at_line + b"\n"
+            # PROTOCOL.md: only a strictly higher key is new; a repeat gets the stored line.
+            if held is not None and record.rank <= held.rank:
+                return held.at_line + b"\n"
+            self.store.offer(record)
+            self.bus.publish(record)
+            return record.at_line + b"\n"
         if self.store.get(command.client) is None:
             return question(line)
         return command

@@ -22,7 +22,7 @@ def fingerprint(record: Record) -> int:
 
 
 class Store:
-    """One record per client; a record replaces another only if its rank is higher.
+    """One record per client; a record replaces another only if it supersedes it.
 
     Every server applies the same rule (PROTOCOL.md §2: client time, then origin, then
     coords), so all of them converge on the same winner whatever order floods arrive
@@ -45,9 +45,9 @@ class Store:
         return self._records.get(client)
 
     def offer(self, record: Record) -> bool:
-        """Keep `record` if it is newer than what is held; True if it was kept."""
+        """Keep `record` if it supersedes what is held; True if it was kept."""
         held = self._records.get(record.client)
-        if held is not None and record.rank <= held.rank:
+        if held is not None and not record.supersedes(held):
             return False
         self._records[record.client] = record
         change = fingerprint(record) ^ (0 if held is None else fingerprint(held))
