@@ -1,0 +1,142 @@
+"""ServerLog: one escaped, timestamped physical line per event (PROTOCOL.md §5)."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+
+import msgspec
+import trio
+import trio.testing
+
+from herd_trio.config import HerdConfig
+from herd_trio.log import FLUSH_INTERVAL, ServerLog
+from herd_trio.places import JSON, legacy_body
+from herd_trio.server import Server, handle_client
+
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}"
+
+
+def test_each_entry_is_one_physical_line_with_the_bytes_escaped(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "Clark.log"
+    log = ServerLog(path, "Clark")  # creates the folder
+    hostile = b"IAMAT x\n2026-01-01T00:00:00.000 Clark forged entry\r\x1b[31mred\x00\xff"
+    log.received("127.0.0.1:5000", hostile)
+    log.sent("127.0.0.1:5000", b"? " + hostile + b"\n")
+    log.write("link to Bona up")
+    log.close()
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    assert lines[-1] == ""
+    assert len(lines) == 4  # three entries, three LFs: no forged line
+    assert "\x1b" not in text
+    assert "\r" not in text
+    assert "\x00" not in text
+    assert re.fullmatch(STAMP + " Clark 127.0.0.1:5000 < " + re.escape(repr(hostile)), lines[0])
+    assert re.fullmatch(
+        STAMP + " Clark 127.0.0.1:5000 > " + re.escape(repr(b"? " + hostile + b"\n")), lines[1]
+    )
+    assert re.fullmatch(STAMP + " Clark link to Bona up", lines[2])
+
+
+def test_timestamp_is_local_time_with_milliseconds(tmp_path: Path) -> None:
+    path = tmp_path / "Bona.log"
+    log = ServerLog(path, "Bona")
+    before = time.time()
+    log.write("hello")
+    after = time.time()
+    log.close()
+    line = path.read_text()
+    match = re.fullmatch(f"({STAMP}) Bona hello\n", line)
+    assert match is not None
+    stamp = datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+    assert int(before * 1000) / 1000 - 0.001 <= stamp <= after
+
+
+def test_close_flushes_everything_and_later_writes_are_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.log"
+    log = ServerLog(path, "Clark")
+    for n in range(1000):
+        log.write(f"entry {n}")
+    log.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1000
+    assert lines[-1].endswith(" Clark entry 999")
+    log.write("after close")
+    log.close()
+    assert len(path.read_text().splitlines()) == 1000
+
+
+def test_a_log_appends_to_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.log"
+    path.write_text("old line\n")
+    log = ServerLog(path, "Clark")
+    log.write("new")
+    log.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == "old line"
+    assert lines[1].endswith(" Clark new")
+
+
+def test_a_log_without_a_file_accepts_everything() -> None:
+    log = ServerLog(None, "Clark")
+    log.write("x")
+    log.received("who", b"\xff")
+    log.sent("who", b"y")
+    log.flush()
+    log.close()
+
+
+async def test_the_flusher_gets_lines_to_the_file_within_a_second(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    path = tmp_path / "Clark.log"
+    log = ServerLog(path, "Clark")
+    try:
+        nursery.start_soon(log.run_flusher)
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.5)
+        log.write("soon on disk")
+        assert path.read_text() == ""  # buffered: the event loop does not wait on the disk
+        await trio.sleep(1)
+        assert path.read_text().endswith(" Clark soon on disk\n")
+        assert FLUSH_INTERVAL <= 1
+    finally:
+        log.close()
+
+
+class NoPlaces:
+    async def nearby(self, lat: object, lon: object, radius_m: int, bound: int) -> JSON:
+        await trio.lowlevel.checkpoint()
+        return legacy_body([], "ZERO_RESULTS")
+
+
+async def test_a_client_session_is_logged_escaped(nursery: trio.Nursery, tmp_path: Path) -> None:
+    herd = msgspec.convert({"servers": {"Clark": {"port": 12003, "peer_port": 12103}}}, HerdConfig)
+    path = tmp_path / "Clark.log"
+    server = Server("Clark", herd, NoPlaces(), ServerLog(path, "Clark"))
+    client, conn = trio.testing.memory_stream_pair()
+    done = trio.Event()
+
+    async def serve() -> None:
+        async with conn:
+            await handle_client(server, conn)
+        done.set()
+
+    nursery.start_soon(serve)
+    await client.send_all(b"hi\x1b[2J there\r\n\r\n")
+    await client.send_eof()
+    assert await client.receive_some() == b"? hi\x1b[2J there\n"
+    await done.wait()
+    server.log.close()
+    entries = path.read_text().splitlines()
+    assert [entry.split(" ", 3)[3] for entry in entries] == [
+        "connected",
+        "< b'hi\\x1b[2J there'",
+        "> b'? hi\\x1b[2J there\\n'",
+        "< b''",
+        "closed by the client",
+    ]
+    assert all(re.match(STAMP + " Clark StapledStream ", entry) for entry in entries)

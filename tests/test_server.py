@@ -1,0 +1,501 @@
+"""Server core: answers to client lines, WHATSAT, and client sessions (PROTOCOL.md §1-2)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from herd_trio.config import HerdConfig
+from herd_trio.lines import LineReader
+from herd_trio.links import carry
+from herd_trio.log import ServerLog
+from herd_trio.places import JSON, legacy_body
+from herd_trio.protocol import Iamat, Record, Whatsat, make_record, parse_command
+from herd_trio.server import Server, handle_client
+
+KIWI = b"IAMAT kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.959498503"
+KIWI_AT = b"AT Clark +0.263873786 kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.959498503"
+RECEIVED = 1_621_464_828_223_372_289  # 1621464828.223372289 s
+
+
+def place(n: int) -> JSON:
+    return {"name": f"Place {n}", "place_id": f"id{n}", "geometry": {"location": {"lat": n}}}
+
+
+class Places:
+    """A places source fake: answers `answer` after `delay` s, or never if it is None."""
+
+    def __init__(self, answer: JSON | None = None, delay: float = 0) -> None:
+        self.answer = answer
+        self.delay = delay
+        self.calls: list[tuple[Decimal, Decimal, int, int]] = []
+
+    async def nearby(self, lat: Decimal, lon: Decimal, radius_m: int, bound: int) -> JSON:
+        self.calls.append((lat, lon, radius_m, bound))
+        await trio.sleep(self.delay)
+        if self.answer is None:
+            await trio.sleep_forever()
+        assert self.answer is not None
+        return self.answer
+
+
+def make_server(
+    places: Places | None = None,
+    *,
+    name: str = "Clark",
+    now_ns: int = RECEIVED,
+    log: Path | None = None,
+    **settings: object,
+) -> Server:
+    herd = msgspec.convert(
+        {
+            "herd": settings,
+            "servers": {
+                "Bona": {"port": 12001, "peer_port": 12101},
+                "Clark": {"port": 12003, "peer_port": 12103, "neighbours": ["Bona"]},
+            },
+        },
+        HerdConfig,
+    )
+    source = places if places is not None else Places(legacy_body([], "ZERO_RESULTS"))
+    return Server(name, herd, source, ServerLog(log, name), now_ns=lambda: now_ns)
+
+
+def foreign(origin: bytes, line: bytes, received_ns: int) -> Record:
+    command = parse_command(line)
+    assert isinstance(command, Iamat)
+    return make_record(origin, received_ns, command)
+
+
+# --- answer_nowait -------------------------------------------------------------------------
+
+
+async def test_new_iamat_is_stored_and_published_before_the_reply() -> None:
+    server = make_server()
+    with server.bus.subscribe("Bona") as outbox:
+        reply = server.answer_nowait(KIWI, RECEIVED)
+        assert reply == KIWI_AT + b"\n"
+        assert len(outbox) == 1  # handed to the links already when the reply exists
+        [flooded] = await outbox.take()
+    assert flooded.at_line == KIWI_AT
+    assert server.store.get(b"kiwi.cs.ucla.edu") == flooded
+    assert server.bus.published == 1
+
+
+async def test_stale_or_repeated_iamat_gets_the_stored_line_and_is_not_flooded() -> None:
+    server = make_server()
+    with server.bus.subscribe("Bona") as outbox:
+        assert server.answer_nowait(KIWI, RECEIVED) == KIWI_AT + b"\n"
+        await outbox.take()
+        older = b"IAMAT kiwi.cs.ucla.edu +1+1 1621464827.959498502"
+        assert server.answer_nowait(older, RECEIVED + 10**9) == KIWI_AT + b"\n"
+        assert server.answer_nowait(KIWI, RECEIVED + 5 * 10**9) == KIWI_AT + b"\n"  # repeat
+        assert len(outbox) == 0
+    assert server.bus.published == 1
+
+
+def test_a_stale_iamat_echoes_the_line_of_the_server_that_took_the_newer_one() -> None:
+    server = make_server()
+    bona = foreign(b"Bona", b"IAMAT kiwi +1-1 1621464830.5", 1_621_464_831_000_000_000)
+    server.store.offer(bona)
+    reply = server.answer_nowait(b"IAMAT kiwi +34-118 1621464827", RECEIVED)
+    assert reply == b"AT Bona +0.500000000 kiwi +1-1 1621464830.5\n"
+    jaquez = foreign(b"Jaquez", b"IAMAT apple +1-1 7", 7_000_000_000)
+    server.store.offer(jaquez)  # same time, same coords, but "Jaquez" > "Clark"
+    assert server.answer_nowait(b"IAMAT apple +1-1 7", 9_000_000_000) == jaquez.at_line + b"\n"
+    assert server.bus.published == 0
+
+
+def test_equal_time_from_a_lower_origin_is_replaced_by_this_server() -> None:
+    server = make_server()
+    server.store.offer(foreign(b"Bona", b"IAMAT apple +1-1 7", 7_000_000_000))
+    reply = server.answer_nowait(b"IAMAT apple +1-1 7", 9_000_000_000)
+    assert reply == b"AT Clark +2.000000000 apple +1-1 7\n"
+    assert server.bus.published == 1
+
+
+def test_whatsat_for_an_unknown_client_gets_a_question_mark() -> None:
+    server = make_server()
+    assert server.answer_nowait(b"WHATSAT nobody 10 5", RECEIVED) == b"? WHATSAT nobody 10 5\n"
+    server.answer_nowait(KIWI, RECEIVED)
+    assert server.answer_nowait(b"WHATSAT kiwi 10 5", RECEIVED) == b"? WHATSAT kiwi 10 5\n"
+
+
+def test_whatsat_for_a_known_client_is_left_to_whatsat() -> None:
+    server = make_server()
+    server.answer_nowait(KIWI, RECEIVED)
+    command = server.answer_nowait(b"WHATISAT\tkiwi.cs.ucla.edu 10 5 ", RECEIVED)
+    assert command == Whatsat(b"kiwi.cs.ucla.edu", Decimal(10), 5)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        KIWI_AT,
+        b"  iamat kiwi +34-118 1 \t",
+        b"IAMAT kiwi +34-118",
+        b"WHATSAT kiwi 51 5",
+        b"HELLO herd_trio/1 Bona Clark",
+        b"PING",
+        b"\xff\xfe garbage \x1b[31m",
+    ],
+)
+def test_anything_else_gets_the_line_back_after_a_question_mark(line: bytes) -> None:
+    server = make_server()
+    assert server.answer_nowait(line, RECEIVED) == b"? " + line + b"\n"
+    assert len(server.store) == 0
+    assert server.bus.published == 0
+
+
+def test_a_huge_but_valid_time_does_not_crash_the_server() -> None:
+    # With max_line raised (config allows up to 1 MiB), a time of more than 4300 digits
+    # fits in a line; answer_nowait raised ValueError (int() digit limit) instead of
+    # replying, which ends the client handler with an unhandled exception.
+    server = make_server(max_line=1 << 20)
+    line = b"IAMAT kiwi +34-118 " + b"1" * 5000
+    reply = server.answer_nowait(line, RECEIVED)
+    assert isinstance(reply, bytes)
+    if not reply.startswith(b"? "):
+        assert reply.split()[3:] == [b"kiwi", b"+34-118", b"1" * 5000]
+    bound = b"WHATSAT kiwi 10 " + b"1" * 5000
+    assert server.answer_nowait(bound, RECEIVED) == b"? " + bound + b"\n"
+
+
+# --- whatsat ------------------------------------------------------------------------------
+
+
+async def test_bound_zero_makes_no_places_call() -> None:
+    places = Places(legacy_body([place(1)], "OK"))
+    server = make_server(places)
+    server.answer_nowait(KIWI, RECEIVED)
+    command = server.answer_nowait(b"WHATSAT kiwi.cs.ucla.edu 10 0", RECEIVED)
+    assert isinstance(command, Whatsat)
+    reply = await server.whatsat(command)
+    assert places.calls == []
+    assert reply == (
+        KIWI_AT + b'\n{\n   "html_attributions": [],\n   "results": [],\n   "status": "OK"\n}\n\n'
+    )
+
+
+async def test_results_are_capped_at_bound_even_if_the_source_gives_more() -> None:
+    body = legacy_body([place(n) for n in range(5)], "OK")
+    body["next_page_token"] = "tok"
+    places = Places(body)
+    server = make_server(places)
+    server.answer_nowait(KIWI, RECEIVED)
+    command = server.answer_nowait(b"WHATSAT kiwi.cs.ucla.edu 12.5 3", RECEIVED)
+    assert isinstance(command, Whatsat)
+    reply = await server.whatsat(command)
+    assert places.calls == [(Decimal("34.068930"), Decimal("-118.445127"), 12_500, 3)]
+    first, rest = reply.split(b"\n", 1)
+    assert first == KIWI_AT
+    assert json.loads(rest) == {
+        "html_attributions": [],
+        "results": [place(0), place(1), place(2)],
+        "status": "OK",
+        "next_page_token": "tok",
+    }
+
+
+async def test_a_source_that_never_answers_gives_unknown_error_at_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = make_server(Places(None), places_timeout=2.5)
+    server.answer_nowait(KIWI, RECEIVED)
+    command = server.answer_nowait(b"WHATSAT kiwi.cs.ucla.edu 10 5", RECEIVED)
+    assert isinstance(command, Whatsat)
+    start = trio.current_time()
+    reply = await server.whatsat(command)
+    assert trio.current_time() - start == 2.5
+    assert reply.startswith(KIWI_AT + b"\n{")
+    assert reply.endswith(b"}\n\n")
+    body = json.loads(reply.split(b"\n", 1)[1])
+    assert body["status"] == "UNKNOWN_ERROR"
+    assert body["results"] == []
+    assert body["html_attributions"] == []
+    assert isinstance(body["error_message"], str)
+
+
+async def test_a_source_just_inside_the_deadline_is_used(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = make_server(Places(legacy_body([place(7)], "OK"), delay=2.4), places_timeout=2.5)
+    server.answer_nowait(KIWI, RECEIVED)
+    command = server.answer_nowait(b"WHATSAT kiwi.cs.ucla.edu 10 5", RECEIVED)
+    assert isinstance(command, Whatsat)
+    start = trio.current_time()
+    reply = await server.whatsat(command)
+    assert trio.current_time() - start == 2.4
+    assert json.loads(reply.split(b"\n", 1)[1])["results"] == [place(7)]
+
+
+async def test_the_json_is_rendered_with_single_lfs_and_ends_with_two() -> None:
+    results: list[JSON] = [
+        {"name": "Caf\u00e9 \u2615", "vicinity": "line\n\n\nbreaks", "types": []},
+        {"name": "Two", "rating": 4.5, "opening_hours": {"open_now": True}},
+    ]
+    body = legacy_body(results, "OK")
+    server = make_server(Places(body))
+    server.store.offer(foreign(b"Bona", b"IAMAT kiwi +34-118 5", 5_000_000_000))
+    command = server.answer_nowait(b"WHATSAT kiwi 1 2", RECEIVED)
+    assert isinstance(command, Whatsat)
+    reply = await server.whatsat(command)
+    expected_json = json.dumps(body, indent=3, ensure_ascii=False).encode()
+    assert reply == b"AT Bona +0.000000000 kiwi +34-118 5\n" + expected_json + b"\n\n"
+    assert "Caf\u00e9 \u2615".encode() in reply  # UTF-8, not \u escapes
+    assert reply.count(b"\n\n") == 1
+    assert reply.endswith(b"}\n\n")
+
+
+async def test_whatsat_repeats_the_stored_line_without_recomputing() -> None:
+    server = make_server(Places(legacy_body([], "ZERO_RESULTS")), now_ns=99 * 10**18)
+    held = foreign(b"Bona", b"IAMAT kiwi +34-118 5", 4_000_000_000)
+    server.store.offer(held)
+    command = server.answer_nowait(b"WHATSAT kiwi 1 2", 99 * 10**18)
+    assert isinstance(command, Whatsat)
+    reply = await server.whatsat(command)
+    assert reply.startswith(b"AT Bona -1.000000000 kiwi +34-118 5\n{")
+    assert json.loads(reply.split(b"\n", 1)[1])["status"] == "ZERO_RESULTS"
+
+
+# --- handle_client ------------------------------------------------------------------------
+
+
+class Recorder(trio.abc.SendStream):
+    """Forwards to `stream` and records every send_all, to check one write per reply."""
+
+    def __init__(
+        self, stream: trio.abc.SendStream, events: list[tuple[str, bytes]] | None = None
+    ) -> None:
+        self.stream = stream
+        self.writes: list[bytes] = []
+        self.events = events if events is not None else []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+        self.events.append((type(self).__name__, bytes(data)))
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def ends(chunks: list[bytes]) -> list[int]:
+    """The offsets where each chunk of a concatenation ends."""
+    offsets, total = [], 0
+    for chunk in chunks:
+        total += len(chunk)
+        offsets.append(total)
+    return offsets
+
+
+class Session:
+    """handle_client on one end of a memory stream pair; the test is the client."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        server: Server,
+        events: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        client, conn = trio.testing.memory_stream_pair()
+        self.client = client
+        self.recorder = Recorder(conn.send_stream, events)
+        self.conn = trio.StapledStream(self.recorder, conn.receive_stream)
+        self.done = trio.Event()
+        nursery.start_soon(self._serve, server)
+
+    async def _serve(self, server: Server) -> None:
+        async with self.conn:  # as trio.serve_listeners does
+            await handle_client(server, self.conn)
+        self.done.set()
+
+    async def read(self, size: int) -> bytes:
+        data = b""
+        with trio.fail_after(30):  # a missing reply fails the test instead of hanging it
+            while len(data) < size and (chunk := await self.client.receive_some()):
+                data += chunk
+        return data
+
+    async def read_to_eof(self) -> bytes:
+        data = b""
+        with trio.fail_after(30):
+            while chunk := await self.client.receive_some():
+                data += chunk
+        return data
+
+
+async def test_a_session_answers_many_crlf_lines_in_order(nursery: trio.Nursery) -> None:
+    server = make_server()
+    session = Session(nursery, server)
+    await session.client.send_all(
+        KIWI + b"\r\nWHATSAT nobody 10 5\r\n\r\n  \t \r\nIAMAT apple +1+1 1621464828.223372289\r\n"
+    )
+    expected = (
+        KIWI_AT + b"\n"
+        + b"? WHATSAT nobody 10 5\n"
+        + b"AT Clark +0.000000000 apple +1+1 1621464828.223372289\n"
+    )  # fmt: skip
+    assert await session.read(len(expected)) == expected
+    await trio.testing.wait_all_tasks_blocked()
+    assert not session.done.is_set()  # persistent: still open for more
+    await session.client.send_all(b"IAMAT kiwi.cs.ucla.edu +34-118 1\r\nfoo bar\r\n")
+    expected = KIWI_AT + b"\n? foo bar\n"  # the stale IAMAT gets the stored line
+    assert await session.read(len(expected)) == expected
+    await session.client.send_eof()
+    assert await session.read_to_eof() == b""
+    await session.done.wait()  # the handler returned by itself
+
+
+async def test_whatsat_reply_is_one_write_and_earlier_replies_do_not_wait(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = make_server(Places(legacy_body([place(1)], "OK"), delay=3))
+    session = Session(nursery, server)
+    start = trio.current_time()
+    await session.client.send_all(
+        KIWI + b"\nWHATSAT kiwi.cs.ucla.edu 10 1\nIAMAT apple +1+1 1621464828.223372289\n"
+    )
+    first = KIWI_AT + b"\n"
+    assert await session.read(len(first)) == first
+    assert trio.current_time() - start == 0
+    await session.client.send_eof()
+    rest = await session.read_to_eof()
+    assert trio.current_time() - start == 3
+    whatsat = KIWI_AT + b"\n" + json.dumps(legacy_body([place(1)], "OK"), indent=3).encode()
+    assert rest == whatsat + b"\n\nAT Clark +0.000000000 apple +1+1 1621464828.223372289\n"
+    # each reply is inside one write: writes end only where replies end
+    replies = [first, whatsat + b"\n\n", b"AT Clark +0.000000000 apple +1+1 1621464828.223372289\n"]
+    assert b"".join(session.recorder.writes) == b"".join(replies)
+    assert set(ends(session.recorder.writes)) <= set(ends(replies))
+
+
+async def test_a_slow_places_source_does_not_block_other_clients(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = make_server(Places(None), places_timeout=5)
+    server.answer_nowait(KIWI, RECEIVED)
+    slow, fast = Session(nursery, server), Session(nursery, server)
+    start = trio.current_time()
+    await slow.client.send_all(b"WHATSAT kiwi.cs.ucla.edu 10 5\n")
+    await trio.testing.wait_all_tasks_blocked()
+    await fast.client.send_all(b"IAMAT apple +1+1 1\n")
+    reply = await fast.read(len(b"AT Clark +1621464827.223372289 apple +1+1 1\n"))
+    assert reply == b"AT Clark +1621464827.223372289 apple +1+1 1\n"
+    assert trio.current_time() - start == 0
+    await slow.client.send_eof()
+    assert b'"status": "UNKNOWN_ERROR"' in await slow.read_to_eof()
+    assert trio.current_time() - start == 5
+
+
+async def test_one_shot_closes_after_the_first_reply(nursery: trio.Nursery) -> None:
+    server = make_server(one_shot=True)
+    session = Session(nursery, server)
+    await session.client.send_all(b"\r\n \t\r\n" + KIWI + b"\r\nIAMAT apple +1+1 1\r\n")
+    assert await session.read_to_eof() == KIWI_AT + b"\n"  # closed without our EOF
+    assert server.store.get(b"apple") is None
+    await session.done.wait()  # the handler returned by itself
+
+
+async def test_one_shot_stays_open_across_blank_lines(nursery: trio.Nursery) -> None:
+    server = make_server(one_shot=True)
+    session = Session(nursery, server)
+    await session.client.send_all(b"\n\r\n   \n")
+    await trio.testing.wait_all_tasks_blocked()
+    assert not session.done.is_set()
+    await session.client.send_all(b"bogus\n")
+    assert await session.read_to_eof() == b"? bogus\n"
+
+
+async def test_one_shot_question_mark_reply_also_closes(nursery: trio.Nursery) -> None:
+    server = make_server(one_shot=True)
+    session = Session(nursery, server)
+    await session.client.send_all(b"WHATSAT nobody 10 5\nIAMAT apple +1+1 1\n")
+    assert await session.read_to_eof() == b"? WHATSAT nobody 10 5\n"
+
+
+async def test_a_long_line_closes_the_connection_after_earlier_replies(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    server = make_server(max_line=80, log=tmp_path / "Clark.log")
+    session = Session(nursery, server)
+    await session.client.send_all(KIWI + b"\r\nnonsense\n" + b"x" * 81)  # no LF ever
+    assert await session.read_to_eof() == KIWI_AT + b"\n? nonsense\n"
+    await session.done.wait()  # the handler returned by itself
+    server.log.close()
+    assert "longer than 80 bytes" in (tmp_path / "Clark.log").read_text()
+
+
+async def test_a_long_line_is_refused_as_soon_as_it_is_too_long(nursery: trio.Nursery) -> None:
+    server = make_server(max_line=64)
+    session = Session(nursery, server)
+    await session.client.send_all(b"IAMAT apple +1+1 1\n")
+    reply = b"AT Clark +1621464827.223372289 apple +1+1 1\n"
+    assert await session.read(len(reply)) == reply
+    await session.client.send_all(b"y" * 63 + b"\r")  # 64 bytes: may still end in LF
+    await trio.testing.wait_all_tasks_blocked()
+    assert not session.done.is_set()
+    await session.client.send_all(b"y")
+    assert await session.read_to_eof() == b""  # nothing for the long line, then closed
+    await session.done.wait()  # the handler returned by itself
+
+
+async def test_half_close_answers_everything_then_closes(nursery: trio.Nursery) -> None:
+    server = make_server()
+    session = Session(nursery, server)
+    await session.client.send_all(KIWI + b"\nWHATSAT kiwi.cs.ucla.edu 10 0\n\nAT x")
+    await session.client.send_eof()
+    assert await session.read_to_eof() == (
+        KIWI_AT + b"\n"
+        + KIWI_AT
+        + b'\n{\n   "html_attributions": [],\n   "results": [],\n   "status": "OK"\n}\n\n'
+        + b"? AT x\n"
+    )  # fmt: skip
+    await session.done.wait()  # the handler returned by itself
+
+
+async def test_lines_arriving_byte_by_byte_are_answered(nursery: trio.Nursery) -> None:
+    server = make_server()
+    session = Session(nursery, server)
+    for byte in KIWI + b"\r\n":
+        await session.client.send_all(bytes([byte]))
+        await trio.testing.wait_all_tasks_blocked()
+    await session.client.send_eof()
+    assert await session.read_to_eof() == KIWI_AT + b"\n"
+    assert session.recorder.writes == [KIWI_AT + b"\n"]
+
+
+class PeerRecorder(Recorder):
+    """The same, for the stream of a peer link."""
+
+
+async def test_an_update_is_written_to_the_links_before_the_reply(nursery: trio.Nursery) -> None:
+    server = make_server()
+    events: list[tuple[str, bytes]] = []
+    ours, _theirs = trio.testing.memory_stream_pair()
+    link = trio.StapledStream(PeerRecorder(ours.send_stream, events), ours.receive_stream)
+
+    async def run_link() -> None:
+        with contextlib.suppress(Exception):
+            await carry(server, "Bona", link, LineReader(link, 8192))
+
+    nursery.start_soon(run_link)
+    await trio.testing.wait_all_tasks_blocked()
+    events.clear()  # the link-up digest
+    session = Session(nursery, server, events)
+    await session.client.send_all(KIWI + b"\r\n")
+    assert await session.read(len(KIWI_AT) + 1) == KIWI_AT + b"\n"
+    assert events == [("PeerRecorder", KIWI_AT + b"\n"), ("Recorder", KIWI_AT + b"\n")]
+    await session.client.send_all(b"IAMAT kiwi.cs.ucla.edu +1+1 1\n")  # stale: no flood
+    assert await session.read(len(KIWI_AT) + 1) == KIWI_AT + b"\n"
+    assert events[2:] == [("Recorder", KIWI_AT + b"\n")]
