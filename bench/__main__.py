@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tomllib
 from pathlib import Path
 
 from bench import procs, report, suite
@@ -43,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         " shared machine it makes the figures depend less on other users, and slows them",
     )
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a [herd] setting of the benchmark herds (TOML value), e.g."
+        " --set sync_interval=86400 to see the herd without periodic anti-entropy",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite summary.md and latency.svg from OUT/results.json",
@@ -56,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = suite.Plan.make(args.quick)
         procs.NICE = args.nice
         try:
+            overrides = tomllib.loads("\n".join(args.set))
+        except tomllib.TOMLDecodeError as exc:
+            parser.error(f"--set wants KEY=VALUE with a TOML value: {exc}")
+        suite.SETTINGS.update(overrides)
+        try:
             results = suite.run(plan, out, profile=args.profile, keep_logs=args.keep_logs)
             results["meta"]["nice"] = args.nice
+            results["meta"]["settings"] = dict(suite.SETTINGS)
         except (OSError, RuntimeError, TimeoutError) as exc:
             print(f"bench: could not run: {exc}", file=sys.stderr)
             return 1

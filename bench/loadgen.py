@@ -382,6 +382,119 @@ def propagate(spec: Spec) -> Result:
     }
 
 
+def observe(spec: Spec) -> Result:
+    """Be a silent neighbour ("observer") of some servers; time AT lines from each.
+
+    The observer listens on its peer port; the servers named in `expect` dial it (the
+    name that sorts first dials, so the observer's name sorts last), say HELLO, and from
+    then on send it every record they store. An IAMAT goes to `origin`; the arrival of
+    its AT line from server X bounds from above the moment X stored it (X stores, then
+    its link writer sends: one loopback hop later). Unlike polling with WHATSAT, this
+    puts no load on the servers beyond one more link each. The observer never sends a
+    record or a DIGEST, only PINGs, so it takes no part in the flood.
+    """
+    name = str(spec["name"]).encode()
+    expect = {str(x).encode() for x in spec["expect"]}
+    trials, duration = int(spec["trials"]), float(spec["duration"])
+    trial_timeout, gap = float(spec.get("trial_timeout", 0.5)), float(spec.get("gap", 0.002))
+    prefix = str(spec.get("prefix", "obs-")).encode()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((HOST, int(spec["peer_port"])))
+    listener.listen(16)
+    listener.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ, None)
+    links: dict[bytes, socket.socket] = {}
+    pending: dict[socket.socket, bytes] = {}  # connected, HELLO not yet read
+    buffers: dict[bytes, bytes] = {}
+    arrivals: dict[bytes, dict[bytes, int]] = {}  # client -> server -> perf_counter_ns
+    last_ping = time.perf_counter()
+
+    def pump(timeout: float) -> None:
+        nonlocal last_ping
+        for key, _ in sel.select(timeout):
+            now_ns = time.perf_counter_ns()
+            if key.data is None:
+                conn, _ = listener.accept()
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                pending[conn] = b""
+                sel.register(conn, selectors.EVENT_READ, b"")
+                continue
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            data = sock.recv(RECV)
+            if not data:
+                raise ConnectionError(f"server {key.data!r} closed the observer link")
+            if sock in pending:
+                pending[sock] += data
+                if b"\n" not in pending[sock]:
+                    continue
+                hello, _, rest = pending.pop(sock).partition(b"\n")
+                fields = hello.split()  # HELLO herd_trio/1 <server> <observer>
+                if len(fields) != 4 or fields[0] != b"HELLO" or fields[3] != name:
+                    raise ConnectionError(f"unexpected handshake {hello[:80]!r}")
+                server = fields[2]
+                sock.sendall(b"HELLO %s %s %s\n" % (fields[1], name, server))
+                links[server] = sock
+                sel.modify(sock, selectors.EVENT_READ, server)
+                data, key_data = rest, server
+            else:
+                key_data = key.data
+            buffer = buffers.get(key_data, b"") + data
+            *lines, buffers[key_data] = buffer.split(b"\n")
+            for line in lines:
+                if line.startswith(b"AT "):
+                    fields = line.split()
+                    if len(fields) == 6 and fields[3].startswith(prefix):
+                        arrivals.setdefault(fields[3], {}).setdefault(key_data, now_ns)
+        if time.perf_counter() - last_ping > 0.5:  # a silent link is dropped after 3 beats
+            last_ping = time.perf_counter()
+            for sock in links.values():
+                sock.sendall(b"PING\n")
+
+    end_at = time.perf_counter() + duration
+    while set(links) != expect and time.perf_counter() < end_at:
+        pump(0.05)
+    if set(links) != expect:
+        missing = sorted(x.decode() for x in expect - set(links))
+        raise TimeoutError(f"servers {missing} did not dial the observer")
+    origin = connect(int(spec["origin"]))
+    samples: dict[bytes, list[int]] = {server: [] for server in expect}
+    lost: dict[bytes, int] = dict.fromkeys(expect, 0)
+    for i in range(trials):
+        if time.perf_counter() >= end_at:
+            break
+        client = b"%s%d" % (prefix, i)
+        t0 = time.perf_counter_ns()
+        origin.sendall(b"IAMAT %s %s %s\n" % (client, COORDS, iamat_time()))
+        deadline = time.perf_counter() + trial_timeout
+        while len(arrivals.get(client, {})) < len(expect) and time.perf_counter() < deadline:
+            pump(max(0.0, deadline - time.perf_counter()))
+        got = arrivals.get(client, {})
+        for server in expect:
+            if server in got:
+                samples[server].append(got[server] - t0)
+            else:
+                lost[server] += 1
+        read_reply(origin, line_done)
+        pause_until = time.perf_counter() + gap
+        while time.perf_counter() < pause_until:  # keep reading (PINGs, DIGESTs) meanwhile
+            pump(max(0.0, pause_until - time.perf_counter()))
+    origin.close()
+    for sock in links.values():
+        sock.close()
+    listener.close()
+    return {
+        "mode": "observe",
+        "targets": {
+            server.decode(): {"latency": summarize(samples[server]), "lost": lost[server]}
+            for server in sorted(expect)
+        },
+    }
+
+
 def _open_wave(port: int, count: int, deadline: float) -> list[socket.socket]:
     """Open `count` connections at once (non-blocking connects), wait for all to connect."""
     sel = selectors.DefaultSelector()
@@ -479,6 +592,7 @@ MODES: dict[str, Callable[[Spec], Result]] = {
     "sequential": sequential,
     "propagate": propagate,
     "idle": idle,
+    "observe": observe,
 }
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -153,20 +153,22 @@ def has_record(port: int, client: bytes) -> bool:
     return reply.startswith(b"AT ")
 
 
-def start_herd(herd: Herd, run_dir: Path) -> dict[str, Proc]:
-    """Start every server of `herd`, wait until all accept, hold places and are linked."""
-    servers = {name: procs.launch_server(herd, name, run_dir) for name in herd.names}
+def start_herd(herd: Herd, run_dir: Path, names: list[str] | None = None) -> dict[str, Proc]:
+    """Start the servers `names` (default: all) of `herd`, wait until all accept, hold
+    places and are linked."""
+    names = herd.names if names is None else names
+    servers = {name: procs.launch_server(herd, name, run_dir) for name in names}
     try:
         for proc in servers.values():
             procs.wait_accepting(proc)
-        for name in herd.names:  # each process loads the places index itself
+        for name in names:  # each process loads the places index itself
             client = b"ready-%s" % name.encode()
             procs.request(herd.ports[name], iamat(client))
             wait_until(f"places at {name}", partial(places_ready, herd.ports[name], client), 120)
-        for k, origin in enumerate(herd.names):  # every link carries records
+        for k, origin in enumerate(names):  # every link carries records
             client = b"links-%d" % k
             procs.request(herd.ports[origin], iamat(client))
-            for name in herd.names:
+            for name in names:
                 check = partial(has_record, herd.ports[name], client)
                 wait_until(f"{origin}'s record at {name}", check, 20)
     except BaseException:
@@ -298,6 +300,25 @@ def phase_throughput(
     return cells
 
 
+def phase_converge(plan: Plan, herd: Herd, origin: str, client: bytes) -> Result:
+    """After the load: how long until `client` (an update of the load) is at every server."""
+    limit = 10.0 if plan.quick else 30.0
+    say(f"convergence: {client.decode()} at every server (at most {limit:.0f} s)")
+    start = time.perf_counter()
+    seen: dict[str, float | None] = {}
+    others = [name for name in herd.names if name != origin]
+    while time.perf_counter() - start < limit and len(seen) < len(others):
+        for name in others:
+            if name not in seen and has_record(herd.ports[name], client):
+                seen[name] = time.perf_counter() - start
+        time.sleep(0.05)
+    return {
+        "client": client.decode(),
+        "limit_s": limit,
+        "seconds": {name: seen.get(name) for name in others},
+    }
+
+
 def phase_spread(plan: Plan, herd: Herd, servers: dict[str, Proc]) -> Result:
     """100 connections x 16 spread over every server of the herd (no limit counterpart)."""
     say("throughput: herd, 100 conns x 16 spread over all five servers")
@@ -401,7 +422,7 @@ def phase_messages(plan: Plan, herd: Herd, prefix: str, pids: list[int]) -> Resu
 def phase_propagation(plan: Plan, herd: Herd, origin: str, prefix: str, pids: list[int]) -> Result:
     """IAMAT at `origin`, first WHATSAT answer at each other server; by hop count."""
     hops = herd.hops(origin)
-    targets = {name: herd.ports[name] for name in herd.names if name != origin}
+    targets = {name: herd.ports[name] for name in herd.names if name not in (origin, "Z")}
     say(f"propagation: {origin} -> {', '.join(f'{n} ({hops[n]} hops)' for n in targets)}")
     settle(pids)
     spec = {
@@ -418,6 +439,32 @@ def phase_propagation(plan: Plan, herd: Herd, origin: str, prefix: str, pids: li
         figures["hops"] = hops[name]
         by_hops.setdefault(str(hops[name]), []).append({"server": name, **figures})
     return {"origin": origin, "targets": run["targets"], "by_hops": by_hops}
+
+
+def phase_observe(plan: Plan, herd: Herd, origin: str, observer: str, pids: list[int]) -> Result:
+    """IAMAT at `origin`; arrival of its AT line at a silent observer peer of the others."""
+    hops = herd.hops(origin)
+    expect = [name for name in herd.names if name not in (origin, observer)]
+    say(
+        f"propagation (observer peer): {origin} -> "
+        + ", ".join(f"{n} ({hops[n]} hops)" for n in expect)
+    )
+    settle(pids)
+    spec = {
+        "mode": "observe",
+        "name": observer,
+        "peer_port": herd.peer_ports[observer],
+        "origin": herd.ports[origin],
+        "expect": expect,
+        "trials": plan.prop_trials,
+        "duration": 40.0,
+        "prefix": "obs-",
+    }
+    run = procs.loadgen(spec, timeout=60)
+    by_hops: dict[str, list[Result]] = {}
+    for name, figures in run["targets"].items():
+        by_hops.setdefault(str(hops[name]), []).append({"server": name, **figures})
+    return {"origin": origin, "method": "observer peer", "by_hops": by_hops}
 
 
 def phase_profile(plan: Plan, servers: dict[str, Proc], out_dir: Path) -> Result:
@@ -529,7 +576,13 @@ def count_log_lines(log_dir: Path, stopped_at: float) -> Result:
             for line in f:
                 at = line.find(" < b'")
                 if at < 0:
-                    if " dropped: " in line and "link " in line and line[:19] < cutoff:
+                    observer = "link to Z " in line or "link from Z " in line  # ours
+                    if (
+                        " dropped: " in line
+                        and "link " in line
+                        and line[:19] < cutoff
+                        and not observer
+                    ):
                         drops.append(line.strip()[:200])
                     elif (sync := line.find(": sending ")) > 0 and " sync with " in line:
                         syncs += 1
@@ -646,7 +699,10 @@ def run(plan: Plan, out_dir: Path, *, profile: bool, keep_logs: bool) -> Result:
 
     default = herd_config("herd", procs.DEFAULT_NAMES, procs.DEFAULT_EDGES)
     solo = herd_config("solo", procs.DEFAULT_NAMES, procs.DEFAULT_EDGES)
-    chain = herd_config("chain", procs.CHAIN_NAMES, procs.CHAIN_EDGES)
+    # The chain, plus a silent observer Z (the generator) that B, C and D dial.
+    chain = herd_config(
+        "chain", [*procs.CHAIN_NAMES, "Z"], [*procs.CHAIN_EDGES, ("B", "Z"), ("C", "Z"), ("D", "Z")]
+    )
     alone = herd_config("alone", ["Clark"], [])
     results["launch"] = phase_launch(plan, run_dir / "solo", solo)
     attempt(results, "micro", phase_micro)
@@ -674,6 +730,8 @@ def run(plan: Plan, out_dir: Path, *, profile: bool, keep_logs: bool) -> Result:
         attempt(
             results, "throughput", lambda: phase_throughput(plan, budget, limit, entry, herd_pids)
         )
+        last = f"tph100x16r{plan.tp_reps - 1}-99-0".encode()
+        attempt(results, "converge", lambda: phase_converge(plan, default, "Clark", last))
         if budget.allows(10):
             attempt(results, "spread", lambda: phase_spread(plan, default, servers))
         if profile and budget.allows(plan.profile_seconds + 15):
@@ -694,16 +752,19 @@ def run(plan: Plan, out_dir: Path, *, profile: bool, keep_logs: bool) -> Result:
             results["skipped"].append("solo")
 
         say("starting the chain herd A-B-C-D (4 processes)")
-        chain_servers = start_herd(chain, run_dir / "chain")
+        # What the flood counts see: the chain without the observer (it logs nothing).
+        chain_core = replace(chain, names=procs.CHAIN_NAMES, edges=procs.CHAIN_EDGES)
+        chain_servers = start_herd(chain, run_dir / "chain", procs.CHAIN_NAMES)
         running += chain_servers.values()
         chain_pids = [p.pid for p in chain_servers.values()]
+        attempt(prop, "chain_observed", lambda: phase_observe(plan, chain, "A", "Z", chain_pids))
         attempt(prop, "chain", lambda: phase_propagation(plan, chain, "A", "propc", chain_pids))
-        results["messages_quiet"]["chain"] = phase_messages(plan, chain, "cmsg", chain_pids)
+        results["messages_quiet"]["chain"] = phase_messages(plan, chain_core, "cmsg", chain_pids)
         stopped_at = time.time() - 1
         results["exit_codes"].update({f"chain {k}": v for k, v in procs.stop(running).items()})
         running = []
         counts = count_log_lines(chain.config.parent / "logs", stopped_at)
-        results["messages"]["chain"] = messages_per_update(counts, chain, ["cmsg", "propc"])
+        results["messages"]["chain"] = messages_per_update(counts, chain_core, ["cmsg", "propc"])
         results["link_drops"]["chain"] = counts["link_drops"]
         results["sync_resends"]["chain"] = counts["sync_resends"]
     finally:
