@@ -8,6 +8,7 @@ by the number of clients, never by the update rate.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
@@ -34,6 +35,7 @@ class Outbox:
     taken: int = attrs.field(default=0, init=False)  # value of `queued` at the last take()
     written: int = attrs.field(default=0, init=False)  # all up to here reached the socket
     busy: bool = attrs.field(default=False, init=False)  # the writer is inside a send
+    traffic_at: float = attrs.field(default=-math.inf, init=False)  # last record either way
 
     def put(self, record: Record) -> None:
         """Queue `record`, replacing an older pending record of the same client.

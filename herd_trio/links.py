@@ -147,6 +147,8 @@ async def read_peer(server: Server, peer: str, reader: LineReader, outbox: Outbo
             raise LinkError(f"no word from {peer} for {silence:g} s")
         if not lines:
             raise LinkError(f"{peer} closed the link")
+        if len(lines) > 1 or lines[0] != PING:
+            outbox.traffic_at = trio.current_time()
         for line in lines:
             if line == PING:
                 continue
@@ -167,8 +169,9 @@ async def read_peer(server: Server, peer: str, reader: LineReader, outbox: Outbo
 
 
 async def write_outbox(server: Server, stream: trio.abc.SendStream, outbox: Outbox) -> NoReturn:
-    """Send the outbox to the peer in batches, a DIGEST first and every sync_interval,
-    and a PING whenever the link is otherwise idle for a heartbeat interval."""
+    """Send the outbox to the peer in batches, a DIGEST first and then every
+    sync_interval that the link was quiet, and a PING whenever it is otherwise idle
+    for a heartbeat interval."""
     settings = server.settings
     interval, deadline, sync = (
         settings.heartbeat_interval,
@@ -177,16 +180,26 @@ async def write_outbox(server: Server, stream: trio.abc.SendStream, outbox: Outb
     )
     bus, store = server.bus, server.store
     next_sync = trio.current_time()  # the first thing on a new link is a digest
+    first = True
     while True:
-        if trio.current_time() >= next_sync:
+        now = trio.current_time()
+        if now >= next_sync and not first and now - outbox.traffic_at < sync:
+            # Records crossed this link lately: some are in flight, so the stores
+            # differ in many buckets for no lasting reason, and answering a digest
+            # would resend most of the store. The flood is doing the work; compare
+            # once the link has been quiet for a whole interval.
+            next_sync = outbox.traffic_at + sync
+            continue
+        if now >= next_sync:
             data = format_digest(store.digest()) + b"\n"
-            next_sync = trio.current_time() + sync
+            next_sync, first = now + sync, False
         else:
             batch = []
             with trio.move_on_at(min(trio.current_time() + interval, next_sync)):
                 batch = await outbox.take()
             if batch:
                 data = b"".join([record.at_line + b"\n" for record in batch])
+                outbox.traffic_at = trio.current_time()
             elif trio.current_time() >= next_sync:
                 continue
             else:
