@@ -18,7 +18,6 @@ from __future__ import annotations
 import ipaddress
 import math
 import random
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, NoReturn
 
@@ -235,16 +234,26 @@ async def run_link(
             async with transport:  # closing the transport also ends a TLS session on it
                 with trio.fail_after(handshake_deadline):
                     stream = transport
-                    if server.tls is not None:
-                        stream = await wrap_dialled(transport, server.tls[0], peer)
-                    reader = LineReader(stream, peer_max_line(server))
-                    await dial_handshake(
-                        stream,
-                        reader,
-                        me=server.wire_name,
-                        peer=peer.encode(),
-                        keyring=server.keyring,
-                    )
+                    try:
+                        if server.tls is not None:
+                            stream = await wrap_dialled(transport, server.tls[0], peer)
+                        reader = LineReader(stream, peer_max_line(server))
+                        await dial_handshake(
+                            stream,
+                            reader,
+                            me=server.wire_name,
+                            peer=peer.encode(),
+                            keyring=server.keyring,
+                        )
+                    except (trio.BrokenResourceError, OSError) as exc:
+                        if server.tls is None:
+                            raise
+                        # TLS 1.3 checks our certificate after our side of the TLS
+                        # handshake is done: a refusal arrives as a reset or an EOF.
+                        raise LinkError(
+                            f"TLS session failed: {_describe(exc)}"
+                            " (did the peer refuse our certificate?)"
+                        ) from exc
                 up_since = trio.current_time()
                 log.write(f"link to {peer} up ({target.host}:{target.peer_port})")
                 await carry(server, peer, stream, reader)
@@ -326,10 +335,6 @@ async def handle_peer(server: Server, transport: trio.abc.Stream) -> None:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
-    if isinstance(exc, ssl.SSLError) and exc.reason == "UNEXPECTED_EOF_WHILE_READING":
-        # What a dialler sees when the acceptor refused its certificate: TLS 1.3 checks
-        # the client's certificate after the client thinks the handshake is done.
-        return "the peer closed the connection during TLS (did it refuse our certificate?)"
     if not str(exc) and exc.__cause__ is not None:  # a failed TLS handshake says why here
         return f"{type(exc).__name__}: {_describe(exc.__cause__)}"
     return str(exc) or repr(exc)
