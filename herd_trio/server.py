@@ -229,7 +229,8 @@ async def answer_client(server: Server, stream: trio.abc.Stream, who: str) -> No
             # Peer records that became readable in the same poll as these lines are
             # scheduled in this batch too; one checkpoint lets them land in the store
             # first, so a WHATSAT sent after an IAMAT's reply sees that IAMAT.
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if any(b"WHAT" in line for line in lines):
+                await trio.lowlevel.cancel_shielded_checkpoint()
             for index, line in enumerate(lines, 1):
                 if index % FAIR_SHARE == 0 and replies:
                     await flush()  # a pipelining client must not hold the loop for long

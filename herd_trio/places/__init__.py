@@ -15,12 +15,14 @@ from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
+import msgspec
+
 if TYPE_CHECKING:
     from herd_trio.config import HerdConfig
 
 JSON = dict[str, Any]
 
-_LF_RUNS = re.compile(r"\n{2,}")
+_LF_RUNS = re.compile(rb"\n{2,}")
 
 
 class PlacesSource(Protocol):
@@ -57,14 +59,23 @@ def error_body(status: str, message: str) -> JSON:
 def render(body: JSON) -> bytes:
     """Serialise a places answer for the wire (PROTOCOL.md §2).
 
-    Indented like the classic servers (`indent=3`, UTF-8 rather than `\\u` escapes); runs
-    of LFs are squeezed to one so the reply's closing blank line is unambiguous, and the
-    JSON never ends in an LF of its own.
+    Indented like the classic servers (`json.dumps(body, indent=3, ensure_ascii=False)`:
+    three spaces, UTF-8 rather than `\\u` escapes), with no LF of its own at the end.
+    msgspec writes the same layout some 20 times faster than the json module's Python
+    encoder, which was most of a WHATSAT's cost; floats may be spelt differently
+    (`0.00001` for `1e-05`), with the same value. The json module takes over for what
+    msgspec refuses (a lone surrogate from a source's broken `"\\ud83d"`, written back
+    as that escape, or NaN). Runs of LFs are squeezed to one so the reply's closing
+    blank line is unambiguous; neither encoder writes a raw LF inside a string.
     """
-    text = json.dumps(body, indent=3, ensure_ascii=False)
-    # A lone surrogate (from a source's broken "\\ud83d") cannot be UTF-8: write it
-    # back as the JSON escape it came from, which keeps the JSON valid.
-    return _LF_RUNS.sub("\n", text).rstrip("\n").encode("utf-8", "backslashreplace")
+    try:
+        data = msgspec.json.format(msgspec.json.encode(body), indent=3)
+    except (msgspec.EncodeError, UnicodeEncodeError, TypeError, ValueError):
+        text = json.dumps(body, indent=3, ensure_ascii=False)
+        data = text.encode("utf-8", "backslashreplace")
+    if b"\n\n" in data:
+        data = _LF_RUNS.sub(b"\n", data)
+    return data.rstrip(b"\n")
 
 
 @asynccontextmanager
