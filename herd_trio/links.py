@@ -206,10 +206,12 @@ async def write_outbox(server: Server, stream: trio.abc.SendStream, outbox: Outb
         upto = outbox.taken
         outbox.busy = True
         try:
-            with trio.fail_after(deadline):  # a peer that stops reading cannot pin us
+            with trio.move_on_after(deadline) as scope:  # (fail_after costs a generator)
                 await stream.send_all(data)
         finally:
             outbox.busy = False
+        if scope.cancelled_caught:  # a peer that stops reading cannot pin us
+            raise trio.TooSlowError
         bus.mark_written(outbox, upto)
 
 

@@ -131,6 +131,22 @@ def parse_coords(field: bytes) -> tuple[Decimal, Decimal]:
     return lat, lon
 
 
+def check_coords(field: bytes) -> None:
+    """ProtocolError unless `field` is valid ISO 6709 `+lat-lon` within range.
+
+    The same rule as parse_coords, without building Decimals: a peer's AT line needs
+    checking, not its values, and this runs for every record on every link.
+    """
+    match = _COORDS.fullmatch(field)
+    if match is None:
+        raise ProtocolError(f"bad coordinates {field!r}")
+    for part, limit in ((match.group(1), 90), (match.group(2), 180)):
+        whole, _, fraction = part[1:].partition(b".")
+        degrees = int(whole)  # at most three ASCII digits, by the regex
+        if degrees > limit or (degrees == limit and fraction.strip(b"0")):
+            raise ProtocolError(f"coordinates out of range {field!r}")
+
+
 def _client_id(field: bytes) -> bytes:
     if len(field) > MAX_CLIENT_ID:
         raise ProtocolError(f"client id longer than {MAX_CLIENT_ID} bytes")
@@ -190,7 +206,7 @@ def parse_at(line: bytes) -> Record:
     _, origin, skew, client, coords, time = fields
     if not _SKEW.fullmatch(skew):
         raise ProtocolError(f"bad time difference {skew!r}")
-    parse_coords(coords)
+    check_coords(coords)
     at_line = b" ".join(fields)
     if at_line != line:
         raise ProtocolError("AT line not in canonical form")

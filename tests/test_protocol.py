@@ -17,6 +17,7 @@ from herd_trio.protocol import (
     ProtocolError,
     Record,
     Whatsat,
+    check_coords,
     format_digest,
     format_skew,
     make_record,
@@ -678,3 +679,26 @@ def test_parse_digest_gives_summaries_or_protocol_error(line: bytes) -> None:
     except ProtocolError:
         return
     assert len(values) == 1
+
+
+_COORD_TEXT = st.builds(
+    lambda s1, a, f1, s2, b, f2: f"{s1}{a}{f1}{s2}{b}{f2}".encode(),
+    st.sampled_from("+-"),
+    st.integers(0, 999).map(str),
+    st.sampled_from(["", ".0", ".000", ".5", ".0001", ".99999999999999999999999999999"]),
+    st.sampled_from("+-"),
+    st.integers(0, 9999).map(str),
+    st.sampled_from(["", ".0", ".00", ".1", ".00000000000000000000000000001"]),
+)
+
+
+@given(st.one_of(_COORD_TEXT, st.binary(max_size=30)))
+def test_check_coords_agrees_with_parse_coords(field: bytes) -> None:
+    # check_coords is parse_coords without the Decimals, for every peer AT line.
+    try:
+        parse_coords(field)
+    except ProtocolError:
+        with pytest.raises(ProtocolError):
+            check_coords(field)
+    else:
+        check_coords(field)
