@@ -40,12 +40,12 @@ from herd_trio.protocol import (
 )
 from herd_trio.store import Store
 
-# Errors that end one client connection and nothing else.
 # A browser or scanner that talks HTTP to a client port gets its `?` and is closed
 # at once rather than answered header by header.
 HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} \S+ HTTP/[0-9]")
 FAIR_SHARE = 64  # lines answered before a pipelining client yields to the others
 HANDOFF_DEADLINE = 0.05  # seconds a reply may wait for its update to reach the links
+# Errors that end one client connection and nothing else.
 CLIENT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError)
 
 
