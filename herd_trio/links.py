@@ -4,9 +4,10 @@ Of each pair, the server whose name sorts first dials and keeps the link up with
 supervised loop (`run_link`); the other accepts on its peer port (`handle_peer`).
 One connection per edge means each record crosses an edge at most once each way.
 
-On the wire, after a one-line handshake each way, a link carries AT lines exactly as
-the origin server produced them (the AT line holds every field of a record) and PING
-lines when idle. On link-up, and every sync_interval after, each side sends a DIGEST of its store
+On the wire, after the handshake (herd_trio/auth.py, inside TLS if configured), a link
+carries AT lines exactly as the origin server produced them (the AT line holds every
+field of a record) and PING lines when idle. On link-up, and after every sync_interval
+in which the link carried no record, each side sends a DIGEST of its store
 (anti-entropy, as memberlist's push/pull): the other answers with the records of every
 bucket where the two differ. In between, a link carries every record its store accepts,
 except back to where it came from. The receiver keeps only records newer than its own,
