@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import random
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, NoReturn
 
 import attrs
@@ -84,6 +87,25 @@ class Backoff:
 
 
 BACKOFF = Backoff()
+
+
+@contextmanager
+def direct_sender(stream: trio.abc.SendStream) -> Iterator[Callable[[bytes], int] | None]:
+    """A non-blocking `send` on `stream`'s socket for the link's outbox, or None (TLS).
+
+    It works on a duplicate of the socket's descriptor, closed with the block, so the
+    trio stream stays the socket's owner; the outbox uses it only while the link's
+    writer is idle, so the two never write at the same time.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        yield None
+        return
+    raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
+    try:
+        raw.setblocking(False)
+        yield raw.send
+    finally:
+        raw.close()
 
 
 def peer_max_line(server: Server) -> int:
@@ -181,39 +203,45 @@ async def write_outbox(server: Server, stream: trio.abc.SendStream, outbox: Outb
     bus, store = server.bus, server.store
     next_sync = trio.current_time()  # the first thing on a new link is a digest
     first = True
-    while True:
-        now = trio.current_time()
-        if now >= next_sync and not first and now - outbox.traffic_at < sync:
-            # Records crossed this link lately: some are in flight, so the stores
-            # differ in many buckets for no lasting reason, and answering a digest
-            # would resend most of the store. The flood is doing the work; compare
-            # once the link has been quiet for a whole interval.
-            next_sync = outbox.traffic_at + sync
-            continue
-        if now >= next_sync:
-            data = format_digest(store.digest()) + b"\n"
-            next_sync, first = now + sync, False
-        else:
-            batch = []
-            with trio.move_on_at(min(trio.current_time() + interval, next_sync)):
-                batch = await outbox.take()
-            if batch:
-                data = b"".join([record.at_line + b"\n" for record in batch])
-                outbox.traffic_at = trio.current_time()
-            elif trio.current_time() >= next_sync:
-                continue
-            else:
-                data = PING + b"\n"
-        upto = outbox.taken
-        outbox.busy = True
+    with direct_sender(stream) as sender:
+        outbox.sender = sender
         try:
-            with trio.move_on_after(deadline) as scope:  # (fail_after costs a generator)
-                await stream.send_all(data)
+            while True:
+                now = trio.current_time()
+                if now >= next_sync and not first and now - outbox.traffic_at < sync:
+                    # Records crossed this link lately: some are in flight, so the stores
+                    # differ in many buckets for no lasting reason, and answering a digest
+                    # would resend most of the store. The flood is doing the work; compare
+                    # once the link has been quiet for a whole interval.
+                    next_sync = outbox.traffic_at + sync
+                    continue
+                if now >= next_sync:
+                    data = format_digest(store.digest()) + b"\n"
+                    next_sync, first = now + sync, False
+                else:
+                    batch = []
+                    with trio.move_on_at(min(trio.current_time() + interval, next_sync)):
+                        batch = await outbox.take()
+                    residue = outbox.take_residue()  # a direct send's tail goes first
+                    if batch or residue:
+                        data = residue + b"".join([record.at_line + b"\n" for record in batch])
+                        outbox.traffic_at = trio.current_time()
+                    elif trio.current_time() >= next_sync:
+                        continue
+                    else:
+                        data = PING + b"\n"
+                upto = outbox.taken
+                outbox.busy = True
+                try:
+                    with trio.move_on_after(deadline) as scope:  # (fail_after costs a generator)
+                        await stream.send_all(data)
+                finally:
+                    outbox.busy = False
+                if scope.cancelled_caught:  # a peer that stops reading cannot pin us
+                    raise trio.TooSlowError
+                bus.mark_written(outbox, upto)
         finally:
-            outbox.busy = False
-        if scope.cancelled_caught:  # a peer that stops reading cannot pin us
-            raise trio.TooSlowError
-        bus.mark_written(outbox, upto)
+            outbox.sender = None  # the duplicate descriptor closes with the block
 
 
 async def run_link(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from decimal import Decimal
 
 import pytest
@@ -259,3 +260,103 @@ async def test_wait_handed_off_is_not_released_early_by_a_partial_take(
         bus.mark_written(outbox, outbox.taken)
         await trio.testing.wait_all_tasks_blocked()
         assert released == [True]
+
+
+# --- direct sends: an idle link's record goes straight to its socket -----------------
+
+
+class Socket:
+    """A non-blocking send that takes at most `room` bytes a call, or fails as told."""
+
+    def __init__(self, room: int = 1 << 20, error: OSError | None = None) -> None:
+        self.room, self.error = room, error
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        self.sent.append(data[: self.room])
+        return min(len(data), self.room)
+
+
+async def idle_writer(
+    nursery: trio.Nursery,
+    bus: Bus,
+    outbox: Outbox,
+    taken: list[list[Record]],
+    tails: list[bytes] | None = None,
+) -> None:
+    """A writer task like the link's: parks in take() when idle, sends a direct
+    send's tail first, and reports what it "sent"."""
+
+    async def writer() -> None:
+        with contextlib.suppress(OutboxClosed):  # the test's subscription ended
+            while True:
+                batch = await outbox.take()
+                tail = outbox.take_residue()
+                taken.append(batch)
+                if tails is not None and tail:
+                    tails.append(tail)
+                bus.mark_written(outbox, outbox.taken)
+
+    nursery.start_soon(writer)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_an_idle_link_gets_the_record_at_once_and_the_burst_after_it_batched(
+    nursery: trio.Nursery,
+) -> None:
+    bus, socket = Bus(), Socket()
+    taken: list[list[Record]] = []
+    with bus.subscribe("Bona") as outbox:
+        outbox.sender = socket.send
+        await idle_writer(nursery, bus, outbox, taken)
+        bus.publish(rec("1"))
+        # Written before publish() returned: nothing to wait for before the reply.
+        assert socket.sent == [rec("1").at_line + b"\n"]
+        assert outbox.written == outbox.queued == 1
+        bus.publish(rec("1", client=b"apple"))  # same burst: queued for the writer
+        bus.publish(rec("1", client=b"pear"))
+        assert len(socket.sent) == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert taken == [[rec("1", client=b"apple"), rec("1", client=b"pear")]]
+        # Idle again: the next lone record goes direct once more.
+        bus.publish(rec("2"))
+        assert socket.sent[-1] == rec("2").at_line + b"\n"
+        await bus.wait_handed_off()  # returns at once: nothing outstanding
+        assert outbox.written == outbox.queued == 4
+
+
+async def test_a_partial_direct_send_leaves_the_tail_for_the_writer(nursery: trio.Nursery) -> None:
+    bus, socket = Bus(), Socket(room=5)
+    taken: list[list[Record]] = []
+    tails: list[bytes] = []
+    with bus.subscribe("Bona") as outbox:
+        outbox.sender = socket.send
+        await idle_writer(nursery, bus, outbox, taken, tails)
+        line = rec("1").at_line + b"\n"
+        bus.publish(rec("1"))
+        assert socket.sent == [line[:5]]
+        assert outbox.written < outbox.queued  # a reply would wait for the writer
+        await trio.testing.wait_all_tasks_blocked()
+        assert (taken, tails) == ([[]], [line[5:]])  # woken for the tail alone
+        assert outbox.written == outbox.queued
+
+
+@pytest.mark.parametrize(
+    ("error", "disabled"),
+    [(BlockingIOError(), False), (BrokenPipeError(), True)],
+    ids=["would-block", "broken"],
+)
+async def test_a_failed_direct_send_falls_back_to_the_queue(
+    nursery: trio.Nursery, error: OSError, disabled: bool
+) -> None:
+    bus, socket = Bus(), Socket(error=error)
+    taken: list[list[Record]] = []
+    with bus.subscribe("Bona") as outbox:
+        outbox.sender = socket.send
+        await idle_writer(nursery, bus, outbox, taken)
+        bus.publish(rec("1"))
+        assert (outbox.sender is None) == disabled
+        await trio.testing.wait_all_tasks_blocked()
+        assert taken == [[rec("1")]]  # the writer sends it, and meets the error itself
