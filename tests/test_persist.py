@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
 import attrs
@@ -21,6 +20,7 @@ from herd_trio.persist import (
 )
 from herd_trio.protocol import Record, parse_at
 from herd_trio.store import Store
+from tests.e2e.herd import poll
 
 
 def rec(client: bytes, time: int, origin: bytes = b"Clark") -> Record:
@@ -58,11 +58,14 @@ def wal_is_empty(path: Path) -> bool:
     return not wal.exists() or wal.stat().st_size == 0
 
 
-def wait_for_row(path: Path, client: bytes) -> None:
-    deadline = time.monotonic() + 5
-    while client not in rows(path):
-        assert time.monotonic() < deadline, f"no row for {client!r} in {path}"
-        time.sleep(0.01)
+async def wait_for_row(path: Path, client: bytes) -> None:
+    """Poll the file (a quick read) until `client`'s row is there; fail after 5 s."""
+
+    async def has_row() -> bool | None:
+        await trio.lowlevel.checkpoint()
+        return True if client in rows(path) else None
+
+    await poll(f"a row for {client!r} in {path}", has_row, deadline=5)
 
 
 def test_state_path_is_one_file_per_server(tmp_path: Path) -> None:
@@ -297,4 +300,4 @@ async def test_a_final_write_that_overruns_its_deadline_is_abandoned_and_logged(
     finally:
         persister._db_lock.release()  # the abandoned worker now writes and closes
     # The abandoned worker thread signals nothing to trio: poll for its commit.
-    await trio.to_thread.run_sync(wait_for_row, path, b"kiwi")
+    await wait_for_row(path, b"kiwi")
