@@ -123,20 +123,27 @@ def test_hello_line_is_exact() -> None:
 # --- carry: catch-up, flooding, failure ----------------------------------------------------
 
 
+async def carry_collecting(
+    server: Server,
+    peer: str,
+    stream: trio.abc.Stream,
+    errors: list[BaseException],
+    max_line: int = PEER_MAX,
+) -> None:
+    """carry() one end of a link; its link errors are collected, not raised."""
+    try:
+        await carry(server, peer, stream, LineReader(stream, max_line))
+    except* LINK_ERRORS as group:
+        errors.append(group)
+
+
 def start_link(
     nursery: trio.Nursery, one: Server, two: Server, errors: list[BaseException]
 ) -> tuple[trio.abc.Stream, trio.abc.Stream]:
     """Run carry() on both ends of a memory stream; link errors are collected, not raised."""
     end_one, end_two = trio.testing.memory_stream_pair()
-
-    async def run(server: Server, peer: str, stream: trio.abc.Stream) -> None:
-        try:
-            await carry(server, peer, stream, LineReader(stream, PEER_MAX))
-        except* LINK_ERRORS as group:
-            errors.append(group)
-
-    nursery.start_soon(run, one, two.name, end_one)
-    nursery.start_soon(run, two, one.name, end_two)
+    nursery.start_soon(carry_collecting, one, two.name, end_one, errors)
+    nursery.start_soon(carry_collecting, two, one.name, end_two, errors)
     return end_one, end_two
 
 
@@ -233,14 +240,8 @@ async def test_a_record_from_any_valid_client_line_crosses_a_link(
     errors: list[BaseException] = []
     ends = trio.testing.memory_stream_pair()
 
-    async def run(server: Server, peer: str, stream: trio.abc.Stream) -> None:
-        try:
-            await carry(server, peer, stream, LineReader(stream, peer_max_line(server)))
-        except* LINK_ERRORS as group:
-            errors.append(group)
-
-    nursery.start_soon(run, alpha, "Beta", ends[0])
-    nursery.start_soon(run, beta, "Alpha", ends[1])
+    nursery.start_soon(carry_collecting, alpha, "Beta", ends[0], errors, peer_max_line(alpha))
+    nursery.start_soon(carry_collecting, beta, "Alpha", ends[1], errors, peer_max_line(beta))
     await settle()
     assert errors == []
     assert beta.store.get(b"k") == alpha.store.get(b"k")
@@ -309,13 +310,7 @@ async def test_an_idle_link_sends_a_digest_then_ping_every_heartbeat(
     start = trio.current_time()
     errors: list[BaseException] = []
 
-    async def run() -> None:
-        try:
-            await carry(alpha, "Beta", ours, LineReader(ours, PEER_MAX))
-        except* LINK_ERRORS as group:
-            errors.append(group)
-
-    nursery.start_soon(run)
+    nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
     reader = LineReader(theirs, PEER_MAX)
     heard: list[tuple[float, bytes | None]] = []
     with trio.fail_after(60):  # a writer that never pings fails instead of hanging
@@ -345,13 +340,7 @@ async def test_a_digest_from_the_peer_is_answered_with_what_differs(
     start = trio.current_time()
     errors: list[BaseException] = []
 
-    async def run() -> None:
-        try:
-            await carry(alpha, "Beta", ours, LineReader(ours, PEER_MAX))
-        except* LINK_ERRORS as group:
-            errors.append(group)
-
-    nursery.start_soon(run)
+    nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
     reader = LineReader(theirs, PEER_MAX)
     digest = await reader.receive_line()
     assert digest is not None
@@ -683,14 +672,8 @@ async def test_a_record_from_a_peer_is_flooded_on_but_not_sent_back(
     ours, theirs = trio.testing.memory_stream_pair()
     errors: list[BaseException] = []
 
-    async def run() -> None:
-        try:
-            await carry(alpha, "Beta", ours, LineReader(ours, PEER_MAX))
-        except* LINK_ERRORS as group:
-            errors.append(group)
-
     with alpha.bus.subscribe("Gamma") as gamma:
-        nursery.start_soon(run)
+        nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
         reader = LineReader(theirs, PEER_MAX)
         assert await reader.receive_line() == EMPTY_DIGEST
         kiwi = record("Beta", b"IAMAT kiwi +34-118 5")
