@@ -24,7 +24,8 @@ from herd_trio import config
 from herd_trio.config import ConfigError, HerdConfig
 from herd_trio.log import ServerLog
 from herd_trio.places import open_places
-from herd_trio.server import Server, StartupError, log_path, raise_fd_limit, serve
+from herd_trio.security import PeerSecurity, TlsContexts
+from herd_trio.server import StartupError, fd_budget, log_path, raise_fd_limit, serve
 
 PROG = "herd_trio"
 
@@ -69,24 +70,27 @@ async def run_herd(herd: HerdConfig, names: list[str], logs: dict[str, ServerLog
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_places(herd) as places, trio.open_nursery() as nursery:
             for name in names:
-                server = Server(name, herd, places, logs[name])
-                await nursery.start(partial(serve, server), name=f"server {name}")
+                tls = herd.tls_contexts(name)
+                security = PeerSecurity(herd.keyring(), tls and TlsContexts(*tls))
+                server = partial(
+                    serve, name, herd, places, logs[name], security, max_clients=fd_budget()
+                )
+                await nursery.start(server, name=f"server {name}")
                 cfg = herd.servers[name]
                 where = f"clients on {cfg.host}:{cfg.port}, peers on {cfg.host}:{cfg.peer_port}"
                 print(f"{name}: {where}", flush=True)
-                if warning := unprotected(server):
+                if warning := unprotected(name, cfg.host, security):
                     print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
-                    server.log.write(f"warning: {warning}")
+                    logs[name].write(f"warning: {warning}")
             signum = await anext(signals)
             for log in logs.values():
                 log.write(f"{signal.Signals(signum).name} received, shutting down")
             nursery.cancel_scope.cancel()
 
 
-def unprotected(server: Server) -> str | None:
-    """A warning if `server` listens beyond loopback with no peer secret or TLS."""
-    host = server.config.host
-    if server.keyring is not None or server.tls is not None:
+def unprotected(name: str, host: str, security: PeerSecurity) -> str | None:
+    """A warning if server `name` listens beyond loopback with no peer secret or TLS."""
+    if security.keyring is not None or security.tls is not None:
         return None
     try:
         if ipaddress.ip_address(host).is_loopback:
@@ -94,7 +98,7 @@ def unprotected(server: Server) -> str | None:
     except ValueError:  # a host name: be safe and warn
         pass
     return (
-        f"{server.name} listens on {host} without a peer secret or TLS: peers are accepted"
+        f"{name} listens on {host} without a peer secret or TLS: peers are accepted"
         " from loopback only, and anyone who reaches the client port can report locations"
     )
 

@@ -1,17 +1,20 @@
 """Fan-out of accepted records to the peer links, one coalescing outbox per link.
 
-Publishing never waits: a link that cannot keep up does not slow the server, the
-clients or the other links. Its outbox holds at most one pending record per client
-(a storm of updates for one client coalesces to the newest), so its memory is bounded
-by the number of clients, never by the update rate.
+The bus does no I/O. It hands each record to every link's subscriber (the link's
+writer, herd_trio/linkwriter.py, which owns the socket) and lets a client wait until
+what it published has reached the links ("flood first, then reply"). Publishing never
+waits: a link that cannot keep up does not slow the server, the clients or the other
+links. A link's outbox holds at most one pending record per client (a storm of updates
+for one client coalesces to the newest), so its memory is bounded by the number of
+clients, never by the update rate.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
+from typing import Protocol
 
 import attrs
 import trio
@@ -25,164 +28,154 @@ class OutboxClosed(Exception):
 
 @attrs.define(eq=False)
 class Outbox:
-    """Records waiting for one link's writer; newest per client, in first-queued order."""
+    """Records waiting for one link's writer: newest per client, in first-queued order.
+
+    Every record that enters gets a sequence number; `queued` is the last one given and
+    `taken` the last one taken (all before it were taken too), which is what a waiter
+    compares against what the writer has written.
+    """
 
     _pending: dict[bytes, Record] = attrs.field(factory=dict, init=False)
-    _seq: dict[bytes, int] = attrs.field(factory=dict, init=False)  # `queued` at each put
+    _seq: dict[bytes, int] = attrs.field(factory=dict, init=False)  # the number of each pending one
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _closed: bool = attrs.field(default=False, init=False)
-    queued: int = attrs.field(default=0, init=False)  # records accepted by put() so far
-    taken: int = attrs.field(default=0, init=False)  # value of `queued` at the last take()
-    written: int = attrs.field(default=0, init=False)  # all up to here reached the socket
-    busy: bool = attrs.field(default=False, init=False)  # the writer is inside a send
-    traffic_at: float = attrs.field(default=-math.inf, init=False)  # last record either way
-    # A non-blocking send on the link's socket (see links.direct_sender), usable only
-    # while the writer is idle: waiting in take() with nothing pending or unsent.
-    sender: Callable[[bytes], int] | None = attrs.field(default=None, init=False)
-    _idle: bool = attrs.field(default=False, init=False)
-    _residue: bytes = attrs.field(default=b"", init=False)  # a direct send's unsent tail
+    _queued: int = attrs.field(default=0, init=False)
+    _taken: int = attrs.field(default=0, init=False)
 
-    def send_nowait(self, record: Record) -> bool:
-        """Write `record` to the socket now if the writer is idle; False to queue it.
+    @property
+    def queued(self) -> int:
+        """The sequence number of the last record that entered."""
+        return self._queued
 
-        This saves the writer's wake-up on the hot path: one scheduling round per hop
-        and per client reply. What the kernel does not take at once is left for the
-        writer, which sends it before anything else, so order is kept.
-        """
-        if self.sender is None or not self._idle or self._pending or self._residue:
-            return False
-        line = record.at_line + b"\n"
-        try:
-            sent = self.sender(line)
-        except BlockingIOError:
-            return False
-        except OSError:
-            self.sender = None  # the writer and the reader will meet the error
-            return False
-        self.queued += 1
-        self.taken = self.queued
-        self.traffic_at = trio.current_time()
-        if sent < len(line):
-            self._residue = line[sent:]
-        else:
-            self.written = self.queued
-        # One direct send per writer wake-up: the records published after it in the
-        # same burst are queued and go out together in the writer's next send (one
-        # syscall and one segment for many), and the writer re-arms this path once
-        # it is idle again. A lone update still goes out at once.
-        self._idle = False
-        self._wakeup.set()
-        return True
-
-    def take_residue(self) -> bytes:
-        """The unsent tail of the last direct send (b"" if none); the writer sends it first."""
-        residue, self._residue = self._residue, b""
-        return residue
-
-    def put(self, record: Record) -> None:
-        """Queue `record`, replacing an older pending record of the same client.
-
-        The replacement goes to the back of the queue, so the queue stays in `queued`
-        order and "everything up to count N was taken" is exact for partial takes.
-        """
-        held = self._pending.pop(record.client, None)
-        if held is not None and not record.supersedes(held):
-            self._pending[record.client] = held  # not newer: the pending one stays
-            return
-        self.queued += 1
-        self._pending[record.client] = record
-        self._seq[record.client] = self.queued
-        self._wakeup.set()
+    @property
+    def taken(self) -> int:
+        """Every record up to this sequence number has been taken."""
+        return self._taken
 
     @property
     def closed(self) -> bool:
         """True once close() was called."""
         return self._closed
 
-    def close(self) -> None:
-        """Wake the writer with OutboxClosed; later puts are ignored by the bus."""
-        self._closed = True
-        self._wakeup.set()
-
     def __len__(self) -> int:
         return len(self._pending)
 
-    async def take(self, limit: int = 4096) -> list[Record]:
-        """Wait for pending records and take up to `limit` of them, oldest first.
+    def put(self, record: Record) -> None:
+        """Queue `record`, replacing an older pending record of the same client.
 
-        Also returns (with an empty batch) when a direct send left a residue. Raises
-        OutboxClosed once the outbox is closed. Always checkpoints.
+        The replacement goes to the back of the queue, so the queue stays in sequence
+        order and "everything up to N was taken" is exact for partial takes.
         """
-        await trio.lowlevel.checkpoint()
-        try:
-            while not self._pending and not self._residue:
-                if self._closed:
-                    raise OutboxClosed
-                self._idle = True
-                await self._wakeup.wait()
-                self._idle = False
-                self._wakeup = trio.Event()
-        finally:
-            self._idle = False
-        if not self._pending:
-            return []
+        held = self._pending.pop(record.client, None)
+        if held is not None and not record.supersedes(held):
+            self._pending[record.client] = held  # not newer: the pending one stays
+            return
+        self._queued += 1
+        self._pending[record.client] = record
+        self._seq[record.client] = self._queued
+        self._wakeup.set()
+
+    def pass_by(self) -> int:
+        """Number a record that the writer sent straight past the empty queue; its number.
+
+        Only valid while nothing is pending (the writer checks), so it counts as taken.
+        """
+        self._queued += 1
+        self._taken = self._queued
+        return self._queued
+
+    def wake(self) -> None:
+        """Wake the writer without a record (it has a direct send's tail to finish)."""
+        self._wakeup.set()
+
+    def close(self) -> None:
+        """Wake the writer with OutboxClosed; records put later are never taken."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def wait(self) -> None:
+        """Wait for a put(), a wake() or close(); OutboxClosed once closed. Always checkpoints."""
+        if self._wakeup.is_set():
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._wakeup.wait()
+        self._wakeup = trio.Event()
+        if self._closed:
+            raise OutboxClosed
+
+    def take_nowait(self, limit: int = 4096) -> list[Record]:
+        """Up to `limit` pending records, oldest first (an empty list if none)."""
         if len(self._pending) <= limit:
             batch = list(self._pending.values())
             self._pending.clear()
             self._seq.clear()
-            self.taken = self.queued
-        else:
-            clients = list(islice(self._pending, limit))
-            batch = [self._pending.pop(client) for client in clients]
-            self.taken = max(self._seq.pop(client) for client in clients)
+            self._taken = self._queued
+            return batch
+        clients = list(islice(self._pending, limit))
+        batch = [self._pending.pop(client) for client in clients]
+        self._taken = max(self._seq.pop(client) for client in clients)
+        self._wakeup.set()  # the rest is still pending
         return batch
+
+
+class Subscriber(Protocol):
+    """A link's writer as the bus sees it."""
+
+    def deliver(self, record: Record) -> None:
+        """Take `record` for the peer; never blocks."""
+
+    def handoff_mark(self) -> int | None:
+        """A mark to wait for: everything delivered so far; None if there is nothing to wait for."""
+
+    def handed_off(self, mark: int) -> bool:
+        """True once everything up to `mark` reached the socket, or the link is stuck or gone."""
+
+    def close(self) -> None:
+        """End the subscription: the writer stops."""
 
 
 @attrs.define(eq=False)
 class Bus:
     """Hands every record the store accepted to every link but the one it came from."""
 
-    _outboxes: dict[str, Outbox] = attrs.field(factory=dict, init=False)
+    _subscribers: dict[str, Subscriber] = attrs.field(factory=dict, init=False)
     _progress: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
-    published: int = attrs.field(default=0, init=False)
 
     @contextmanager
-    def subscribe(self, link: str) -> Iterator[Outbox]:
-        """An outbox for `link` for the duration of the block.
+    def subscribe(self, link: str, subscriber: Subscriber) -> Iterator[None]:
+        """Deliver to `subscriber` for the duration of the block, then close it.
 
         A second subscription under the same name (a neighbour that reconnected)
-        closes the first one's outbox, so its stale writer ends.
+        closes the first one, so its stale writer ends.
         """
-        outbox = Outbox()
-        if (old := self._outboxes.get(link)) is not None:
+        if (old := self._subscribers.get(link)) is not None:
             old.close()
-        self._outboxes[link] = outbox
+        self._subscribers[link] = subscriber
         try:
-            yield outbox
+            yield
         finally:
-            if self._outboxes.get(link) is outbox:
-                del self._outboxes[link]
-            outbox.close()
+            if self._subscribers.get(link) is subscriber:
+                del self._subscribers[link]
+            subscriber.close()
+            self.progress()  # a client waiting for this link waits no longer
 
     def publish(self, record: Record, *, source: str | None = None) -> None:
-        """Queue `record` on every link except `source`'s; never blocks."""
-        self.published += 1
-        for link, outbox in self._outboxes.items():
-            if link != source and not outbox.send_nowait(record):
-                outbox.put(record)
+        """Deliver `record` to every link except `source`'s; never blocks."""
+        for link, subscriber in self._subscribers.items():
+            if link != source:
+                subscriber.deliver(record)
 
     @property
     def links(self) -> list[str]:
         """The names of the links subscribed now."""
-        return list(self._outboxes)
+        return list(self._subscribers)
 
-    def mark_written(self, outbox: Outbox, upto: int) -> None:
-        """A link's writer reports that records up to count `upto` reached its socket."""
-        outbox.written = max(outbox.written, upto)
+    def progress(self) -> None:
+        """A writer reports that it wrote something: re-check the waiting clients."""
         self._progress.unpark_all()
 
     async def wait_handed_off(self) -> None:
-        """Wait until what is queued now has been written to every link that is keeping up.
+        """Wait until what was delivered so far reached every link that is keeping up.
 
         "Flood first, then reply" (PROTOCOL.md §2): the client handler calls this after
         publishing and before writing its reply, so a neighbour asked right after the
@@ -190,6 +183,6 @@ class Bus:
         paused neighbour) is not waited for: it must not slow anyone down, and it
         catches up by itself. The caller bounds the wait with a deadline as well.
         """
-        targets = [(o, o.queued) for o in self._outboxes.values() if not o.busy]
-        while any(o.written < upto and not o.closed and not o.busy for o, upto in targets):
+        marks = [(s, m) for s in self._subscribers.values() if (m := s.handoff_mark()) is not None]
+        while not all(subscriber.handed_off(mark) for subscriber, mark in marks):
             await self._progress.park()

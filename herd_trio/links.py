@@ -1,50 +1,50 @@
 """Peer links: one persistent TCP connection per pair of neighbours.
 
 Of each pair, the server whose name sorts first dials and keeps the link up with a
-supervised loop (`run_link`); the other accepts on its peer port (`handle_peer`).
-One connection per edge means each record crosses an edge at most once each way.
+supervised loop (`run_link`); the other accepts on its peer port (`PeerPort`). One
+connection per edge means each record crosses an edge at most once each way.
 
 On the wire, after the handshake (herd_trio/auth.py, inside TLS if configured), a link
 carries AT lines exactly as the origin server produced them (the AT line holds every
-field of a record) and PING lines when idle. On link-up, and after every sync_interval
-in which the link carried no record, each side sends a DIGEST of its store
-(anti-entropy, as memberlist's push/pull): the other answers with the records of every
-bucket where the two differ. In between, a link carries every record its store accepts,
-except back to where it came from. The receiver keeps only records newer than its own,
-so replays and duplicates are harmless and floods terminate on any graph.
+field of a record), PING lines when idle, and DIGEST lines (anti-entropy, as
+memberlist's push/pull): each side answers a DIGEST with the records of every bucket
+where the two stores differ. The receiver keeps only records newer than its own, so
+replays and duplicates are harmless and floods terminate on any graph. Writing is
+the `LinkWriter`'s job (herd_trio/linkwriter.py); this module dials, accepts,
+authenticates and reads.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import math
-import os
-import random
-import socket
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import attrs
 import trio
 
-from herd_trio.auth import HandshakeError, accept_handshake, dial_handshake
-from herd_trio.bus import Outbox, OutboxClosed
+from herd_trio.auth import HandshakeError, RateLimiter, accept_handshake, dial_handshake
+from herd_trio.backoff import Backoff
+from herd_trio.bus import OutboxClosed
+from herd_trio.errors import leaves
 from herd_trio.lines import LineReader, LineTooLong
+from herd_trio.linkwriter import PING, LinkWriter, Timers
+from herd_trio.net import describe, host_of, is_loopback
+from herd_trio.node import Node
 from herd_trio.protocol import DIGEST, ProtocolError, format_digest, parse_at, parse_digest
+from herd_trio.security import PeerSecurity
 from herd_trio.store import BUCKETS
 from herd_trio.tls import certificate_matches, wrap_accepted, wrap_dialled
 
-if TYPE_CHECKING:
-    from herd_trio.server import Server
-
-PING = b"PING"
 DIAL_DEADLINE = 3.0  # seconds: loopback and LAN dials take milliseconds
 HANDSHAKE_DEADLINE = 2.0  # seconds, as NATS gives a route to authenticate
 SILENT_BEATS = 3  # a link whose peer says nothing for this many heartbeats is dead
 FAILURE_LOG_EVERY = 20  # while a neighbour stays down, log every 20th failed dial
 PEER_LINE_SLACK = 512  # bytes an AT line adds to the client line it came from
 PEER_MIN_LINE = 8192  # bytes: a DIGEST line is 16 hex digits per bucket
+BACKOFF = Backoff()
+ABSENT_NOTICE = 5.0  # seconds a dialling neighbour may be absent before the log says so
+ABSENT_REPEAT = 60.0  # seconds between reminders while it stays absent
 
 
 class LinkError(Exception):
@@ -66,56 +66,12 @@ Dial = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 
 @attrs.frozen
-class Backoff:
-    """Capped exponential backoff with jitter: attempt n waits in [hi/2, hi].
+class Peer:
+    """A neighbour as a link sees it: its name and where its peer port is."""
 
-    hi = min(cap, initial * factor**n). Half the range is random so a herd restarted
-    at once does not redial in lockstep; the floor of hi/2 avoids hammering a
-    neighbour that accepts and hangs up at once.
-    """
-
-    initial: float = 0.05
-    factor: float = 2.0
-    cap: float = 1.0  # a restarted neighbour is linked again within about a second
-    stable_after: float = 5.0  # seconds up before the failure count is forgotten
-    rand: Callable[[float, float], float] = random.uniform
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after `failures` consecutive failures."""
-        hi = min(self.cap, self.initial * self.factor ** min(failures, 64))
-        return self.rand(hi / 2, hi)
-
-
-BACKOFF = Backoff()
-
-
-@contextmanager
-def direct_sender(stream: trio.abc.SendStream) -> Iterator[Callable[[bytes], int] | None]:
-    """A non-blocking `send` on `stream`'s socket for the link's outbox, or None (TLS).
-
-    It works on a duplicate of the socket's descriptor, closed with the block, so the
-    trio stream stays the socket's owner; the outbox uses it only while the link's
-    writer is idle, so the two never write at the same time.
-    """
-    if not isinstance(stream, trio.SocketStream):
-        yield None
-        return
-    raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
-    try:
-        raw.setblocking(False)
-        yield raw.send
-    finally:
-        raw.close()
-
-
-def peer_max_line(server: Server) -> int:
-    """The longest line a peer may send: an AT line built from a max_line IAMAT, or a DIGEST.
-
-    An AT line holds the IAMAT's fields plus the time difference, which repeats the
-    client time's integer digits: up to twice the IAMAT. A record the peer cannot take
-    would drop the link on every digest exchange, forever.
-    """
-    return max(2 * server.settings.max_line + PEER_LINE_SLACK, PEER_MIN_LINE)
+    name: str
+    host: str
+    port: int
 
 
 def dials(me: str, peer: str) -> bool:
@@ -123,44 +79,52 @@ def dials(me: str, peer: str) -> bool:
     return me < peer
 
 
-def is_loopback(stream: trio.abc.Stream) -> bool:
-    """True if the remote end of `stream` is on this host (127.0.0.0/8, ::1)."""
-    if not isinstance(stream, trio.SocketStream):
-        return False
-    try:
-        host = stream.socket.getpeername()[0]
-        address = ipaddress.ip_address(host.split("%")[0])
-    except (OSError, ValueError, IndexError):
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
+def peer_max_line(max_line: int) -> int:
+    """The longest line a peer may send: an AT line built from a max_line IAMAT, or a DIGEST.
+
+    An AT line holds the IAMAT's fields plus the time difference, which repeats the
+    client time's integer digits: up to twice the IAMAT. A record the peer cannot take
+    would drop the link on every digest exchange, forever.
+    """
+    return max(2 * max_line + PEER_LINE_SLACK, PEER_MIN_LINE)
 
 
-async def carry(server: Server, peer: str, stream: trio.abc.Stream, reader: LineReader) -> NoReturn:
+def verdict(kept: bool, offered: bytes, standing: bytes) -> str:
+    """What the store made of a peer's record, for the log: kept, duplicate or stale."""
+    if kept:
+        return "kept"
+    return "duplicate" if offered == standing else "stale"
+
+
+async def carry(node: Node, peer: str, stream: trio.abc.Stream, reader: LineReader) -> NoReturn:
     """Exchange records with `peer` over an established link until the link fails.
 
     Raises one of LINK_ERRORS (inside an ExceptionGroup) when the peer closes, goes
     silent, breaks the protocol or stops reading.
     """
-    with server.bus.subscribe(peer) as outbox:
+    settings = node.settings
+    writer = LinkWriter(stream, settings.write_deadline, node.bus.progress)
+    timers = Timers(
+        settings.heartbeat_interval, settings.sync_interval, next_sync=trio.current_time()
+    )
+    with node.bus.subscribe(peer, writer):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(write_outbox, server, stream, outbox)
-            await read_peer(server, peer, reader, outbox)
+            nursery.start_soon(writer.run, timers, lambda: format_digest(node.store.digest()))
+            await read_peer(node, peer, reader, writer)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def read_peer(server: Server, peer: str, reader: LineReader, outbox: Outbox) -> NoReturn:
+async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWriter) -> NoReturn:
     """Take records from `peer`, keep the newer ones and flood those on.
 
-    A DIGEST from the peer is answered by queueing, on this link's outbox, every
+    A DIGEST from the peer is answered by queueing, for this link's writer, every
     record of each bucket where the two stores differ; the peer does the same with
     ours, and each side keeps what is newer, so the pair converges without resending
     what both already hold.
     """
-    silence = SILENT_BEATS * server.settings.heartbeat_interval
+    silence = SILENT_BEATS * node.settings.heartbeat_interval
     who = f"peer {peer}"
-    store, bus, log = server.store, server.bus, server.log
+    store, bus, log = node.store, node.bus, node.log
     while True:
         lines: list[bytes] = []
         with trio.move_on_after(silence) as scope:
@@ -170,7 +134,7 @@ async def read_peer(server: Server, peer: str, reader: LineReader, outbox: Outbo
         if not lines:
             raise LinkError(f"{peer} closed the link")
         if len(lines) > 1 or lines[0] != PING:
-            outbox.traffic_at = trio.current_time()
+            writer.note_traffic()
         for line in lines:
             if line == PING:
                 continue
@@ -178,130 +142,86 @@ async def read_peer(server: Server, peer: str, reader: LineReader, outbox: Outbo
                 if line.startswith(DIGEST):
                     missing = store.differing(parse_digest(line, BUCKETS))
                     for record in missing:
-                        outbox.put(record)
+                        writer.queue(record)
                     if missing:
                         log.write(f"sync with {peer}: sending {len(missing)} records")
                     continue
-                log.received(who, line)
                 record = parse_at(line)
             except ProtocolError as exc:
                 raise LinkError(f"{peer} sent a bad line {line[:80]!r}: {exc}") from exc
-            if store.offer(record):
+            standing = store.offer(record)
+            log.write(f"{who} < {line!r} {verdict(standing is record, line, standing.at_line)}")
+            if standing is record:
                 bus.publish(record, source=peer)
 
 
-async def write_outbox(server: Server, stream: trio.abc.SendStream, outbox: Outbox) -> NoReturn:
-    """Send the outbox to the peer in batches, a DIGEST first and then every
-    sync_interval that the link was quiet, and a PING whenever it is otherwise idle
-    for a heartbeat interval."""
-    settings = server.settings
-    interval, deadline, sync = (
-        settings.heartbeat_interval,
-        settings.write_deadline,
-        settings.sync_interval,
-    )
-    bus, store = server.bus, server.store
-    next_sync = trio.current_time()  # the first thing on a new link is a digest
-    first = True
-    with direct_sender(stream) as sender:
-        outbox.sender = sender
-        try:
-            while True:
-                now = trio.current_time()
-                if now >= next_sync and not first and now - outbox.traffic_at < sync:
-                    # Records crossed this link lately: some are in flight, so the stores
-                    # differ in many buckets for no lasting reason, and answering a digest
-                    # would resend most of the store. The flood is doing the work; compare
-                    # once the link has been quiet for a whole interval.
-                    next_sync = outbox.traffic_at + sync
-                    continue
-                if now >= next_sync:
-                    data = format_digest(store.digest()) + b"\n"
-                    next_sync, first = now + sync, False
-                else:
-                    batch = []
-                    with trio.move_on_at(min(trio.current_time() + interval, next_sync)):
-                        batch = await outbox.take()
-                    residue = outbox.take_residue()  # a direct send's tail goes first
-                    if batch or residue:
-                        data = residue + b"".join([record.at_line + b"\n" for record in batch])
-                        outbox.traffic_at = trio.current_time()
-                    elif trio.current_time() >= next_sync:
-                        continue
-                    else:
-                        data = PING + b"\n"
-                upto = outbox.taken
-                outbox.busy = True
-                try:
-                    with trio.move_on_after(deadline) as scope:  # (fail_after costs a generator)
-                        await stream.send_all(data)
-                finally:
-                    outbox.busy = False
-                if scope.cancelled_caught:  # a peer that stops reading cannot pin us
-                    raise trio.TooSlowError
-                bus.mark_written(outbox, upto)
-        finally:
-            outbox.sender = None  # the duplicate descriptor closes with the block
-
-
 async def run_link(
-    server: Server, peer: str, *, dial: Dial = trio.open_tcp_stream, backoff: Backoff = BACKOFF
+    node: Node,
+    peer: Peer,
+    security: PeerSecurity,
+    *,
+    dial: Dial = trio.open_tcp_stream,
+    backoff: Backoff = BACKOFF,
 ) -> NoReturn:
     """Keep the link to `peer` up until cancelled; redial with capped, jittered backoff."""
-    target = server.herd.servers[peer]
-    log = server.log
     # A neighbour that takes longer than a dead link's silence to answer a dial or a
     # handshake is treated as dead too, so a healed partition relinks within about
     # 3 heartbeats plus one backoff instead of waiting out the fixed deadlines.
-    silence = SILENT_BEATS * server.settings.heartbeat_interval
+    silence = SILENT_BEATS * node.settings.heartbeat_interval
     dial_deadline = min(DIAL_DEADLINE, silence)
-    handshake_deadline = min(HANDSHAKE_DEADLINE, silence)
     failures = 0
     while True:
         up_since = math.inf
         try:
             with trio.fail_after(dial_deadline):
-                transport = await dial(target.host, target.peer_port)
+                transport = await dial(peer.host, peer.port)
             async with transport:  # closing the transport also ends a TLS session on it
-                with trio.fail_after(handshake_deadline):
-                    stream = transport
-                    try:
-                        if server.tls is not None:
-                            stream = await wrap_dialled(transport, server.tls[0], peer)
-                        reader = LineReader(stream, peer_max_line(server))
-                        await dial_handshake(
-                            stream,
-                            reader,
-                            me=server.wire_name,
-                            peer=peer.encode(),
-                            keyring=server.keyring,
-                        )
-                    except (trio.BrokenResourceError, OSError) as exc:
-                        if server.tls is None:
-                            raise
-                        # TLS 1.3 checks our certificate after our side of the TLS
-                        # handshake is done: a refusal arrives as a reset or an EOF.
-                        raise LinkError(
-                            f"TLS session failed: {_describe(exc)}"
-                            " (did the peer refuse our certificate?)"
-                        ) from exc
+                with trio.fail_after(min(HANDSHAKE_DEADLINE, silence)):
+                    stream, reader = await _introduce(node, peer, security, transport)
                 up_since = trio.current_time()
-                log.write(f"link to {peer} up ({target.host}:{target.peer_port})")
-                await carry(server, peer, stream, reader)
+                node.log.write(f"link to {peer.name} up ({peer.host}:{peer.port})")
+                await carry(node, peer.name, stream, reader)
         except* LINK_ERRORS as group:
-            reason = "; ".join(_reasons(group))
+            reason = "; ".join(_describe(exc) for exc in leaves(group))
             if up_since < math.inf:
-                log.write(f"link to {peer} dropped: {reason}")
+                node.log.write(f"link to {peer.name} dropped: {reason}")
             elif failures % FAILURE_LOG_EVERY == 0:
-                log.write(f"link to {peer} failed (attempt {failures + 1}): {reason}")
+                node.log.write(
+                    f"link to {peer.name} failed (attempt {failures + 1}): {reason}"
+                    f" (while it stays down, 1 failure in {FAILURE_LOG_EVERY} is logged)"
+                )
         if trio.current_time() - up_since >= backoff.stable_after:
             failures = 0
         await trio.sleep(backoff.delay(failures))
         failures += 1
 
 
-async def handle_peer(server: Server, transport: trio.abc.Stream) -> None:
-    """Accept a link from a neighbour on the peer port; refuse anyone else.
+async def _introduce(
+    node: Node, peer: Peer, security: PeerSecurity, transport: trio.abc.Stream
+) -> tuple[trio.abc.Stream, LineReader]:
+    """TLS (if configured) and the handshake on a dialled connection; the link's stream."""
+    stream = transport
+    try:
+        if security.tls is not None:
+            stream = await wrap_dialled(transport, security.tls.client, peer.name)
+        reader = LineReader(stream, peer_max_line(node.settings.max_line))
+        await dial_handshake(
+            stream, reader, me=node.wire_name, peer=peer.name.encode(), keyring=security.keyring
+        )
+    except (trio.BrokenResourceError, OSError) as exc:
+        if security.tls is None:
+            raise
+        # TLS 1.3 checks our certificate after our side of the TLS handshake is
+        # done: a refusal arrives as a reset or an EOF.
+        raise LinkError(
+            f"TLS session failed: {_describe(exc)} (did the peer refuse our certificate?)"
+        ) from exc
+    return stream, reader
+
+
+@attrs.define(eq=False)
+class PeerPort:
+    """The accepting side of the links: neighbours that dial this server connect here.
 
     A peer must be a configured neighbour that dials this server and pass the
     handshake within HANDSHAKE_DEADLINE: HMAC challenge-response with a secret
@@ -310,57 +230,98 @@ async def handle_peer(server: Server, transport: trio.abc.Stream) -> None:
     (it was restarted, or the old one is dead). Refusals are logged at most once per
     address and kind every RateLimiter.interval, so a flood cannot fill the disk.
     """
-    from herd_trio.server import describe
 
-    who = describe(transport)
-    log = server.log
+    node: Node
+    security: PeerSecurity
+    dialers: frozenset[str]  # the neighbours that dial this server
+    _accepted: dict[str, trio.CancelScope] = attrs.field(factory=dict, init=False)
+    _refusals: RateLimiter = attrs.field(factory=RateLimiter, init=False)
 
-    def refuse(kind: str, reason: str) -> None:
-        suppressed = server.refusals.allow(f"{who.rpartition(':')[0]} {kind}")
+    @property
+    def linked(self) -> frozenset[str]:
+        """The neighbours whose links to this port are up."""
+        return frozenset(self._accepted)
+
+    async def handle(self, transport: trio.abc.Stream) -> None:
+        """Authenticate one connection to the peer port and carry its link until it ends."""
+        who = describe(transport)
+        try:
+            with trio.fail_after(HANDSHAKE_DEADLINE):
+                peer, stream, reader = await self._authenticate(transport)
+        except LINK_ERRORS as exc:
+            self._refuse(who, type(exc).__name__, _describe(exc))
+            return
+        if (old := self._accepted.get(peer)) is not None:
+            old.cancel()
+        with trio.CancelScope() as scope:
+            self._accepted[peer] = scope
+            self.node.log.write(f"link from {peer} up ({who})")
+            try:
+                await carry(self.node, peer, stream, reader)
+            except* LINK_ERRORS as group:
+                if not scope.cancel_called:  # a replaced link's errors are its replacement's
+                    reason = "; ".join(_describe(exc) for exc in leaves(group))
+                    self.node.log.write(f"link from {peer} dropped: {reason}")
+            finally:
+                if self._accepted.get(peer) is scope:
+                    del self._accepted[peer]
+        if scope.cancelled_caught:
+            self.node.log.write(f"link from {peer} replaced by a new connection")
+
+    async def _authenticate(
+        self, transport: trio.abc.Stream
+    ) -> tuple[str, trio.abc.Stream, LineReader]:
+        security = self.security
+        if security.keyring is None and security.tls is None and not is_loopback(transport):
+            raise HandshakeError("not loopback, and no secret or TLS configured")
+        stream = transport
+        tls = None
+        if security.tls is not None:
+            stream = tls = await wrap_accepted(transport, security.tls.server)
+        dialers = {name.encode() for name in self.dialers}
+
+        def allowed(name: bytes) -> bool:
+            if name in dialers and tls is not None and not certificate_matches(tls, name):
+                shown = name.decode("ascii", "backslashreplace")
+                raise HandshakeError(f"its TLS certificate does not name {shown}")
+            return name in dialers
+
+        reader = LineReader(stream, peer_max_line(self.node.settings.max_line))
+        sender = await accept_handshake(
+            stream, reader, me=self.node.wire_name, allowed=allowed, keyring=security.keyring
+        )
+        return sender.decode("ascii"), stream, reader  # allowed() matched a configured name
+
+    async def report_absent(self) -> NoReturn:
+        """Log the neighbours that dial this server while their links are down.
+
+        The dialling side logs its failures; without this, the accepting side's log
+        would say nothing at all about a neighbour that never comes. Said after
+        ABSENT_NOTICE seconds of absence, then every ABSENT_REPEAT seconds.
+        """
+        since = dict.fromkeys(self.dialers, trio.current_time())
+        said: dict[str, float] = {}
+        while True:
+            await trio.sleep(1.0)
+            now = trio.current_time()
+            for name in sorted(self.dialers):
+                if name in self._accepted:
+                    since[name] = now
+                    said.pop(name, None)
+                elif now - since[name] >= ABSENT_NOTICE and now - said.get(name, -math.inf) >= (
+                    ABSENT_REPEAT
+                ):
+                    said[name] = now
+                    self.node.log.write(
+                        f"no link from {name} for {now - since[name]:.0f} s"
+                        " (it dials this server; waiting for it)"
+                    )
+
+    def _refuse(self, who: str, kind: str, reason: str) -> None:
+        suppressed = self._refusals.allow(f"{host_of(who)} {kind}")
         if suppressed is not None:
             more = f" ({suppressed} more since the last)" if suppressed else ""
-            log.write(f"refused peer connection from {who}: {reason}{more}")
-
-    if server.keyring is None and server.tls is None and not is_loopback(transport):
-        refuse("address", "not loopback, and no secret or TLS configured")
-        return
-    dialling = {n.encode() for n in server.herd.neighbours(server.name) if dials(n, server.name)}
-    try:
-        with trio.fail_after(HANDSHAKE_DEADLINE):
-            stream = transport
-            tls = None
-            if server.tls is not None:
-                stream = tls = await wrap_accepted(transport, server.tls[1])
-
-            def allowed(name: bytes) -> bool:
-                if name in dialling and tls is not None and not certificate_matches(tls, name):
-                    shown = name.decode("ascii", "backslashreplace")
-                    raise HandshakeError(f"its TLS certificate does not name {shown}")
-                return name in dialling
-
-            reader = LineReader(stream, peer_max_line(server))
-            sender = await accept_handshake(
-                stream, reader, me=server.wire_name, allowed=allowed, keyring=server.keyring
-            )
-    except LINK_ERRORS as exc:
-        refuse(type(exc).__name__, _describe(exc))
-        return
-    peer = sender.decode("ascii")  # allowed() matched it against the config's names
-    if (old := server.accepted.get(peer)) is not None:
-        old.cancel()
-    with trio.CancelScope() as scope:
-        server.accepted[peer] = scope
-        log.write(f"link from {peer} up ({who})")
-        try:
-            await carry(server, peer, stream, reader)
-        except* LINK_ERRORS as group:
-            if not scope.cancel_called:  # a replaced link's errors are part of its replacement
-                log.write(f"link from {peer} dropped: {'; '.join(_reasons(group))}")
-        finally:
-            if server.accepted.get(peer) is scope:
-                del server.accepted[peer]
-    if scope.cancelled_caught:
-        log.write(f"link from {peer} replaced by a new connection")
+            self.node.log.write(f"refused peer connection from {who}: {reason}{more}")
 
 
 def _describe(exc: BaseException) -> str:
@@ -369,13 +330,3 @@ def _describe(exc: BaseException) -> str:
     if not str(exc) and exc.__cause__ is not None:  # a failed TLS handshake says why here
         return f"{type(exc).__name__}: {_describe(exc.__cause__)}"
     return str(exc) or repr(exc)
-
-
-def _reasons(group: BaseExceptionGroup[BaseException]) -> list[str]:
-    reasons: list[str] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            reasons += _reasons(exc)
-        else:
-            reasons.append(_describe(exc))
-    return reasons

@@ -44,17 +44,26 @@ class Store:
         """The newest record held for `client`, if any."""
         return self._records.get(client)
 
-    def offer(self, record: Record) -> bool:
-        """Keep `record` if it supersedes what is held; True if it was kept."""
+    def offer(self, record: Record, *, repeat: bool = False) -> Record:
+        """Keep `record` if it supersedes what is held; the record that stands now.
+
+        The result `is record` exactly when it was kept: that one answer is the flood
+        dedupe, the client's reply and the peer log's verdict. `repeat=True` is for a
+        client's own IAMAT: an equal rank is then a repeat (PROTOCOL.md §2), never a
+        replacement, even if its AT line (another time difference) sorts higher.
+        """
         held = self._records.get(record.client)
-        if held is not None and not record.supersedes(held):
-            return False
+        if held is not None:
+            if repeat and record.rank <= held.rank:
+                return held
+            if not record.supersedes(held):
+                return held
         self._records[record.client] = record
         change = fingerprint(record) ^ (0 if held is None else fingerprint(held))
         self._digest[bucket_of(record.client)] ^= change
         for listener in self._listeners:
             listener(record)
-        return True
+        return record
 
     def on_change(self, listener: Callable[[Record], None]) -> None:
         """Call `listener` (sync, must not raise) with every record the store keeps."""

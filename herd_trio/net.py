@@ -1,0 +1,59 @@
+"""Addresses and sends shared by the client and peer sides: who is at the other end,
+is it on this host, and a send that gives up after a deadline."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import trio
+
+
+def describe(stream: trio.abc.Stream) -> str:
+    """`host:port` of the remote end, for the log (the stream's type if it has no socket)."""
+    if isinstance(stream, trio.SocketStream):
+        try:
+            host, port, *_ = stream.socket.getpeername()
+        except OSError:
+            return "?"
+        return f"{host}:{port}"
+    return type(stream).__name__
+
+
+def host_of(who: str) -> str:
+    """The host part of a `describe()` string (`::1` of `::1:4000`)."""
+    return who.rpartition(":")[0]
+
+
+def is_loopback_host(host: str) -> bool:
+    """True if `host` is an address of this host (127.0.0.0/8, ::1, v4-mapped loopback)."""
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def is_loopback(stream: trio.abc.Stream) -> bool:
+    """True if the remote end of `stream` is on this host."""
+    if not isinstance(stream, trio.SocketStream):
+        return False
+    try:
+        host = stream.socket.getpeername()[0]
+    except (OSError, IndexError):
+        return False
+    return isinstance(host, str) and is_loopback_host(host)
+
+
+async def send_within(stream: trio.abc.SendStream, data: bytes, deadline: float) -> None:
+    """`send_all(data)`, or trio.TooSlowError if the other end has not taken it in time.
+
+    A client or peer that stops reading must not pin a task or its buffers forever.
+    (move_on_after rather than fail_after: the latter costs a generator per call, and
+    this runs once per reply.)
+    """
+    with trio.move_on_after(deadline) as scope:
+        await stream.send_all(data)
+    if scope.cancelled_caught:
+        raise trio.TooSlowError
