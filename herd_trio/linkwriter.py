@@ -19,7 +19,7 @@ import math
 import os
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import NoReturn
 
 import attrs
@@ -94,6 +94,10 @@ class LinkWriter:
     write_deadline: float  # seconds a send may stall before the link is dropped
     on_progress: Callable[[], None]  # told after every write (the bus's waiters)
     outbox: Outbox = attrs.field(factory=Outbox)
+    # Gives the direct-send path its non-blocking send (tests give a fake socket's).
+    sender: Callable[
+        [trio.abc.SendStream], AbstractContextManager[Callable[[bytes], int] | None]
+    ] = direct_sender
     _send: Callable[[bytes], int] | None = attrs.field(default=None, init=False)
     _idle: bool = attrs.field(default=False, init=False)  # the task waits with nothing to do
     _busy: bool = attrs.field(default=False, init=False)  # the task is inside a send
@@ -154,7 +158,7 @@ class LinkWriter:
 
     async def run(self, timers: Timers, digest: Callable[[], bytes]) -> NoReturn:
         """Write until the link fails: raises TooSlowError, OutboxClosed or the stream's error."""
-        with direct_sender(self.stream) as send:
+        with self.sender(self.stream) as send:
             self._send = send
             try:
                 while True:

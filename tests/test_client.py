@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
+from contextlib import AbstractContextManager
 from decimal import Decimal
 from pathlib import Path
 
-import msgspec
+import attrs
 import pytest
 import trio
 import trio.testing
 
-from herd_trio.config import HerdConfig
+from herd_trio.client import Admission, answer_line, handle_client, whatsat
 from herd_trio.lines import LineReader
-from herd_trio.links import carry
-from herd_trio.log import ServerLog
+from herd_trio.links import LINK_ERRORS, carry
+from herd_trio.node import Node
 from herd_trio.places import JSON, legacy_body
-from herd_trio.protocol import Iamat, Record, Whatsat, make_record, parse_command
-from herd_trio.server import Server, handle_client
+from herd_trio.protocol import Record, Whatsat
+from herd_trio.store import Store
+from tests.helpers import PAIR, Places, Recording, herd_config, make_node, record
 
 KIWI = b"IAMAT kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.959498503"
 KIWI_AT = b"AT Clark +0.263873786 kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.959498503"
@@ -29,49 +30,46 @@ def place(n: int) -> JSON:
     return {"name": f"Place {n}", "place_id": f"id{n}", "geometry": {"location": {"lat": n}}}
 
 
-class Places:
-    """A places source fake: answers `answer` after `delay` s, or never if it is None."""
+@attrs.define
+class Server:
+    """Server Clark of a two-server herd as serve() would build it, without sockets."""
 
-    def __init__(self, answer: JSON | None = None, delay: float = 0) -> None:
-        self.answer = answer
-        self.delay = delay
-        self.calls: list[tuple[Decimal, Decimal, int, int]] = []
+    node: Node
+    places: Places
+    bona: Recording  # what is published to the link to Bona
+    subscription: AbstractContextManager[None]  # kept open (and referenced) for the test
 
-    async def nearby(self, lat: Decimal, lon: Decimal, radius_m: int, bound: int) -> JSON:
-        self.calls.append((lat, lon, radius_m, bound))
-        await trio.sleep(self.delay)
-        if self.answer is None:
-            await trio.sleep_forever()
-        assert self.answer is not None
-        return self.answer
+    @property
+    def store(self) -> Store:
+        return self.node.store
+
+    def answer(self, line: bytes, received_ns: int) -> bytes | Whatsat:
+        return answer_line(self.node, line, received_ns)[0]
+
+    async def whatsat(self, command: Whatsat) -> bytes:
+        return await whatsat(self.node, self.places, command)
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        await handle_client(self.node, self.places, Admission(100), stream)
 
 
 def make_server(
     places: Places | None = None,
     *,
-    name: str = "Clark",
     now_ns: int = RECEIVED,
     log: Path | None = None,
     **settings: object,
 ) -> Server:
-    herd = msgspec.convert(
-        {
-            "herd": settings,
-            "servers": {
-                "Bona": {"port": 12001, "peer_port": 12101},
-                "Clark": {"port": 12003, "peer_port": 12103, "neighbours": ["Bona"]},
-            },
-        },
-        HerdConfig,
-    )
+    node = make_node("Clark", herd_config(PAIR, **settings), log=log, now_ns=now_ns)
+    bona = Recording()
+    subscription = node.bus.subscribe("Bona", bona)
+    subscription.__enter__()
     source = places if places is not None else Places(legacy_body([], "ZERO_RESULTS"))
-    return Server(name, herd, source, ServerLog(log, name), now_ns=lambda: now_ns)
+    return Server(node, source, bona, subscription)
 
 
 def foreign(origin: bytes, line: bytes, received_ns: int) -> Record:
-    command = parse_command(line)
-    assert isinstance(command, Iamat)
-    return make_record(origin, received_ns, command)
+    return record(origin.decode(), line, received_ns)
 
 
 # --- answer_nowait -------------------------------------------------------------------------
@@ -79,59 +77,53 @@ def foreign(origin: bytes, line: bytes, received_ns: int) -> Record:
 
 async def test_new_iamat_is_stored_and_published_before_the_reply() -> None:
     server = make_server()
-    with server.bus.subscribe("Bona") as outbox:
-        reply = server.answer_nowait(KIWI, RECEIVED)
-        assert reply == KIWI_AT + b"\n"
-        assert len(outbox) == 1  # handed to the links already when the reply exists
-        [flooded] = await outbox.take()
+    assert answer_line(server.node, KIWI, RECEIVED) == (KIWI_AT + b"\n", True)
+    [flooded] = server.bona.records  # handed to the links already when the reply exists
     assert flooded.at_line == KIWI_AT
     assert server.store.get(b"kiwi.cs.ucla.edu") == flooded
-    assert server.bus.published == 1
 
 
 async def test_stale_or_repeated_iamat_gets_the_stored_line_and_is_not_flooded() -> None:
     server = make_server()
-    with server.bus.subscribe("Bona") as outbox:
-        assert server.answer_nowait(KIWI, RECEIVED) == KIWI_AT + b"\n"
-        await outbox.take()
-        older = b"IAMAT kiwi.cs.ucla.edu +1+1 1621464827.959498502"
-        assert server.answer_nowait(older, RECEIVED + 10**9) == KIWI_AT + b"\n"
-        assert server.answer_nowait(KIWI, RECEIVED + 5 * 10**9) == KIWI_AT + b"\n"  # repeat
-        assert len(outbox) == 0
-    assert server.bus.published == 1
+    assert server.answer(KIWI, RECEIVED) == KIWI_AT + b"\n"
+    older = b"IAMAT kiwi.cs.ucla.edu +1+1 1621464827.959498502"
+    assert answer_line(server.node, older, RECEIVED + 10**9) == (KIWI_AT + b"\n", False)
+    repeat = answer_line(server.node, KIWI, RECEIVED + 5 * 10**9)  # a later time difference
+    assert repeat == (KIWI_AT + b"\n", False)
+    assert len(server.bona.records) == 1
 
 
 def test_a_stale_iamat_echoes_the_line_of_the_server_that_took_the_newer_one() -> None:
     server = make_server()
     bona = foreign(b"Bona", b"IAMAT kiwi +1-1 1621464830.5", 1_621_464_831_000_000_000)
     server.store.offer(bona)
-    reply = server.answer_nowait(b"IAMAT kiwi +34-118 1621464827", RECEIVED)
+    reply = server.answer(b"IAMAT kiwi +34-118 1621464827", RECEIVED)
     assert reply == b"AT Bona +0.500000000 kiwi +1-1 1621464830.5\n"
     jaquez = foreign(b"Jaquez", b"IAMAT apple +1-1 7", 7_000_000_000)
     server.store.offer(jaquez)  # same time, same coords, but "Jaquez" > "Clark"
-    assert server.answer_nowait(b"IAMAT apple +1-1 7", 9_000_000_000) == jaquez.at_line + b"\n"
-    assert server.bus.published == 0
+    assert server.answer(b"IAMAT apple +1-1 7", 9_000_000_000) == jaquez.at_line + b"\n"
+    assert len(server.bona.records) == 0
 
 
 def test_equal_time_from_a_lower_origin_is_replaced_by_this_server() -> None:
     server = make_server()
     server.store.offer(foreign(b"Bona", b"IAMAT apple +1-1 7", 7_000_000_000))
-    reply = server.answer_nowait(b"IAMAT apple +1-1 7", 9_000_000_000)
+    reply = server.answer(b"IAMAT apple +1-1 7", 9_000_000_000)
     assert reply == b"AT Clark +2.000000000 apple +1-1 7\n"
-    assert server.bus.published == 1
+    assert len(server.bona.records) == 1
 
 
 def test_whatsat_for_an_unknown_client_gets_a_question_mark() -> None:
     server = make_server()
-    assert server.answer_nowait(b"WHATSAT nobody 10 5", RECEIVED) == b"? WHATSAT nobody 10 5\n"
-    server.answer_nowait(KIWI, RECEIVED)
-    assert server.answer_nowait(b"WHATSAT kiwi 10 5", RECEIVED) == b"? WHATSAT kiwi 10 5\n"
+    assert server.answer(b"WHATSAT nobody 10 5", RECEIVED) == b"? WHATSAT nobody 10 5\n"
+    server.answer(KIWI, RECEIVED)
+    assert server.answer(b"WHATSAT kiwi 10 5", RECEIVED) == b"? WHATSAT kiwi 10 5\n"
 
 
 def test_whatsat_for_a_known_client_is_left_to_whatsat() -> None:
     server = make_server()
-    server.answer_nowait(KIWI, RECEIVED)
-    command = server.answer_nowait(b"WHATISAT\tkiwi.cs.ucla.edu 10 5 ", RECEIVED)
+    server.answer(KIWI, RECEIVED)
+    command = server.answer(b"WHATISAT\tkiwi.cs.ucla.edu 10 5 ", RECEIVED)
     assert command == Whatsat(b"kiwi.cs.ucla.edu", Decimal(10), 5)
 
 
@@ -149,23 +141,25 @@ def test_whatsat_for_a_known_client_is_left_to_whatsat() -> None:
 )
 def test_anything_else_gets_the_line_back_after_a_question_mark(line: bytes) -> None:
     server = make_server()
-    assert server.answer_nowait(line, RECEIVED) == b"? " + line + b"\n"
+    assert server.answer(line, RECEIVED) == b"? " + line + b"\n"
     assert len(server.store) == 0
-    assert server.bus.published == 0
+    assert len(server.bona.records) == 0
 
 
 def test_a_huge_but_valid_time_does_not_crash_the_server() -> None:
     # With max_line raised (config allows up to 1 MiB), a time of more than 4300 digits
     # fits in a line; answer_nowait raised ValueError (int() digit limit) instead of
-    # replying, which ends the client handler with an unhandled exception.
+    # replying, which ends the client handler with an unhandled exception. The time is
+    # valid (PROTOCOL.md: any number of digits), so it is stored with its exact skew.
     server = make_server(max_line=1 << 20)
     line = b"IAMAT kiwi +34-118 " + b"1" * 5000
-    reply = server.answer_nowait(line, RECEIVED)
+    reply = server.answer(line, RECEIVED)
     assert isinstance(reply, bytes)
-    if not reply.startswith(b"? "):
-        assert reply.split()[3:] == [b"kiwi", b"+34-118", b"1" * 5000]
+    at, name, skew, *rest = reply.split()
+    assert (at, name, rest) == (b"AT", b"Clark", [b"kiwi", b"+34-118", b"1" * 5000])
+    assert skew.startswith(b"-" + b"1" * 4980) and skew.endswith(b".776627711")
     bound = b"WHATSAT kiwi 10 " + b"1" * 5000
-    assert server.answer_nowait(bound, RECEIVED) == b"? " + bound + b"\n"
+    assert server.answer(bound, RECEIVED) == b"? " + bound + b"\n"
 
 
 # --- whatsat ------------------------------------------------------------------------------
@@ -174,8 +168,8 @@ def test_a_huge_but_valid_time_does_not_crash_the_server() -> None:
 async def test_bound_zero_makes_no_places_call() -> None:
     places = Places(legacy_body([place(1)], "OK"))
     server = make_server(places)
-    server.answer_nowait(KIWI, RECEIVED)
-    command = server.answer_nowait(b"WHATSAT kiwi.cs.ucla.edu 10 0", RECEIVED)
+    server.answer(KIWI, RECEIVED)
+    command = server.answer(b"WHATSAT kiwi.cs.ucla.edu 10 0", RECEIVED)
     assert isinstance(command, Whatsat)
     reply = await server.whatsat(command)
     assert places.calls == []
@@ -189,8 +183,8 @@ async def test_results_are_capped_at_bound_even_if_the_source_gives_more() -> No
     body["next_page_token"] = "tok"
     places = Places(body)
     server = make_server(places)
-    server.answer_nowait(KIWI, RECEIVED)
-    command = server.answer_nowait(b"WHATSAT kiwi.cs.ucla.edu 12.5 3", RECEIVED)
+    server.answer(KIWI, RECEIVED)
+    command = server.answer(b"WHATSAT kiwi.cs.ucla.edu 12.5 3", RECEIVED)
     assert isinstance(command, Whatsat)
     reply = await server.whatsat(command)
     assert places.calls == [(Decimal("34.068930"), Decimal("-118.445127"), 12_500, 3)]
@@ -208,8 +202,8 @@ async def test_a_source_that_never_answers_gives_unknown_error_at_the_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     server = make_server(Places(None), places_timeout=2.5)
-    server.answer_nowait(KIWI, RECEIVED)
-    command = server.answer_nowait(b"WHATSAT kiwi.cs.ucla.edu 10 5", RECEIVED)
+    server.answer(KIWI, RECEIVED)
+    command = server.answer(b"WHATSAT kiwi.cs.ucla.edu 10 5", RECEIVED)
     assert isinstance(command, Whatsat)
     start = trio.current_time()
     reply = await server.whatsat(command)
@@ -227,8 +221,8 @@ async def test_a_source_just_inside_the_deadline_is_used(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     server = make_server(Places(legacy_body([place(7)], "OK"), delay=2.4), places_timeout=2.5)
-    server.answer_nowait(KIWI, RECEIVED)
-    command = server.answer_nowait(b"WHATSAT kiwi.cs.ucla.edu 10 5", RECEIVED)
+    server.answer(KIWI, RECEIVED)
+    command = server.answer(b"WHATSAT kiwi.cs.ucla.edu 10 5", RECEIVED)
     assert isinstance(command, Whatsat)
     start = trio.current_time()
     reply = await server.whatsat(command)
@@ -244,7 +238,7 @@ async def test_the_json_is_rendered_with_single_lfs_and_ends_with_two() -> None:
     body = legacy_body(results, "OK")
     server = make_server(Places(body))
     server.store.offer(foreign(b"Bona", b"IAMAT kiwi +34-118 5", 5_000_000_000))
-    command = server.answer_nowait(b"WHATSAT kiwi 1 2", RECEIVED)
+    command = server.answer(b"WHATSAT kiwi 1 2", RECEIVED)
     assert isinstance(command, Whatsat)
     reply = await server.whatsat(command)
     expected_json = json.dumps(body, indent=3, ensure_ascii=False).encode()
@@ -258,7 +252,7 @@ async def test_whatsat_repeats_the_stored_line_without_recomputing() -> None:
     server = make_server(Places(legacy_body([], "ZERO_RESULTS")), now_ns=99 * 10**18)
     held = foreign(b"Bona", b"IAMAT kiwi +34-118 5", 4_000_000_000)
     server.store.offer(held)
-    command = server.answer_nowait(b"WHATSAT kiwi 1 2", 99 * 10**18)
+    command = server.answer(b"WHATSAT kiwi 1 2", 99 * 10**18)
     assert isinstance(command, Whatsat)
     reply = await server.whatsat(command)
     assert reply.startswith(b"AT Bona -1.000000000 kiwi +34-118 5\n{")
@@ -317,7 +311,7 @@ class Session:
 
     async def _serve(self, server: Server) -> None:
         async with self.conn:  # as trio.serve_listeners does
-            await handle_client(server, self.conn)
+            await server.handle(self.conn)
         self.done.set()
 
     async def read(self, size: int) -> bytes:
@@ -384,7 +378,7 @@ async def test_a_slow_places_source_does_not_block_other_clients(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     server = make_server(Places(None), places_timeout=5)
-    server.answer_nowait(KIWI, RECEIVED)
+    server.answer(KIWI, RECEIVED)
     slow, fast = Session(nursery, server), Session(nursery, server)
     start = trio.current_time()
     await slow.client.send_all(b"WHATSAT kiwi.cs.ucla.edu 10 5\n")
@@ -432,7 +426,7 @@ async def test_a_long_line_closes_the_connection_after_earlier_replies(
     await session.client.send_all(KIWI + b"\r\nnonsense\n" + b"x" * 81)  # no LF ever
     assert await session.read_to_eof() == KIWI_AT + b"\n? nonsense\n"
     await session.done.wait()  # the handler returned by itself
-    server.log.close()
+    server.node.log.close()
     assert "longer than 80 bytes" in (tmp_path / "Clark.log").read_text()
 
 
@@ -485,9 +479,13 @@ async def test_an_update_is_written_to_the_links_before_the_reply(nursery: trio.
     ours, _theirs = trio.testing.memory_stream_pair()
     link = trio.StapledStream(PeerRecorder(ours.send_stream, events), ours.receive_stream)
 
+    errors: list[BaseException] = []
+
     async def run_link() -> None:
-        with contextlib.suppress(Exception):
-            await carry(server, "Bona", link, LineReader(link, 8192))
+        try:
+            await carry(server.node, "Bona", link, LineReader(link, 8192))
+        except* LINK_ERRORS as group:
+            errors.append(group)
 
     nursery.start_soon(run_link)
     await trio.testing.wait_all_tasks_blocked()
@@ -499,3 +497,4 @@ async def test_an_update_is_written_to_the_links_before_the_reply(nursery: trio.
     await session.client.send_all(b"IAMAT kiwi.cs.ucla.edu +1+1 1\n")  # stale: no flood
     assert await session.read(len(KIWI_AT) + 1) == KIWI_AT + b"\n"
     assert events[2:] == [("Recorder", KIWI_AT + b"\n")]
+    assert errors == []
