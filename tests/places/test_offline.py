@@ -25,24 +25,19 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from herd_trio.places import JSON, render
-from herd_trio.places.offline import (
+from herd_trio.places.build import DataFiles, cache_path
+from herd_trio.places.codec import IndexFormatError, decode_index, encode_index, index_key
+from herd_trio.places.index import (
     ATTRIBUTION,
     CELL_DEG,
-    DataFiles,
-    IndexFormatError,
     Place,
     PlacesIndex,
     answer,
     build_index,
-    cache_path,
-    child_command,
-    decode_index,
     distance_m,
-    encode_index,
-    index_key,
-    open_offline,
     search,
 )
+from herd_trio.places.offline import child_command, open_offline
 
 LOS_ANGELES = (34.0522, -118.2437)
 MID_PACIFIC = (0.0, -140.0)
@@ -576,7 +571,7 @@ async def test_child_runs_from_any_working_directory(small_data: Path, tmp_path:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     command = child_command(data_dir=small_data, cache=False)
-    assert command[:3] == [sys.executable, "-m", "herd_trio.places.offline"]
+    assert command[:3] == [sys.executable, "-m", "herd_trio.places.build"]
     done = await trio.run_process(command, cwd=elsewhere, capture_stdout=True)
     assert decode_index(done.stdout) == build_index(SMALL, COUNTRIES, US_STATES)
 
