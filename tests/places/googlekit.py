@@ -22,6 +22,14 @@ LABELS = {"google": "Places API (New)", "google-legacy": "Places API (legacy Nea
 NEW_PATH = "/v1/places:searchNearby"
 LEGACY_PATH = "/maps/api/place/nearbysearch/json"
 MOCK_URL = "https://places.test"  # never resolved: MockAPI answers inside httpx
+# Spelled out rather than imported: a change to what we ask Google for (and pay for)
+# should show up here.
+FIELD_MASK = (
+    "places.id,places.displayName,places.location,places.viewport,"
+    "places.shortFormattedAddress,places.types,places.businessStatus,places.rating,"
+    "places.userRatingCount,places.priceLevel,places.currentOpeningHours.openNow,"
+    "places.photos,places.plusCode,places.iconMaskBaseUri,places.iconBackgroundColor"
+)
 
 
 def fixture(name: str) -> JSON:

@@ -18,6 +18,7 @@ from herd_trio.places import JSON
 from herd_trio.places.google import open_google
 
 from .googlekit import (
+    FIELD_MASK,
     KEY,
     KINDS,
     LABELS,
@@ -35,15 +36,6 @@ from .googlekit import (
 )
 from .httpserver import FakeHTTPServer, Recorded, Reply, unused_port
 from .mockapi import DROPPED
-
-# Spelled out rather than imported: a change to what we ask Google for (and pay for)
-# should show up here.
-FIELD_MASK = (
-    "places.id,places.displayName,places.location,places.viewport,"
-    "places.shortFormattedAddress,places.types,places.businessStatus,places.rating,"
-    "places.userRatingCount,places.priceLevel,places.currentOpeningHours.openNow,"
-    "places.photos,places.plusCode,places.iconMaskBaseUri,places.iconBackgroundColor"
-)
 
 
 async def test_new_request_is_a_post_with_key_mask_and_exact_json(
