@@ -3,8 +3,9 @@
 `places = "google"` POSTs `{base}/v1/places:searchNearby` and translates each place to a
 legacy Nearby Search result (docs/places.md has the table); `places = "google-legacy"`
 GETs `{base}/maps/api/place/nearbysearch/json` and passes Google's JSON through, results
-trimmed to the bound. Either way `nearby()` never raises (cancellation aside): a failed
-call answers `error_body(status, message)` with PROTOCOL.md §2's status for the failure.
+trimmed to the bound (translate.py reads both kinds of answer). Either way `nearby()`
+never raises (cancellation aside): a failed call answers `error_body(status, message)`
+with PROTOCOL.md §2's status for the failure.
 
 One `httpx.AsyncClient` per source (pooled keep-alive connections; httpx runs on trio
 through httpcore's trio backend), a `trio.CapacityLimiter` on calls in flight, and an

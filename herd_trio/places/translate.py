@@ -39,7 +39,9 @@ FIELD_MASK = ",".join(
     )
 )
 
-KEPT_STATUSES = frozenset({"OK", "ZERO_RESULTS"})  # answers worth caching; errors are not
+# The statuses of an answer proper: legacy must send `results` with them, and the
+# source caches only answers with them (errors are not worth keeping).
+KEPT_STATUSES = frozenset({"OK", "ZERO_RESULTS"})
 
 PRICE_LEVELS = {
     "PRICE_LEVEL_FREE": 0,
