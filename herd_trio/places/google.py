@@ -3,8 +3,9 @@
 `places = "google"` POSTs `{base}/v1/places:searchNearby` and translates each place to a
 legacy Nearby Search result (docs/places.md has the table); `places = "google-legacy"`
 GETs `{base}/maps/api/place/nearbysearch/json` and passes Google's JSON through, results
-trimmed to the bound. Either way `nearby()` never raises (cancellation aside): a failed
-call answers `error_body(status, message)` with PROTOCOL.md §2's status for the failure.
+trimmed to the bound (translate.py reads both kinds of answer). Either way `nearby()`
+never raises (cancellation aside): a failed call answers `error_body(status, message)`
+with PROTOCOL.md §2's status for the failure.
 
 One `httpx.AsyncClient` per source (pooled keep-alive connections; httpx runs on trio
 through httpcore's trio backend), a `trio.CapacityLimiter` on calls in flight, and an
@@ -21,12 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import html
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import attrs
@@ -36,6 +36,15 @@ import trio
 
 from herd_trio.places import JSON, error_body, legacy_body
 from herd_trio.places.cache import AnswerCache, CacheStatistics
+from herd_trio.places.translate import (
+    FIELD_MASK,
+    KEPT_STATUSES,
+    BadAnswer,
+    pass_legacy,
+    status_for_http,
+    translate_new,
+    upstream_message,
+)
 
 if TYPE_CHECKING:
     from herd_trio.config import HerdConfig
@@ -47,30 +56,6 @@ LEGACY_BASE = "https://maps.googleapis.com"
 NEW_PATH = "/v1/places:searchNearby"
 LEGACY_PATH = "/maps/api/place/nearbysearch/json"
 
-# Only what the translation reads: Google bills Nearby Search (New) by the costliest field
-# asked for. rating, userRatingCount, priceLevel and currentOpeningHours are Enterprise
-# fields; the rest are Pro (docs/places.md, "What a call costs").
-FIELD_MASK = ",".join(
-    f"places.{field}"
-    for field in (
-        "id",
-        "displayName",
-        "location",
-        "viewport",
-        "shortFormattedAddress",
-        "types",
-        "businessStatus",
-        "rating",
-        "userRatingCount",
-        "priceLevel",
-        "currentOpeningHours.openNow",
-        "photos",
-        "plusCode",
-        "iconMaskBaseUri",
-        "iconBackgroundColor",
-    )
-)
-
 # The server cancels a WHATSAT's places call after `places_timeout` and answers a bare
 # UNKNOWN_ERROR. Our own deadline fires a little earlier, so the answer says what timed out.
 DEADLINE_SHARE = 0.9  # of places_timeout ...
@@ -78,224 +63,11 @@ DEADLINE_HEADROOM = 0.5  # ... but at most this many seconds short of it
 MAX_BODY = 4 << 20  # bytes; 20 places with photos are ~100 kB, so more is not an answer
 MAX_MESSAGE = 300  # characters of an upstream error message worth passing on
 REDACTED = "[key redacted]"
-KEPT_STATUSES = frozenset({"OK", "ZERO_RESULTS"})  # answers worth caching; errors are not
-
-PRICE_LEVELS = {
-    "PRICE_LEVEL_FREE": 0,
-    "PRICE_LEVEL_INEXPENSIVE": 1,
-    "PRICE_LEVEL_MODERATE": 2,
-    "PRICE_LEVEL_EXPENSIVE": 3,
-    "PRICE_LEVEL_VERY_EXPENSIVE": 4,
-}
-_UNSPECIFIED = "BUSINESS_STATUS_UNSPECIFIED"
 
 CacheKey = tuple[Decimal, Decimal, int, int]  # (lat, lon, radius_m, bound), exact values
 
 
-class BadAnswer(Exception):
-    """The API answered 2xx with a body that is not the JSON we expect."""
-
-
-# -- Places API (New) ------------------------------------------------------------------
-# The response shape, as far as the translation reads it. Unknown fields are ignored
-# (Google adds fields); a place without an id or a location is not a usable result.
-
-
-class _LatLng(msgspec.Struct, frozen=True):
-    latitude: float
-    longitude: float
-
-
-class _Viewport(msgspec.Struct, frozen=True):
-    low: _LatLng
-    high: _LatLng
-
-
-class _LocalizedText(msgspec.Struct, frozen=True):
-    text: str
-
-
-class _Author(msgspec.Struct, frozen=True, rename="camel"):
-    display_name: str | None = None
-    uri: str | None = None
-
-
-class _Photo(msgspec.Struct, frozen=True, rename="camel"):
-    name: str
-    width_px: int
-    height_px: int
-    author_attributions: list[_Author] = msgspec.field(default_factory=list)
-
-
-class _PlusCode(msgspec.Struct, frozen=True, rename="camel"):
-    global_code: str | None = None
-    compound_code: str | None = None
-
-
-class _OpeningHours(msgspec.Struct, frozen=True, rename="camel"):
-    open_now: bool | None = None
-
-
-class _Place(msgspec.Struct, frozen=True, rename="camel"):
-    id: str
-    location: _LatLng
-    display_name: _LocalizedText | None = None
-    viewport: _Viewport | None = None
-    short_formatted_address: str | None = None
-    types: list[str] | None = None
-    business_status: str | None = None
-    rating: float | None = None
-    user_rating_count: int | None = None
-    price_level: str | None = None
-    current_opening_hours: _OpeningHours | None = None
-    photos: list[_Photo] | None = None
-    plus_code: _PlusCode | None = None
-    icon_mask_base_uri: str | None = None
-    icon_background_color: str | None = None
-
-
-class _SearchNearbyResponse(msgspec.Struct, frozen=True):
-    places: list[_Place] = msgspec.field(default_factory=list)  # Google sends {} for none
-
-
-_decode_new = msgspec.json.Decoder(_SearchNearbyResponse).decode
 _encode_exact = msgspec.json.Encoder(decimal_format="number").encode  # 34.068930 stays so
-
-
-def _lat_lng(point: _LatLng) -> JSON:
-    return {"lat": point.latitude, "lng": point.longitude}
-
-
-def _attribution(author: _Author) -> str:
-    """A legacy `html_attributions` entry: a link to the contributor, as legacy gives."""
-    name = html.escape(author.display_name or "")
-    if not author.uri:
-        return name
-    uri = f"https:{author.uri}" if author.uri.startswith("//") else author.uri
-    return f'<a href="{html.escape(uri)}">{name}</a>'
-
-
-def translate_place(place: _Place) -> JSON:
-    """One Places API (New) place as a legacy Nearby Search result.
-
-    Keys in legacy's (alphabetical) order; a field absent from the place is absent from
-    the result, and falsy values (`open_now: false`, `rating: 0`) are kept.
-    """
-    result: JSON = {}
-    if place.business_status is not None and place.business_status != _UNSPECIFIED:
-        result["business_status"] = place.business_status
-    geometry: JSON = {"location": _lat_lng(place.location)}
-    if place.viewport is not None:
-        geometry["viewport"] = {
-            "northeast": _lat_lng(place.viewport.high),
-            "southwest": _lat_lng(place.viewport.low),
-        }
-    result["geometry"] = geometry
-    if place.icon_mask_base_uri is not None:
-        # Legacy `icon` was a coloured PNG URL; New only gives the mask's base URI, to
-        # which Google's docs say to append ".png" or ".svg".
-        result["icon"] = f"{place.icon_mask_base_uri}.png"
-    if place.icon_background_color is not None:
-        result["icon_background_color"] = place.icon_background_color
-    if place.icon_mask_base_uri is not None:
-        result["icon_mask_base_uri"] = place.icon_mask_base_uri
-    if place.display_name is not None:
-        result["name"] = place.display_name.text
-    hours = place.current_opening_hours
-    if hours is not None and hours.open_now is not None:
-        result["opening_hours"] = {"open_now": hours.open_now}
-    if place.photos is not None:
-        result["photos"] = [
-            {
-                "height": photo.height_px,
-                "html_attributions": [_attribution(a) for a in photo.author_attributions],
-                # The New photo resource name ("places/ID/photos/REF"): what Place Photos
-                # (New) takes, and as opaque to a client as the legacy reference was.
-                "photo_reference": photo.name,
-                "width": photo.width_px,
-            }
-            for photo in place.photos
-        ]
-    result["place_id"] = place.id
-    if place.plus_code is not None:
-        plus_code: JSON = {}
-        if place.plus_code.compound_code is not None:
-            plus_code["compound_code"] = place.plus_code.compound_code
-        if place.plus_code.global_code is not None:
-            plus_code["global_code"] = place.plus_code.global_code
-        result["plus_code"] = plus_code
-    if place.price_level in PRICE_LEVELS:
-        result["price_level"] = PRICE_LEVELS[place.price_level]
-    if place.rating is not None:
-        result["rating"] = place.rating
-    if place.types is not None:
-        result["types"] = list(place.types)
-    if place.user_rating_count is not None:
-        result["user_ratings_total"] = place.user_rating_count
-    if place.short_formatted_address is not None:
-        result["vicinity"] = place.short_formatted_address
-    return result
-
-
-def translate_new(content: bytes, bound: int) -> JSON:
-    """A searchNearby response body as a legacy body; BadAnswer if it is not one."""
-    try:
-        response = _decode_new(content)
-    except msgspec.ValidationError as exc:
-        raise BadAnswer(f"JSON of an unexpected shape: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise BadAnswer(f"malformed JSON: {exc}") from exc
-    results = [translate_place(place) for place in response.places[:bound]]
-    return legacy_body(results, "OK" if results else "ZERO_RESULTS")
-
-
-def pass_legacy(content: bytes, bound: int) -> JSON:
-    """A legacy Nearby Search body as Google sent it, results trimmed to `bound`.
-
-    Key order, non-OK statuses and `error_message` are kept. BadAnswer unless it is an
-    object with a string `status` and, if present (required for OK), a list `results`.
-    """
-    try:
-        body: Any = msgspec.json.decode(content)
-    except msgspec.DecodeError as exc:
-        raise BadAnswer(f"malformed JSON: {exc}") from exc
-    if not isinstance(body, dict) or not isinstance(body.get("status"), str):
-        raise BadAnswer("JSON of an unexpected shape: no object with a string `status`")
-    results = body.get("results")
-    if results is None and body["status"] in KEPT_STATUSES:
-        raise BadAnswer(f"JSON of an unexpected shape: status {body['status']} without results")
-    if results is not None:
-        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-            raise BadAnswer("JSON of an unexpected shape: `results` is not a list of objects")
-        body["results"] = results[:bound]  # same key, so the order is kept
-    return body
-
-
-def _upstream_message(content: bytes) -> str:
-    """What an error body says, if it says it the way Google does; else ''."""
-    try:
-        body: Any = msgspec.json.decode(content)
-    except msgspec.DecodeError:
-        return ""
-    if not isinstance(body, dict):
-        return ""
-    error = body.get("error")  # Google Cloud APIs: {"error": {code, message, status}}
-    if isinstance(error, dict):
-        parts = (error.get("status"), error.get("message"))
-        return ": ".join(p for p in parts if isinstance(p, str))
-    message = body.get("error_message")  # legacy Maps APIs
-    return message if isinstance(message, str) else ""
-
-
-def status_for_http(code: int) -> str:
-    """The legacy status for a non-2xx HTTP status (PROTOCOL.md §2)."""
-    if code == 400:
-        return "INVALID_REQUEST"
-    if code in (401, 403):
-        return "REQUEST_DENIED"
-    if code == 429:
-        return "OVER_QUERY_LIMIT"
-    return "UNKNOWN_ERROR"  # 5xx, and anything else nobody should be answering with
 
 
 def places_deadline(places_timeout: float) -> float:
@@ -437,7 +209,7 @@ class GooglePlaces:
                 except BadAnswer as exc:
                     return self._fail("UNKNOWN_ERROR", f"{endpoint.label} answered {exc}")
             if not 200 <= code < 300:
-                detail = _upstream_message(content)
+                detail = upstream_message(content)
                 return self._fail(
                     status_for_http(code),
                     f"{endpoint.label} answered HTTP {code}" + (f": {detail}" if detail else ""),
@@ -478,12 +250,15 @@ class GooglePlaces:
 
 
 @asynccontextmanager
-async def open_google(herd: HerdConfig) -> AsyncIterator[GooglePlaces]:
+async def open_google(
+    herd: HerdConfig, *, transport: httpx.AsyncBaseTransport | None = None
+) -> AsyncIterator[GooglePlaces]:
     """Open the Google source `herd` configures; its HTTP client closes when the block exits.
 
     Reads the key from the environment (`herd.places_key()`, KeyError if unset: the
     config check has already refused that). While open, httpx's request log lines have
-    the key replaced.
+    the key replaced. `transport` replaces httpx's network transport (and with it the
+    connection pool limits): tests pass an `httpx.MockTransport`.
     """
     settings = herd.herd
     legacy = settings.places == "google-legacy"
@@ -509,6 +284,7 @@ async def open_google(herd: HerdConfig) -> AsyncIterator[GooglePlaces]:
             # No HTTP(S)_PROXY/NO_PROXY from the environment: a request carrying the key
             # goes where the config says, nowhere else. places_url is the override.
             trust_env=False,
+            transport=transport,
         ) as client:
             yield GooglePlaces(
                 client=client,

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.e2e.herd import Herd, Session, exchange, running
-from tests.places.httpserver import Recorded, Reply, start_fake_http
+from tests.e2e.herd import Herd, Session, exchange, poll, running
+from tests.places.googlekit import FIELD_MASK
+from tests.places.httpserver import Reply, start_fake_http
 
 FIXTURES = Path(__file__).parent.parent / "places" / "fixtures"
 KEY = "test-key-0123456789-never-logged"
 WESTWOOD = b"+34.068930-118.445127"
+BURST_LOGGED = "< b'WHATSAT burst 10 5'"  # how the server logs each of the burst's lines
 
 
 def fixture(name: str) -> object:
@@ -57,7 +59,7 @@ async def test_places_api_new_end_to_end(
         (request,) = api.requests
         assert (request.method, request.path) == ("POST", "/v1/places:searchNearby")
         assert request.header("X-Goog-Api-Key") == KEY
-        assert request.header("X-Goog-FieldMask")
+        assert request.header("X-Goog-FieldMask") == FIELD_MASK
         circle = request.json()["locationRestriction"]["circle"]
         assert circle == {
             "center": {"latitude": 34.06893, "longitude": -118.445127},
@@ -98,9 +100,15 @@ async def test_legacy_api_end_to_end_passes_errors_through(
 async def test_a_slow_api_delays_neither_iamats_nor_other_clients(
     tmp_path: Path, nursery: trio.Nursery, api_key: str
 ) -> None:
+    # The API holds its answer until the test lets it go: twenty IAMATs on other
+    # connections are answered meanwhile (each under exchange()'s own deadline), so
+    # nothing waits on the places call but the WHATSAT that made it.
+    release = trio.Event()
     api = await start_fake_http(nursery)
-    api.reply_always(Reply(200, {"places": []}, delay=2.0))
-    herd = Herd.create(tmp_path, ["Solo"], [], places="google", places_url=api.url)
+    api.reply_always(Reply(200, {"places": []}, hold=release))
+    herd = Herd.create(
+        tmp_path, ["Solo"], [], places="google", places_url=api.url, places_timeout=60.0
+    )
     with running(herd):
         herd.start("Solo")
         at_line = await herd.iamat("Solo", b"slow", WESTWOOD, b"1")
@@ -108,26 +116,30 @@ async def test_a_slow_api_delays_neither_iamats_nor_other_clients(
             waiting = Session(stream)
             await stream.send_all(b"WHATSAT slow 10 5\n")
             await api.wait_requests(1)  # the places call is under way
-            start = trio.current_time()
             for number in range(20):
                 reply = await herd.iamat("Solo", b"busy%d" % number, WESTWOOD, b"2")
                 assert reply.startswith(b"AT Solo ")
-            assert trio.current_time() - start < 1.5  # all while the API still sleeps
+            assert (len(api.requests), api.in_flight) == (1, 1)  # all while the API holds
+            release.set()
             reply = await waiting.read_until(b"\n\n")
-        body = body_of(reply, at_line)
-        assert body["status"] == "ZERO_RESULTS"
+        assert body_of(reply, at_line) == {
+            "html_attributions": [],
+            "results": [],
+            "status": "ZERO_RESULTS",
+        }
 
 
 async def test_a_burst_of_identical_whatsats_makes_one_call(
     tmp_path: Path, nursery: trio.Nursery, api_key: str
 ) -> None:
+    # The API holds its answer until the server has logged all fifty WHATSATs, so they
+    # all arrive while the one call is in flight.
+    release = trio.Event()
     api = await start_fake_http(nursery)
-
-    def answer(request: Recorded) -> Reply:
-        return Reply(200, fixture("new_searchnearby_westwood.json"), delay=0.3)
-
-    api.respond = answer
-    herd = Herd.create(tmp_path, ["Solo"], [], places="google", places_url=api.url)
+    api.reply_always(Reply(200, fixture("new_searchnearby_westwood.json"), hold=release))
+    herd = Herd.create(
+        tmp_path, ["Solo"], [], places="google", places_url=api.url, places_timeout=60.0
+    )
     with running(herd):
         herd.start("Solo")
         at_line = await herd.iamat("Solo", b"burst", WESTWOOD, b"1")
@@ -136,12 +148,20 @@ async def test_a_burst_of_identical_whatsats_makes_one_call(
         async def ask() -> None:
             replies.append(await exchange(herd.ports["Solo"], b"WHATSAT burst 10 5\n"))
 
+        async def all_received() -> bool | None:
+            await trio.lowlevel.checkpoint()
+            return True if herd.log("Solo").read_text().count(BURST_LOGGED) == 50 else None
+
         async with trio.open_nursery() as clients:
             for _ in range(50):
                 clients.start_soon(ask)
-        assert len(replies) == 50
-        assert len({reply for reply in replies}) == 1
-        assert body_of(replies[0], at_line)["status"] == "OK"
+            await poll("Solo logs fifty WHATSATs", all_received)
+            assert (len(api.requests), api.in_flight, replies) == (1, 1, [])
+            release.set()
+        expected = fixture("legacy_from_new_westwood.json")
+        assert isinstance(expected, dict)
+        assert replies == [replies[0]] * 50
+        assert body_of(replies[0], at_line) == expected  # three places, within the bound
         assert len(api.requests) == 1
 
 
@@ -155,10 +175,14 @@ async def test_a_failing_api_answers_in_legacy_shape(
         herd.start("Solo")
         at_line = await herd.iamat("Solo", b"quota", WESTWOOD, b"1")
         body = body_of(await exchange(herd.ports["Solo"], b"WHATSAT quota 10 5\n"), at_line)
-        assert body["status"] == "OVER_QUERY_LIMIT"
-        assert body["results"] == []
-        assert isinstance(body["error_message"], str)
-        assert KEY not in body["error_message"]
+        assert json.dumps(body) == json.dumps(
+            {
+                "html_attributions": [],
+                "results": [],
+                "status": "OVER_QUERY_LIMIT",
+                "error_message": "Places API (New) answered HTTP 429: RESOURCE_EXHAUSTED",
+            }
+        )
 
 
 def test_a_google_source_without_a_key_is_a_config_error(

@@ -2,7 +2,9 @@
 
 Real sockets, real HTTP (h11, which httpx already depends on), keep-alive, bodies by
 Content-Length or chunked. It runs as a task in the test's event loop, so a scripted
-delay is a `trio.sleep` and a test that ends cancels it. Usage:
+delay is a `trio.sleep` and a test that ends cancels it. The script (`Script`: what to
+answer, what was asked) is shared with `mockapi.MockAPI`, the same fake without sockets
+for tests under `MockClock`. Usage:
 
     server = await start_fake_http(nursery)  # or: await nursery.start(server.serve)
     server.respond = lambda request: Reply(200, {"places": []})
@@ -57,7 +59,8 @@ class Reply:
     status: int = 200
     body: Any = b"{}"
     delay: float = 0.0  # seconds (trio time) to wait before replying
-    drop: bool = False  # close the connection instead of replying (after the delay)
+    hold: trio.Event | None = None  # then, if given, wait until it is set
+    drop: bool = False  # close the connection instead of replying (after the waiting)
     content_type: str = "application/json; charset=UTF-8"
 
     def encoded(self) -> bytes:
@@ -66,16 +69,52 @@ class Reply:
 
 
 @attrs.define(eq=False)
-class FakeHTTPServer:
-    """The state of a running `serve_fake_http`: its address, script and record."""
+class Script:
+    """What a fake API answers, and a record of what it was asked and how busy it got."""
 
-    port: int = 0
     respond: Callable[[Recorded], Reply] = attrs.field(default=lambda _: Reply())
     requests: list[Recorded] = attrs.field(factory=list)
-    connections: int = 0  # TCP connections accepted so far
     in_flight: int = 0  # requests received and not yet answered
     peak_in_flight: int = 0
     _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def reply_always(self, reply: Reply) -> None:
+        """Answer every request from now on with `reply`."""
+        self.respond = lambda _: reply
+
+    async def wait_requests(self, count: int) -> None:
+        """Block until at least `count` requests have been recorded; always checkpoints."""
+        await trio.lowlevel.checkpoint()
+        while len(self.requests) < count:
+            await self._changed.wait()
+
+    async def take(self, request: Recorded) -> Reply:
+        """Record `request` and wait out its reply's delay and hold; then the reply.
+
+        Counts the request in flight from here until the caller calls `answered()`.
+        """
+        self.requests.append(request)
+        self._changed.set()
+        self._changed = trio.Event()
+        reply = self.respond(request)
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        await trio.sleep(reply.delay)
+        if reply.hold is not None:
+            await reply.hold.wait()
+        return reply
+
+    def answered(self) -> None:
+        """The request `take` returned for has been answered (or given up on)."""
+        self.in_flight -= 1
+
+
+@attrs.define(eq=False)
+class FakeHTTPServer(Script):
+    """The state of a running HTTP server: its address, script and record."""
+
+    port: int = 0
+    connections: int = 0  # TCP connections accepted so far
 
     @property
     def url(self) -> str:
@@ -94,21 +133,6 @@ class FakeHTTPServer:
             task_status.started()
             await trio.sleep_forever()
 
-    def reply_always(self, reply: Reply) -> None:
-        """Answer every request from now on with `reply`."""
-        self.respond = lambda _: reply
-
-    async def wait_requests(self, count: int) -> None:
-        """Block until at least `count` requests have been recorded; always checkpoints."""
-        await trio.lowlevel.checkpoint()
-        while len(self.requests) < count:
-            await self._changed.wait()
-
-    def _record(self, request: Recorded) -> None:
-        self.requests.append(request)
-        self._changed.set()
-        self._changed = trio.Event()
-
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one connection: requests in order until either side closes."""
         await trio.lowlevel.checkpoint()  # so every way out has one (flake8-async ASYNC910)
@@ -116,17 +140,13 @@ class FakeHTTPServer:
         conn = h11.Connection(h11.SERVER)
         try:
             while (request := await _receive_request(conn, stream)) is not None:
-                self._record(request)
-                reply = self.respond(request)
-                self.in_flight += 1
-                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
                 try:
-                    await trio.sleep(reply.delay)
+                    reply = await self.take(request)
                     if reply.drop:
                         return
                     await stream.send_all(_response_bytes(conn, reply))
                 finally:
-                    self.in_flight -= 1
+                    self.answered()
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
