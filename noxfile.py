@@ -9,6 +9,9 @@ import nox
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_venv = "yes"
+# Plain venv + pip, on purpose: without a backend set, nox looks for uv first and prints
+# "uv binary not found" on every session of a machine that has none (issue 10, point 9).
+nox.options.default_venv_backend = "venv"
 
 # ASYNC127 asks for httpx2 instead of httpx; httpx is this project's chosen HTTP client.
 # ASYNC9xx (every async function must checkpoint on every path) are flake8-async's
