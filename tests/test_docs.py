@@ -207,10 +207,20 @@ def on_free_ports(text: str) -> tuple[str, dict[int, int]]:
     return re.sub(r"\b(12[01]0[0-9])\b", lambda m: str(moved[int(m[1])]), text), moved
 
 
+@pytest.fixture
+def nc_and_lsof() -> None:
+    """Skip (or fail under HERD_REQUIRE_ALL=1) without nc or lsof.
+
+    A fixture, not a call in the test: a skip raised inside a trio test reaches pytest
+    through the test's nursery and loses its reason.
+    """
+    require_program("nc", "lsof")
+
+
+@pytest.mark.usefixtures("nc_and_lsof")
 async def test_the_readme_session_against_the_guides_herd(tmp_path: Path) -> None:
     """README's telnet IAMAT and nc WHATSAT, on the guide's herd (ports moved to free ones),
     stopped by the guide's `kill $(lsof -ti:12003)`, which under --all stops all five."""
-    require_program("nc", "lsof")
     text, moved = on_free_ports(guide_config())
     (tmp_path / "herd.toml").write_text(text, encoding="utf-8")
     herd = await trio.lowlevel.open_process(
