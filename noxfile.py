@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import nox
@@ -9,6 +10,11 @@ import nox
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_venv = "yes"
+# Plain venv + pip, on purpose (the README's commands need nothing else). nox still probes
+# for uv before every session, whatever the backend, and logs "uv binary not found." each
+# time (checked on nox 2026.10.20): drop that one line, it says nothing about this project.
+nox.options.default_venv_backend = "venv"
+logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
 
 # ASYNC127 asks for httpx2 instead of httpx; httpx is this project's chosen HTTP client.
 # ASYNC9xx (every async function must checkpoint on every path) are flake8-async's

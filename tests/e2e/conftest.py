@@ -9,7 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.herd import Herd, running
+from tests.e2e.herd import Herd, require_program, running
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the marker (the run uses --strict-markers)."""
+    config.addinivalue_line(
+        "markers",
+        "requires_program(*names): skip, naming the Debian package, unless every program"
+        " is installed; fail instead under HERD_REQUIRE_ALL=1 (CI)",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Check `requires_program` before any fixture starts a herd for nothing."""
+    for marker in item.iter_markers("requires_program"):
+        require_program(*marker.args)
 
 
 @pytest.fixture

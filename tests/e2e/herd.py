@@ -7,6 +7,7 @@ and fails with a message naming what never happened.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import attrs
+import pytest
 import trio
 
 # The default herd's talk relations (PROTOCOL.md §5).
@@ -345,6 +347,32 @@ def running(herd: Herd) -> Iterator[Herd]:
         yield herd
     finally:
         herd.stop_all()
+
+
+# The programs some tests drive as a user would, and the Debian package of each.
+PROGRAM_PACKAGES = {"telnet": "telnet", "nc": "netcat-openbsd", "lsof": "lsof"}
+# Set to 1 (CI does) to turn "program not installed" skips into failures.
+REQUIRE_ALL = "HERD_REQUIRE_ALL"
+
+
+def require_program(*names: str) -> None:
+    """Skip the calling test unless every program in `names` is on PATH.
+
+    The reason names the Debian package to install. With HERD_REQUIRE_ALL=1 in the
+    environment the test fails instead, so a CI machine that lost a program cannot go
+    green by skipping the tests that need it.
+    """
+    missing = [name for name in names if shutil.which(name) is None]
+    if not missing:
+        return
+    packages = " ".join(PROGRAM_PACKAGES.get(name, name) for name in missing)
+    reason = (
+        f"needs {', '.join(missing)}: apt-get install {packages}"
+        " (all of them: apt-get install telnet netcat-openbsd lsof)"
+    )
+    if os.environ.get(REQUIRE_ALL) == "1":
+        pytest.fail(f"{reason}; {REQUIRE_ALL}=1 forbids skipping", pytrace=False)
+    pytest.skip(reason)
 
 
 def pids_listening(port: int) -> list[int]:

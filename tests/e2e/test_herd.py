@@ -109,6 +109,7 @@ async def test_a_concurrent_tie_converges_on_the_same_winner(herd: Herd) -> None
         await herd.wait_for(name, b"tie", winner)
 
 
+@pytest.mark.requires_program("telnet")
 async def test_a_telnet_session_stays_open_for_many_commands(herd: Herd) -> None:
     commands = [
         b"IAMAT telnet.user +34.068930-118.445127 1621464827.959498503",
@@ -150,6 +151,7 @@ async def test_a_telnet_session_stays_open_for_many_commands(herd: Herd) -> None
     )
 
 
+@pytest.mark.requires_program("nc")
 async def test_nc_pipeline_gets_every_reply_in_order(herd: Herd) -> None:
     script = (
         b"IAMAT nc.user +34-118 1621464827\r\n"
@@ -223,6 +225,7 @@ async def test_a_restarted_server_takes_part_in_the_next_flood(tmp_path: Path) -
         await herd.wait_for("B", b"phoenix", at_line, deadline=5)
 
 
+@pytest.mark.requires_program("lsof")
 async def test_killing_by_client_port_with_lsof_takes_no_neighbour_down(herd: Herd) -> None:
     pids = pids_listening(herd.ports["Bona"])
     assert pids == [herd.processes["Bona"].pid]  # peers never connect to a client port
