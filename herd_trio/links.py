@@ -267,7 +267,7 @@ async def run_link(
                     stream = transport
                     try:
                         if server.tls is not None:
-                            stream = await wrap_dialled(transport, server.tls[0], peer)
+                            stream = await wrap_dialled(transport, server.tls.dialling, peer)
                         reader = LineReader(stream, peer_max_line(server))
                         await dial_handshake(
                             stream,
@@ -330,7 +330,7 @@ async def handle_peer(server: Server, transport: trio.abc.Stream) -> None:
             stream = transport
             tls = None
             if server.tls is not None:
-                stream = tls = await wrap_accepted(transport, server.tls[1])
+                stream = tls = await wrap_accepted(transport, server.tls.accepting)
 
             def allowed(name: bytes) -> bool:
                 if name in dialling and tls is not None and not certificate_matches(tls, name):

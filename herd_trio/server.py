@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import re
-import resource
-import ssl
 import time
 import traceback
 from collections.abc import Callable
@@ -23,11 +21,11 @@ import attrs
 import trio
 
 from herd_trio import links
-from herd_trio.auth import Keyring, RateLimiter
+from herd_trio.auth import Keyring
 from herd_trio.bus import Bus
 from herd_trio.config import HerdConfig, ServerConfig, Settings
 from herd_trio.lines import LineReader, LineTooLong
-from herd_trio.log import ServerLog
+from herd_trio.log import RateLimiter, ServerLog
 from herd_trio.persist import PersistError, open_persister, state_path
 from herd_trio.places import JSON, PlacesSource, error_body, legacy_body, render
 from herd_trio.protocol import (
@@ -38,7 +36,9 @@ from herd_trio.protocol import (
     parse_command,
     question,
 )
+from herd_trio.security import PeerSecurity
 from herd_trio.store import Store
+from herd_trio.tls import TlsContexts
 
 # A browser or scanner that talks HTTP to a client port gets its `?` and is closed
 # at once rather than answered header by header.
@@ -55,29 +55,39 @@ class StartupError(Exception):
 
 @attrs.define(eq=False)
 class Server:
-    """The state one server's tasks share; `serve()` runs it."""
+    """The state one server's tasks share; `serve()` runs it. Constructing it reads
+    nothing: the caller loads `security` and sizes `max_clients` (see __main__)."""
 
     name: str
     herd: HerdConfig
     places: PlacesSource
     log: ServerLog
+    security: PeerSecurity = attrs.field(factory=PeerSecurity, kw_only=True)
+    max_clients: int = attrs.field(
+        default=attrs.Factory(lambda self: self.herd.herd.max_clients, takes_self=True),
+        kw_only=True,
+    )
     store: Store = attrs.field(factory=Store)
     bus: Bus = attrs.field(factory=Bus)
     now_ns: Callable[[], int] = time.time_ns  # wall clock for AT time differences
     accepted: dict[str, trio.CancelScope] = attrs.field(factory=dict, init=False)
-    keyring: Keyring | None = attrs.field(init=False)  # peer secrets; None: loopback only
-    tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = attrs.field(init=False)
     refusals: RateLimiter = attrs.field(factory=RateLimiter, init=False)  # peer log lines
-    max_clients: int = attrs.field(init=False)
     clients: int = attrs.field(default=0, init=False)  # open client connections
     addresses: dict[str, int] = attrs.field(factory=dict, init=False)  # open ones per address
     wire_name: bytes = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.wire_name = self.name.encode("ascii")
-        self.max_clients = min(self.settings.max_clients, fd_budget())
-        self.keyring = self.herd.keyring()
-        self.tls = self.herd.tls_contexts(self.name)
+
+    @property
+    def keyring(self) -> Keyring | None:
+        """Peer secrets; None: peers are accepted from loopback only."""
+        return self.security.keyring
+
+    @property
+    def tls(self) -> TlsContexts | None:
+        """Mutual TLS contexts for peer links; None: plain TCP."""
+        return self.security.tls
 
     @property
     def config(self) -> ServerConfig:
@@ -126,23 +136,6 @@ class Server:
                 body = await self.places.nearby(lat, lon, command.radius_m, command.bound)
             body = _cap(body, command.bound)
         return record.at_line + b"\n" + render(body) + b"\n\n"
-
-
-FD_RESERVE = 64  # descriptors kept for listeners, links, logs, state and the places source
-
-
-def fd_budget() -> int:
-    """How many client connections the process's descriptor limit leaves room for."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(1, soft - FD_RESERVE) if soft != resource.RLIM_INFINITY else 1 << 30
-
-
-def raise_fd_limit() -> None:
-    """Raise the soft descriptor limit to the hard one, as servers commonly do."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _cap(body: JSON, bound: int) -> JSON:
