@@ -178,6 +178,16 @@ def locations(herd: HerdConfig) -> list[str]:
     return [f"logs: {settings.log_dir}", state]
 
 
+def announce(herd: HerdConfig, logs: dict[str, ServerLog]) -> None:
+    """Say where logs and state go: on stdout, and in each server's own log."""
+    for line in locations(herd):
+        print(line, flush=True)
+    state_dir = herd.herd.state_dir
+    for name, log in logs.items():
+        state = "none" if state_dir is None else str(state_path(state_dir, name))
+        log.write(f"log file {log_path(herd, name)}; state file {state}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -213,12 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"{PROG}: cannot open log or state files: {exc}", file=sys.stderr)
             return 1
-        for line in locations(herd):
-            print(line, flush=True)
-        for name, log in logs.items():
-            state_dir = herd.herd.state_dir
-            state = "none" if state_dir is None else str(state_path(state_dir, name))
-            log.write(f"log file {log_path(herd, name)}; state file {state}")
+        announce(herd, logs)
         package_log = logging.getLogger("herd_trio")
         package_log.setLevel(logging.INFO)
         package_log.propagate = False  # into the server logs, never onto the terminal

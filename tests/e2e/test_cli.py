@@ -151,3 +151,21 @@ async def test_one_server_prints_where_its_log_goes_and_that_it_keeps_no_state(
         f"log file {tmp_path / 'logs' / 'Solo.log'}; state file none"
         in herd.log("Solo").read_text()
     )
+
+
+def test_a_host_that_does_not_resolve_is_a_start_up_error_naming_server_and_host(
+    tmp_path: Path,
+) -> None:
+    """Syntax is checked at load time (exit 2); resolving is the bind's job (exit 1)."""
+    herd = Herd.create(tmp_path, ["Solo"], [])
+    text = herd.config.read_text().replace(
+        "[servers.Solo]", "[servers.Solo]\nhost = 'herd.invalid'"
+    )
+    herd.config.write_text(text)
+    result = run_cli("Solo", "--config", str(herd.config), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    port = herd.ports["Solo"]
+    assert result.stderr.startswith(
+        f"herd_trio: Solo: cannot listen for clients on herd.invalid:{port}: "
+    )
