@@ -1,19 +1,25 @@
 """Command line: `python -m herd_trio NAME` or `python -m herd_trio --all`.
 
 Exit status: 0 after SIGINT/SIGTERM, 2 for a bad command line or config, 1 when a
-server cannot start (a port in use); every failure is one line on stderr.
+server cannot start (a port in use); every failure is one line on stderr. A config
+error reads `FILE: FIELD.PATH: what is wrong`. Everything a server reads at start-up
+(config, secrets, certificates, the descriptor limit) is read here, once, before any
+server is constructed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
+import resource
 import signal
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from functools import partial
+from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,12 +28,15 @@ import trio
 
 from herd_trio import config
 from herd_trio.config import ConfigError, HerdConfig
+from herd_trio.errors import leaves
 from herd_trio.log import ServerLog
+from herd_trio.persist import state_path
 from herd_trio.places import open_places
-from herd_trio.security import PeerSecurity, TlsContexts
-from herd_trio.server import StartupError, fd_budget, log_path, raise_fd_limit, serve
+from herd_trio.security import PeerSecurity, load_security
+from herd_trio.server import StartupError, log_path, serve
 
 PROG = "herd_trio"
+FD_RESERVE = 64  # descriptors kept for listeners, links, logs, state and the places source
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,11 +51,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--all", action="store_true", help="run every server of the config")
     parser.add_argument("--config", type=Path, help="herd config file (TOML); default: built in")
     parser.add_argument("--log-dir", type=Path, help="write <NAME>.log here (overrides config)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep records here (overrides config); default for --all: 'state' in the"
+        " config file's folder (the working directory for the built-in config)",
+    )
     parser.add_argument("--one-shot", action="store_true", help="close after the first reply")
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     args = parser.parse_args(argv)
     if args.all == (args.name is not None):
         parser.error("give a server NAME or --all, not both" if args.all else "give a server NAME")
     return args
+
+
+def version() -> str:
+    """The installed package's version."""
+    try:
+        return metadata.version(PROG)
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def apply_overrides(herd: HerdConfig, args: argparse.Namespace) -> HerdConfig:
@@ -54,32 +78,38 @@ def apply_overrides(herd: HerdConfig, args: argparse.Namespace) -> HerdConfig:
     settings = herd.herd
     if args.log_dir is not None:
         settings = msgspec.structs.replace(settings, log_dir=str(args.log_dir.resolve()))
+    if args.state_dir is not None:
+        settings = msgspec.structs.replace(settings, state_dir=str(args.state_dir.resolve()))
     if args.one_shot:
         settings = msgspec.structs.replace(settings, one_shot=True)
     if args.all and settings.state_dir is None:
         # One process holding the whole herd is the case where a stop loses everything,
-        # so it keeps state by default, beside the logs.
-        settings = msgspec.structs.replace(
-            settings, state_dir=str(Path(settings.log_dir).parent / "state")
-        )
+        # so it keeps state by default. Not beside the logs: a restart with another
+        # --log-dir would start empty (issue 10, #4). The config's own folder stays put.
+        state_dir = config.home(args.config) / "state"
+        settings = msgspec.structs.replace(settings, state_dir=str(state_dir))
     return msgspec.structs.replace(herd, herd=settings)
 
 
-async def run_herd(herd: HerdConfig, names: list[str], logs: dict[str, ServerLog]) -> None:
+async def run_herd(
+    herd: HerdConfig,
+    names: list[str],
+    logs: dict[str, ServerLog],
+    security: dict[str, PeerSecurity],
+    max_clients: int,
+) -> None:
     """Run the named servers until SIGINT or SIGTERM, then cancel them all."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_places(herd) as places, trio.open_nursery() as nursery:
             for name in names:
-                tls = herd.tls_contexts(name)
-                security = PeerSecurity(herd.keyring(), tls and TlsContexts(*tls))
                 server = partial(
-                    serve, name, herd, places, logs[name], security, max_clients=fd_budget()
+                    serve, name, herd, places, logs[name], security[name], max_clients=max_clients
                 )
                 await nursery.start(server, name=f"server {name}")
                 cfg = herd.servers[name]
                 where = f"clients on {cfg.host}:{cfg.port}, peers on {cfg.host}:{cfg.peer_port}"
                 print(f"{name}: {where}", flush=True)
-                if warning := unprotected(name, cfg.host, security):
+                if warning := unprotected(name, cfg.host, security[name]):
                     print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
                     logs[name].write(f"warning: {warning}")
             signum = await anext(signals)
@@ -118,13 +148,39 @@ class ToServerLogs(logging.Handler):
             log.write(text)
 
 
-def leaves(group: BaseException) -> Iterator[BaseException]:
-    """The exceptions inside (nested) exception groups."""
-    if isinstance(group, BaseExceptionGroup):
-        for exc in group.exceptions:
-            yield from leaves(exc)
-    else:
-        yield group
+def fd_budget() -> int:
+    """How many client connections the process's descriptor limit leaves room for."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, soft - FD_RESERVE) if soft != resource.RLIM_INFINITY else 1 << 30
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft descriptor limit to the hard one, as servers commonly do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def locations(herd: HerdConfig) -> list[str]:
+    """Where this process's logs and state go, one line each, for stdout at start-up."""
+    settings = herd.herd
+    state = (
+        f"state: {settings.state_dir}"
+        if settings.state_dir is not None
+        else "state: none (records live in memory only; set state_dir or --state-dir)"
+    )
+    return [f"logs: {settings.log_dir}", state]
+
+
+def announce(herd: HerdConfig, logs: dict[str, ServerLog]) -> None:
+    """Say where logs and state go: on stdout, and in each server's own log."""
+    for line in locations(herd):
+        print(line, flush=True)
+    state_dir = herd.herd.state_dir
+    for name, log in logs.items():
+        state = "none" if state_dir is None else str(state_path(state_dir, name))
+        log.write(f"log file {log_path(herd, name)}; state file {state}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         herd = apply_overrides(config.load(args.config), args)
     except ConfigError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)  # FILE: FIELD.PATH: problem
         return 2
     if args.all:
         names = list(herd.servers)
@@ -143,7 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         known = ", ".join(herd.servers)
         print(f"{PROG}: unknown server {args.name!r} (configured: {known})", file=sys.stderr)
         return 2
-    raise_fd_limit()  # before Server objects size max_clients by the descriptor limit
+    try:  # secrets and certificates: read once, for every server of this process
+        security = load_security(herd, names)
+    except ConfigError as exc:
+        print(exc.in_file(config.label(args.config)), file=sys.stderr)
+        return 2
+    raise_fd_limit()  # before max_clients is sized by the descriptor limit
+    max_clients = min(herd.herd.max_clients, fd_budget())
     failed: list[BaseException] = []
     with ExitStack() as stack:
         logs: dict[str, ServerLog] = {}
@@ -156,12 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"{PROG}: cannot open log or state files: {exc}", file=sys.stderr)
             return 1
+        announce(herd, logs)
         package_log = logging.getLogger("herd_trio")
         package_log.setLevel(logging.INFO)
         package_log.propagate = False  # into the server logs, never onto the terminal
         package_log.addHandler(ToServerLogs(logs.values()))
         try:
-            trio.run(run_herd, herd, names, logs)
+            trio.run(run_herd, herd, names, logs, security, max_clients)
         except* StartupError as group:
             failed = list(leaves(group))
     for error in failed:

@@ -35,17 +35,13 @@ import hmac
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
 
 import attrs
 import trio
 
 from herd_trio.lines import LineReader
-
-if TYPE_CHECKING:
-    from herd_trio.config import Settings
 
 VERSION = b"herd_trio/1"
 NONCE_BYTES = 16  # 128 bits: a repeat is never expected, so a fresh nonce defeats replay
@@ -74,16 +70,29 @@ def key_id(key: bytes) -> bytes:
     return hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).hexdigest()[: 2 * KEY_ID_BYTES].encode()
 
 
-def _check_keys(_instance: object, _attribute: object, keys: tuple[bytes, ...]) -> None:
+def check_keys(keys: Sequence[bytes], source: str = "keyring", lines: Sequence[int] = ()) -> None:
+    """ValueError naming the first unusable secret by its place, never by its value.
+
+    Every way to build a keyring (a file, one environment variable, the constructor)
+    goes through here. `lines` gives each key's line number in `source`, if it has one.
+    """
     if not keys:
-        raise ValueError("a keyring needs at least one secret")
+        raise ValueError(f"{source} holds no secret")
     if len(keys) > MAX_KEYS:
-        raise ValueError(f"a keyring holds at most {MAX_KEYS} secrets, not {len(keys)}")
-    for number, key in enumerate(keys, 1):
+        raise ValueError(f"{source} holds {len(keys)} secrets; at most {MAX_KEYS}")
+    for index, key in enumerate(keys):
+        if lines:
+            where = f"{source} line {lines[index]}"
+        else:
+            where = f"{source} secret {index + 1}" if len(keys) > 1 else source
         if len(key) < MIN_SECRET_BYTES:
-            raise ValueError(f"secret {number} is shorter than {MIN_SECRET_BYTES} bytes")
-        if key in keys[: number - 1]:
-            raise ValueError(f"secret {number} repeats an earlier one")
+            raise ValueError(f"{where}: secret shorter than {MIN_SECRET_BYTES} bytes")
+        if key in keys[:index]:
+            raise ValueError(f"{where}: repeats an earlier secret")
+
+
+def _check_keys(_instance: object, _attribute: object, keys: tuple[bytes, ...]) -> None:
+    check_keys(keys)
 
 
 @attrs.frozen(repr=False)
@@ -130,53 +139,25 @@ class Keyring:
         are skipped. ValueError names the line, never the secret on it.
         """
         keys: list[bytes] = []
+        lines: list[int] = []
         for number, raw in enumerate(text.split(b"\n"), 1):
             line = raw.strip()
-            if not line or line.startswith(b"#"):
-                continue
-            if len(line) < MIN_SECRET_BYTES:
-                raise ValueError(
-                    f"{source} line {number}: secret shorter than {MIN_SECRET_BYTES} bytes"
-                )
-            if line in keys:
-                raise ValueError(f"{source} line {number}: repeats an earlier secret")
-            keys.append(line)
-        if not keys:
-            raise ValueError(f"{source} holds no secret")
-        if len(keys) > MAX_KEYS:
-            raise ValueError(f"{source} holds {len(keys)} secrets; at most {MAX_KEYS}")
+            if line and not line.startswith(b"#"):
+                keys.append(line)
+                lines.append(number)
+        check_keys(keys, source, lines)
         return cls(tuple(keys))
 
     @classmethod
-    def from_config(
-        cls, settings: Settings, environ: Mapping[str, str] = os.environ
-    ) -> Keyring | None:
-        """The keyring the `[herd]` settings name, or None when no secret is configured.
+    def from_secret(cls, value: str, *, source: str = "secret") -> Keyring:
+        """A keyring of ONE secret given as text (an environment variable's value).
 
-        `secret_env` names an environment variable holding ONE secret (its value with
-        surrounding white space dropped; no separator is recognised, so any byte may
-        be part of a secret). `keyring_file` names a file for `parse`; it is the way to
-        rotate secrets. Setting both is refused: which would be preferred is unclear.
-        ValueError carries a one-line message for the config error.
+        Surrounding white space is dropped; no separator is recognised, so any other
+        byte may be part of the secret. ValueError names `source`, never the secret.
         """
-        env, path = settings.secret_env, settings.keyring_file
-        if env is not None and path is not None:
-            raise ValueError("set secret_env or keyring_file, not both")
-        if env is not None:
-            value = environ.get(env)
-            if not value:
-                raise ValueError(f"secret_env names {env}, which is not set")
-            secret = os.fsencode(value).strip()  # os.environ decodes with surrogateescape
-            if len(secret) < MIN_SECRET_BYTES:
-                raise ValueError(f"${env}: secret shorter than {MIN_SECRET_BYTES} bytes")
-            return cls((secret,))
-        if path is not None:
-            try:
-                text = Path(path).read_bytes()
-            except OSError as exc:
-                raise ValueError(f"cannot read keyring_file {path!r}: {exc.strerror}") from exc
-            return cls.parse(text, source=f"keyring_file {path!r}")
-        return None
+        secret = os.fsencode(value).strip()  # os.environ decodes with surrogateescape
+        check_keys((secret,), source)
+        return cls((secret,))
 
 
 # --- messages: pure parsing and formatting -------------------------------------------
@@ -421,42 +402,3 @@ def _check_names(reply: Hello | AcceptHello, *, sender: bytes, receiver: bytes) 
         raise HandshakeError(f"HELLO addressed to {_show(reply.receiver)}, not to us")
     if reply.sender != sender:
         raise HandshakeError(f"HELLO from {_show(reply.sender)}, expected {_show(sender)}")
-
-
-# --- rate-limited logging of refusals -------------------------------------------------
-
-
-@attrs.define(eq=False)
-class RateLimiter:
-    """At most one log line per remote address per `interval`; counts the rest.
-
-    `allow(address)` returns None to suppress a line, else how many lines for that
-    address were suppressed since the last one logged (0 most of the time): test it
-    with `is not None`. Memory is bounded: past `max_addresses` tracked addresses,
-    expired ones are forgotten and, if that is not enough, new addresses share one
-    "other addresses" entry, so a flood from many addresses logs a bounded number of
-    lines per interval as well.
-    """
-
-    interval: float = 10.0  # seconds
-    clock: Callable[[], float] = trio.current_time
-    max_addresses: int = 1024
-    _last: dict[str, tuple[float, int]] = attrs.field(factory=dict, init=False)
-
-    OVERFLOW = "(other addresses)"
-
-    def allow(self, address: str) -> int | None:
-        """None to suppress this address's line now; else how many were suppressed."""
-        now = self.clock()
-        if address not in self._last and len(self._last) >= self.max_addresses:
-            self._last = {
-                a: entry for a, entry in self._last.items() if now - entry[0] < self.interval
-            }
-            if len(self._last) >= self.max_addresses:
-                address = self.OVERFLOW
-        entry = self._last.get(address)
-        if entry is not None and now - entry[0] < self.interval:
-            self._last[address] = (entry[0], entry[1] + 1)
-            return None
-        self._last[address] = (now, 0)
-        return 0 if entry is None else entry[1]

@@ -95,7 +95,7 @@ class Outbox:
 
     async def wait(self) -> None:
         """Wait for a put(), a wake() or close(); OutboxClosed once closed. Always checkpoints."""
-        if self._wakeup.is_set():
+        if self._wakeup.is_set() or self._closed:
             await trio.lowlevel.checkpoint()
         else:
             await self._wakeup.wait()

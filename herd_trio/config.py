@@ -1,33 +1,55 @@
 """The herd's configuration: TOML in, a validated frozen config out, or one clear error.
 
-msgspec does the type checking and rejects unknown keys with a path
-(`$.servers.Clark.port`); the cross-checks that span servers (unknown neighbours,
-duplicate ports) run after it. Relative paths in a file are relative to that file.
+Data only: nothing here reads a key file, a certificate or a socket (security.py
+builds the keyring and TLS contexts from this data at start-up). msgspec checks types
+and ranges (declared on the fields) and rejects unknown keys; the cross-checks that
+span servers (unknown neighbours, duplicate ports) run after it. Every error reads
+`FILE: FIELD.PATH: what is wrong`. Relative paths in a file are relative to that file.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
-import ssl
 import tomllib
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Annotated, Literal
 
 import msgspec
 
-if TYPE_CHECKING:
-    from herd_trio.auth import Keyring
-
 DEFAULT_CONFIG = "default_herd.toml"  # packaged beside this module
+DEFAULT_LABEL = "<default config>"  # names the embedded default in error messages
 _WILDCARDS = ("", "0.0.0.0", "::")  # bind every address: clash with any host
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # goes on the wire as one AT field
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")  # RFC 1123
+_MSGSPEC = re.compile(r"(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.DOTALL)
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Interval = Annotated[float, msgspec.Meta(gt=0, le=3600)]  # seconds
 
 
 class ConfigError(Exception):
-    """A configuration that cannot run; the message is the one line the user sees."""
+    """A configuration that cannot run: `FILE: FIELD.PATH: what is wrong`, one line.
+
+    `field` is the dotted TOML path (`servers.Clark.port`); `file` is set by `load`
+    (or by the caller, for errors found later from the same config, see `in_file`).
+    """
+
+    def __init__(self, problem: str, *, field: str | None = None, file: str | None = None) -> None:
+        super().__init__(problem)
+        self.problem, self.field, self.file = problem, field, file
+
+    def __str__(self) -> str:
+        return ": ".join(part for part in (self.file, self.field, self.problem) if part)
+
+    def in_file(self, file: str) -> ConfigError:
+        """The same error, said of config `file` (see `label`)."""
+        return ConfigError(self.problem, field=self.field, file=file)
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -35,21 +57,21 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     log_dir: str = "logs"
     one_shot: bool = False
-    max_line: int = 4096
+    max_line: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 4096
     places: Literal["offline", "google", "google-legacy"] = "offline"
-    places_timeout: float = 5.0
+    places_timeout: Annotated[float, msgspec.Meta(gt=0, le=600)] = 5.0
     places_url: str | None = None
     places_key_env: str = "GOOGLE_PLACES_API_KEY"
-    places_concurrency: int = 16
-    places_cache_ttl: float = 10.0
-    places_cache_size: int = 1024
+    places_concurrency: Positive = 16
+    places_cache_ttl: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    places_cache_size: Count = 1024
     state_dir: str | None = None
     secret_env: str | None = None
-    heartbeat_interval: float = 1.0  # seconds between PINGs on an idle peer link
-    write_deadline: float = 10.0  # seconds a peer or client write may stall before drop
-    sync_interval: float = 5.0  # seconds between digest exchanges on a peer link
-    max_clients: int = 10_000  # open client connections per server (clamped to the fd limit)
-    max_clients_per_address: int = 0  # open client connections per remote address; 0: no cap
+    heartbeat_interval: Interval = 1.0  # seconds between PINGs on an idle peer link
+    write_deadline: Interval = 10.0  # seconds a peer or client write may stall before drop
+    sync_interval: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 5.0  # digest exchanges
+    max_clients: Positive = 10_000  # open client connections per server (clamped to fd limit)
+    max_clients_per_address: Count = 0  # open client connections per remote address; 0: no cap
     keyring_file: str | None = None  # peer secrets, one per line, the first one signs
     tls_cert: str | None = None  # PEM certificate chain of this herd's servers (peer links)
     tls_key: str | None = None  # its private key
@@ -59,8 +81,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One `[servers.NAME]` table."""
 
-    port: int
-    peer_port: int
+    port: Port
+    peer_port: Port
     host: str = "127.0.0.1"
     neighbours: list[str] = msgspec.field(default_factory=list)
     tls_cert: str | None = None  # this server's own certificate, instead of [herd]'s
@@ -80,61 +102,58 @@ class HerdConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         mine.discard(name)
         return sorted(mine)
 
-    def keyring(self, environ: Mapping[str, str] = os.environ) -> Keyring | None:
-        """The peer secrets (`secret_env` or `keyring_file`), or None if none are set.
-
-        ValueError with a one-line message if they are unusable.
-        """
-        from herd_trio.auth import Keyring
-
-        return Keyring.from_config(self.herd, environ)
-
-    def tls_contexts(self, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
-        """(dialling, accepting) contexts for mutual TLS on server `name`'s peer links.
-
-        A server's own `tls_cert`/`tls_key` take precedence over `[herd]`'s, so each
-        server can hold a certificate that names only itself, also under `--all`.
-        """
-        server = self.servers[name]
-        settings = self.herd
-        if server.tls_cert is not None:
-            settings = msgspec.structs.replace(
-                settings, tls_cert=server.tls_cert, tls_key=server.tls_key
-            )
-        if settings.tls_cert is None:
-            return None
-        from herd_trio.tls import client_context, server_context
-
-        return client_context(settings), server_context(settings)
-
     def places_key(self) -> str:
         """The Google API key, read from the environment variable `places_key_env` names."""
         return os.environ[self.herd.places_key_env]
 
 
+def label(path: Path | None) -> str:
+    """How errors name a config: the path as given, or DEFAULT_LABEL for the embedded one."""
+    return DEFAULT_LABEL if path is None else str(path)
+
+
+def home(path: Path | None) -> Path:
+    """The folder a config's relative paths resolve against: the file's, or the working
+    directory for the embedded default."""
+    return Path.cwd() if path is None else path.resolve().parent
+
+
 def load(path: Path | None = None, *, environ: Mapping[str, str] = os.environ) -> HerdConfig:
     """Read and validate a config file, or the embedded default herd when `path` is None.
 
-    Paths in a file resolve against its folder; those of the embedded default against
-    the working directory. Raises ConfigError with a one-line message.
+    Paths in the config resolve against `home(path)`. Reads only the config file
+    itself. Raises ConfigError, a one-line `FILE: FIELD.PATH: problem`.
     """
+    where = label(path)
+    try:
+        return _resolve(_parse(_read(path)), home(path), environ)
+    except ConfigError as exc:
+        raise exc.in_file(where) from exc
+
+
+def _read(path: Path | None) -> str:
     if path is None:
-        text = resources.files("herd_trio").joinpath(DEFAULT_CONFIG).read_text()
-        where, base = "embedded default config", Path.cwd()
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config {str(path)!r}: {exc}") from exc
-        where, base = str(path), path.resolve().parent
+        return resources.files("herd_trio").joinpath(DEFAULT_CONFIG).read_text()
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+
+
+def _parse(text: str) -> HerdConfig:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where}: invalid TOML: {exc}") from exc
+        raise ConfigError(f"invalid TOML: {exc}") from exc
     try:
-        herd = msgspec.convert(raw, HerdConfig)
+        return msgspec.convert(raw, HerdConfig)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{where}: {_name_the_server(raw, exc)}") from exc
+        raise _translate(raw, exc) from exc
+
+
+def _resolve(herd: HerdConfig, base: Path, environ: Mapping[str, str]) -> HerdConfig:
     check(herd, environ)
     settings = herd.herd
     paths = {
@@ -154,86 +173,120 @@ def load(path: Path | None = None, *, environ: Mapping[str, str] = os.environ) -
         for name, server in herd.servers.items()
     }
     settings = msgspec.structs.replace(settings, **paths)
-    herd = msgspec.structs.replace(herd, herd=settings, servers=servers)
-    try:  # secrets and certificates are read now, so a bad one fails at start (exit 2)
-        herd.keyring(environ)
-        for name in herd.servers:
-            herd.tls_contexts(name)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    return herd
+    return msgspec.structs.replace(herd, herd=settings, servers=servers)
 
 
 def check(herd: HerdConfig, environ: Mapping[str, str] = os.environ) -> None:
-    """The checks that span fields and servers; ConfigError names the first problem."""
+    """The checks that span fields and servers; ConfigError names the first problem.
+
+    Ranges are declared on the fields and checked by msgspec; this reads no file.
+    """
     settings = herd.herd
     if not herd.servers:
-        raise ConfigError("no servers configured")
-    if not 64 <= settings.max_line <= 1 << 20:
-        raise ConfigError(f"max_line must be between 64 and 1048576, not {settings.max_line}")
-    if not 0 < settings.places_timeout <= 600:
-        raise ConfigError(f"places_timeout must be in (0, 600] seconds: {settings.places_timeout}")
-    if settings.places_concurrency < 1 or settings.places_cache_size < 0:
-        raise ConfigError("places_concurrency must be >= 1 and places_cache_size >= 0")
-    if not 0 < settings.heartbeat_interval <= 3600 or not 0 < settings.write_deadline <= 3600:
-        raise ConfigError("heartbeat_interval and write_deadline must be in (0, 3600] seconds")
-    if not 0 < settings.sync_interval <= 86400:
-        raise ConfigError(f"sync_interval must be in (0, 86400] seconds: {settings.sync_interval}")
-    if settings.max_clients < 1 or settings.max_clients_per_address < 0:
-        raise ConfigError("max_clients must be >= 1 and max_clients_per_address >= 0")
+        raise ConfigError("no servers configured", field="servers")
     for name, server in herd.servers.items():
         cert = server.tls_cert or settings.tls_cert
         key = server.tls_key if server.tls_cert else settings.tls_key
         tls = [cert, key, settings.tls_ca]
         if any(tls) and not all(tls):
             raise ConfigError(
-                f"servers.{name}: peer TLS needs tls_cert and tls_key (here or in [herd])"
-                " and tls_ca in [herd]"
+                "peer TLS needs tls_cert and tls_key (here or in [herd]) and tls_ca in [herd]",
+                field=f"servers.{name}",
             )
         if (server.tls_cert is None) != (server.tls_key is None):
-            raise ConfigError(f"servers.{name}: set both tls_cert and tls_key, or neither")
-    if settings.places_cache_ttl < 0:
-        raise ConfigError("places_cache_ttl must be >= 0")
+            raise ConfigError("set both tls_cert and tls_key, or neither", field=f"servers.{name}")
+    if settings.secret_env is not None and settings.keyring_file is not None:
+        raise ConfigError("set secret_env or keyring_file, not both", field="herd")
     if settings.places != "offline" and not environ.get(settings.places_key_env):
         raise ConfigError(
             f"places = {settings.places!r} needs an API key in ${settings.places_key_env},"
-            " which is not set"
+            " which is not set",
+            field="herd.places_key_env",
         )
     if settings.places_url is not None and not re.match(r"https?://[^/\s]+", settings.places_url):
-        raise ConfigError(f"places_url must be an http(s) URL: {settings.places_url!r}")
+        raise ConfigError(
+            f"expected an http(s) URL, not {settings.places_url!r}", field="herd.places_url"
+        )
+    _check_servers(herd)
+
+
+def _check_servers(herd: HerdConfig) -> None:
     taken: dict[tuple[str, int], str] = {}
     for name, server in herd.servers.items():
         if not _NAME.fullmatch(name):
-            raise ConfigError(f"server name {name!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+            raise ConfigError(
+                f"bad server name {name!r} (use 1-64 of A-Z a-z 0-9 _ . -)", field="servers"
+            )
+        if (problem := host_problem(server.host)) is not None:
+            raise ConfigError(problem, field=f"servers.{name}.host")
         for key in ("port", "peer_port"):
             port: int = getattr(server, key)
-            label = f"servers.{name}.{key}"
-            if not 1 <= port <= 65535:
-                raise ConfigError(f"{label} = {port} is not a TCP port (1-65535)")
+            field = f"servers.{name}.{key}"
             host = "*" if server.host in _WILDCARDS else server.host
             clashes = [(host, port)] if host != "*" else [k for k in taken if k[1] == port]
             clashes += [("*", port)]
             for clash in clashes:
                 if clash in taken:
-                    raise ConfigError(f"{label} = {port} is already used by {taken[clash]}")
-            taken[host, port] = label
+                    raise ConfigError(f"{port} is already used by {taken[clash]}", field=field)
+            taken[host, port] = field
         for neighbour in server.neighbours:
             if neighbour not in herd.servers:
-                raise ConfigError(f"servers.{name}.neighbours: unknown server {neighbour!r}")
+                raise ConfigError(
+                    f"unknown server {neighbour!r}", field=f"servers.{name}.neighbours"
+                )
             if neighbour == name:
-                raise ConfigError(f"servers.{name}.neighbours: a server cannot neighbour itself")
+                raise ConfigError(
+                    "a server cannot neighbour itself", field=f"servers.{name}.neighbours"
+                )
 
 
-def _name_the_server(raw: dict[str, object], exc: msgspec.ValidationError) -> str:
-    """msgspec says `$.servers[...].port` for a dict value; say `servers.Clark.port`."""
+def host_problem(host: str) -> str | None:
+    """Why `host` cannot be bound, judged by its syntax alone (no DNS); None if it may be.
+
+    An IP address, a wildcard, or an RFC 1123 host name whose last label is not all
+    digits: `127.0.0.300` is neither an address nor a name, and must not reach the
+    resolver, which would only say "Name or service not known".
+    """
+    if host in _WILDCARDS:
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        labels = host.removesuffix(".").split(".")
+        named = len(host) <= 253 and all(map(_HOST_LABEL.fullmatch, labels))
+        if named and not labels[-1].isdigit():
+            return None
+        return f"{host!r} is neither an IP address nor a valid host name"
+    return None
+
+
+def _translate(raw: dict[str, object], exc: msgspec.ValidationError) -> ConfigError:
+    """msgspec's message as `FIELD.PATH: problem`, without its `$.` paths and backticks.
+
+    msgspec says `$.servers[...].port` for a value inside a dict, so the server
+    tables are converted one by one to find which one it is.
+    """
     servers = raw.get("servers")
-    if "$.servers[...]" in str(exc) and isinstance(servers, dict):
+    inside = str(exc).endswith("`$.servers[...]`") or "`$.servers[...]." in str(exc)
+    if inside and isinstance(servers, dict):
         for name, table in servers.items():
             try:
                 msgspec.convert(table, ServerConfig)
             except msgspec.ValidationError as inner:
-                text = str(inner)
-                if " - at `$" not in text:
-                    return f"{text} - at `servers.{name}`"
-                return text.replace(" - at `$", f" - at `servers.{name}")
-    return str(exc)
+                return _field_error(str(inner), f"servers.{name}")
+    return _field_error(str(exc))
+
+
+def _field_error(text: str, prefix: str = "") -> ConfigError:
+    match = _MSGSPEC.fullmatch(text)
+    assert match is not None  # the pattern matches any text
+    what = match["what"]
+    field = ".".join(part for part in (prefix, (match["path"] or "").lstrip(".")) if part)
+    for pattern, problem in (
+        (r"Object contains unknown field `(.*)`", "unknown key"),
+        (r"Object missing required field `(.*)`", "required key missing"),
+    ):
+        if key := re.fullmatch(pattern, what):
+            return ConfigError(problem, field=".".join(p for p in (field, key[1]) if p))
+    what = what.replace("`", "")
+    return ConfigError(what[:1].lower() + what[1:], field=field or None)

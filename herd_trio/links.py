@@ -23,12 +23,13 @@ from typing import NoReturn
 import attrs
 import trio
 
-from herd_trio.auth import HandshakeError, RateLimiter, accept_handshake, dial_handshake
+from herd_trio.auth import HandshakeError, accept_handshake, dial_handshake
 from herd_trio.backoff import Backoff
 from herd_trio.bus import OutboxClosed
 from herd_trio.errors import leaves
 from herd_trio.lines import LineReader, LineTooLong
 from herd_trio.linkwriter import PING, LinkWriter, Timers
+from herd_trio.log import RateLimiter
 from herd_trio.net import describe, host_of, is_loopback
 from herd_trio.node import Node
 from herd_trio.protocol import DIGEST, ProtocolError, format_digest, parse_at, parse_digest
@@ -203,7 +204,7 @@ async def _introduce(
     stream = transport
     try:
         if security.tls is not None:
-            stream = await wrap_dialled(transport, security.tls.client, peer.name)
+            stream = await wrap_dialled(transport, security.tls.dialling, peer.name)
         reader = LineReader(stream, peer_max_line(node.settings.max_line))
         await dial_handshake(
             stream, reader, me=node.wire_name, peer=peer.name.encode(), keyring=security.keyring
@@ -277,7 +278,7 @@ class PeerPort:
         stream = transport
         tls = None
         if security.tls is not None:
-            stream = tls = await wrap_accepted(transport, security.tls.server)
+            stream = tls = await wrap_accepted(transport, security.tls.accepting)
         dialers = {name.encode() for name in self.dialers}
 
         def allowed(name: bytes) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import resource
 import time
 from collections.abc import Callable
 from functools import partial
@@ -24,37 +23,16 @@ from herd_trio.bus import Bus
 from herd_trio.client import Admission, handle_client
 from herd_trio.config import HerdConfig
 from herd_trio.links import Peer, PeerPort, dials, run_link
-from herd_trio.log import ServerLog
+from herd_trio.log import ServerLog, plural
 from herd_trio.node import Node
 from herd_trio.persist import PersistError, open_persister, state_path
 from herd_trio.places import PlacesSource
 from herd_trio.security import PeerSecurity
 from herd_trio.store import Store
 
-FD_RESERVE = 64  # descriptors kept for listeners, links, logs, state and the places source
-
 
 class StartupError(Exception):
     """A server could not start (a port in use, a log file it cannot open)."""
-
-
-def fd_budget() -> int:
-    """How many client connections the process's descriptor limit leaves room for."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(1, soft - FD_RESERVE) if soft != resource.RLIM_INFINITY else 1 << 30
-
-
-def raise_fd_limit() -> None:
-    """Raise the soft descriptor limit to the hard one, as servers commonly do."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def plural(count: int, noun: str) -> str:
-    """`1 record`, `2 records`."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 async def open_listeners(name: str, role: str, host: str, port: int) -> list[trio.SocketListener]:

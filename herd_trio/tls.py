@@ -24,57 +24,78 @@ receive instead (the auth handshake that follows does one) as
 from __future__ import annotations
 
 import ssl
-from typing import TYPE_CHECKING
+from typing import Literal
 
+import attrs
 import trio
-
-if TYPE_CHECKING:
-    from herd_trio.config import Settings
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2  # 1.0 and 1.1 are deprecated (RFC 8996)
 
 
-def _paths(settings: Settings) -> tuple[str, str, str]:
-    cert, key, ca = settings.tls_cert, settings.tls_key, settings.tls_ca
-    if cert is None or key is None or ca is None:
-        raise ValueError("peer TLS needs all three of tls_cert, tls_key and tls_ca")
-    return cert, key, ca
+class CertificateError(ValueError):
+    """A CA, certificate or key file that does not load; `setting` names the one to fix."""
+
+    def __init__(self, setting: Literal["tls_ca", "tls_cert"], message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
-def _context(purpose: ssl.Purpose, settings: Settings) -> ssl.SSLContext:
-    cert, key, ca = _paths(settings)
+@attrs.frozen
+class TlsFiles:
+    """Where one server's peer-TLS material is: its certificate chain, key and the CA."""
+
+    cert: str
+    key: str
+    ca: str
+
+
+@attrs.frozen
+class TlsContexts:
+    """One server's mutual-TLS contexts: `dialling` for links it dials, `accepting`
+    for links dialled to it. Built once at start-up (`load_contexts`)."""
+
+    dialling: ssl.SSLContext
+    accepting: ssl.SSLContext
+
+
+def _context(purpose: ssl.Purpose, files: TlsFiles) -> ssl.SSLContext:
     try:
         # cafile given: only that CA is trusted, the system store is not loaded
-        context = ssl.create_default_context(purpose, cafile=ca)
+        context = ssl.create_default_context(purpose, cafile=files.ca)
     except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"cannot load tls_ca {ca!r}: {exc}") from exc
+        raise CertificateError("tls_ca", f"cannot load {files.ca!r}: {exc}") from exc
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(files.cert, files.key)
     except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"cannot load tls_cert {cert!r} with tls_key {key!r}: {exc}") from exc
+        message = f"cannot load {files.cert!r} with tls_key {files.key!r}: {exc}"
+        raise CertificateError("tls_cert", message) from exc
     context.minimum_version = MIN_VERSION
     context.verify_mode = ssl.CERT_REQUIRED  # mutual: the accepting side asks too
     return context
 
 
-def server_context(settings: Settings) -> ssl.SSLContext:
+def server_context(files: TlsFiles) -> ssl.SSLContext:
     """The accepting side's context: our certificate, and a client certificate required.
 
-    ValueError with a one-line message if the settings are incomplete or a file does
-    not load.
+    Reads the files; CertificateError (a ValueError) with a one-line message if one
+    does not load.
     """
-    return _context(ssl.Purpose.CLIENT_AUTH, settings)
+    return _context(ssl.Purpose.CLIENT_AUTH, files)
 
 
-def client_context(settings: Settings) -> ssl.SSLContext:
+def client_context(files: TlsFiles) -> ssl.SSLContext:
     """The dialling side's context: our certificate, and the server's name checked.
 
-    ValueError with a one-line message if the settings are incomplete or a file does
-    not load.
+    Reads the files; CertificateError as for `server_context`.
     """
-    context = _context(ssl.Purpose.SERVER_AUTH, settings)
+    context = _context(ssl.Purpose.SERVER_AUTH, files)
     context.check_hostname = True  # against the peer's herd name, see wrap_dialled
     return context
+
+
+def load_contexts(files: TlsFiles) -> TlsContexts:
+    """Both contexts of one server; reads the files (CertificateError if one is bad)."""
+    return TlsContexts(dialling=client_context(files), accepting=server_context(files))
 
 
 async def wrap_dialled(

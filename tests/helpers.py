@@ -15,19 +15,19 @@ from herd_trio.log import ServerLog
 from herd_trio.node import Node
 from herd_trio.places import JSON, legacy_body
 from herd_trio.protocol import Iamat, Record, make_record, parse_command
-from herd_trio.security import PeerSecurity, TlsContexts
+from herd_trio.security import PeerSecurity, load_security
 from herd_trio.store import Store
 
 KIWI = b"IAMAT kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.959498503"
 
 # Alpha dials Beta and Gamma, Beta dials Gamma; Delta is nobody's neighbour.
-TRIANGLE = {
+TRIANGLE: dict[str, dict[str, object]] = {
     "Alpha": {"port": 12000, "peer_port": 12100, "neighbours": ["Beta", "Gamma"]},
     "Beta": {"port": 12001, "peer_port": 12101, "neighbours": ["Gamma"]},
     "Gamma": {"port": 12002, "peer_port": 12102},
     "Delta": {"port": 12003, "peer_port": 12103},
 }
-PAIR = {
+PAIR: dict[str, dict[str, object]] = {
     "Bona": {"port": 12001, "peer_port": 12101},
     "Clark": {"port": 12003, "peer_port": 12103, "neighbours": ["Bona"]},
 }
@@ -88,8 +88,7 @@ def make_node(
 
 def security_of(herd: HerdConfig, name: str) -> PeerSecurity:
     """The peer keyring and TLS contexts of server `name`, as __main__ builds them."""
-    tls = herd.tls_contexts(name)
-    return PeerSecurity(herd.keyring(), None if tls is None else TlsContexts(*tls))
+    return load_security(herd, [name])[name]
 
 
 def peer_of(herd: HerdConfig, name: str) -> Peer:

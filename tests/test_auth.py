@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import re
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import attrs
 import pytest
@@ -24,7 +23,6 @@ from herd_trio.auth import (
     HandshakeError,
     Hello,
     Keyring,
-    RateLimiter,
     accept_handshake,
     auth_line,
     dial_handshake,
@@ -34,7 +32,6 @@ from herd_trio.auth import (
     parse_dial_hello,
     transcript_mac,
 )
-from herd_trio.config import Settings
 from herd_trio.lines import LineReader
 
 MAX_LINE = 4096 + 512  # what links.py gives a peer reader
@@ -633,136 +630,59 @@ def test_error_messages_escape_and_bound_untrusted_bytes() -> None:
     assert len(message) < 200
 
 
-# --- keyrings from configuration ------------------------------------------------------------------
+# --- keyrings from text ---------------------------------------------------------------------------
 
 
-def test_keyring_file_skips_comments_and_blanks_and_keeps_order(tmp_path: Path) -> None:
-    path = tmp_path / "keyring"
-    path.write_bytes(
-        b"# rotated 2024-05: new first\r\n\n  " + NEW + b"  \r\n   # old, drop soon\n" + OLD
-    )
-    keyring = Keyring.from_config(Settings(keyring_file=str(path)), {})
-    assert keyring is not None
+def refusal(make: Callable[[], Keyring]) -> str:
+    """The ValueError message of building a keyring that must be refused."""
+    try:
+        make()
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("accepted")
+
+
+def test_keyring_file_skips_comments_and_blanks_and_keeps_order() -> None:
+    text = b"# rotated 2024-05: new first\r\n\n  " + NEW + b"  \r\n   # old, drop soon\n" + OLD
+    keyring = Keyring.parse(text)
     assert keyring.keys == (NEW, OLD)
     assert keyring.primary == NEW
+
+
+NINE = b"\n".join(b"%016d-secret" % n for n in range(MAX_KEYS + 1))
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (b"", "holds no secret"),
-        (b"# only a comment\n\n   \n", "holds no secret"),
-        (OLD + b"\nshort-secret\n", "line 2: secret shorter than 16 bytes"),
-        (OLD + b"\n" + NEW + b"\n" + OLD + b"\n", "line 3: repeats an earlier secret"),
-        (b"\n".join(b"%016d-secret" % n for n in range(MAX_KEYS + 1)), "at most 8"),
+        (b"", "'keys' holds no secret"),
+        (b"# only a comment\n\n   \n", "'keys' holds no secret"),
+        (OLD + b"\nshort-secret\n", "'keys' line 2: secret shorter than 16 bytes"),
+        (OLD + b"\n" + NEW + b"\n" + OLD + b"\n", "'keys' line 3: repeats an earlier secret"),
+        (NINE, "'keys' holds 9 secrets; at most 8"),
+        (b"# new\n" + OLD + b"\n\nshort\n", "'keys' line 4: secret shorter than 16 bytes"),
     ],
 )
-def test_bad_keyring_files_are_refused_without_showing_secrets(
-    tmp_path: Path, text: bytes, message: str
-) -> None:
-    path = tmp_path / "keyring"
-    path.write_bytes(text)
-    with pytest.raises(ValueError, match=message) as info:
-        Keyring.from_config(Settings(keyring_file=str(path)), {})
-    assert str(path) in str(info.value)
-    assert "short-secret" not in str(info.value)
-    assert OLD.decode() not in str(info.value)
-    assert "\n" not in str(info.value)
+def test_bad_keyring_files_are_refused_without_showing_secrets(text: bytes, message: str) -> None:
+    assert refusal(lambda: Keyring.parse(text, source="'keys'")) == message
 
 
-def test_an_unreadable_keyring_file_is_a_one_line_error(tmp_path: Path) -> None:
-    path = tmp_path / "missing"
-    with pytest.raises(ValueError, match=r"cannot read keyring_file .*No such file"):
-        Keyring.from_config(Settings(keyring_file=str(path)), {})
-
-
-def test_secret_env_holds_one_secret_verbatim_but_for_surrounding_space() -> None:
-    settings = Settings(secret_env="HERD_SECRET")
-    keyring = Keyring.from_config(settings, {"HERD_SECRET": " a,secret with, commas \n"})
+def test_one_secret_is_kept_verbatim_but_for_surrounding_space() -> None:
+    keyring = Keyring.from_secret(" a,secret with, commas \n", source="$HERD_SECRET")
     assert keyring == Keyring((b"a,secret with, commas",))
-
-
-@pytest.mark.parametrize(
-    ("settings", "environ", "message"),
-    [
-        (Settings(secret_env="HERD_SECRET"), {}, "secret_env names HERD_SECRET, which is not set"),
-        (Settings(secret_env="HERD_SECRET"), {"HERD_SECRET": "short"}, "shorter than 16 bytes"),
-        (
-            Settings(secret_env="HERD_SECRET", keyring_file="k"),
-            {"HERD_SECRET": OLD.decode()},
-            "set secret_env or keyring_file, not both",
-        ),
-    ],
-)
-def test_bad_secret_settings_are_refused(
-    settings: Settings, environ: dict[str, str], message: str
-) -> None:
-    with pytest.raises(ValueError, match=message) as info:
-        Keyring.from_config(settings, environ)
-    assert "short" not in str(info.value).replace("shorter", "")
-
-
-def test_no_secret_configured_means_no_keyring() -> None:
-    assert Keyring.from_config(Settings(), {"HERD_SECRET": OLD.decode()}) is None
+    assert refusal(lambda: Keyring.from_secret("  short  ", source="$HERD_SECRET")) == (
+        "$HERD_SECRET: secret shorter than 16 bytes"
+    )
 
 
 def test_a_keyring_must_hold_long_distinct_secrets() -> None:
-    with pytest.raises(ValueError, match="at least one"):
-        Keyring(())
-    with pytest.raises(ValueError, match="secret 2 is shorter than 16 bytes"):
-        Keyring((OLD, b"x" * 15))
-    with pytest.raises(ValueError, match="secret 2 repeats"):
-        Keyring((OLD, OLD))
-
-
-# --- rate-limited logging ---------------------------------------------------------------------
-
-
-@attrs.define
-class FakeClock:
-    now: float = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_rate_limiter_logs_once_per_interval_and_counts_the_rest() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(interval=10, clock=clock)
-    assert limiter.allow("10.0.0.1") == 0
-    clock.now = 3
-    assert [limiter.allow("10.0.0.1") for _ in range(3)] == [None, None, None]
-    assert limiter.allow("10.0.0.2") == 0  # addresses are counted apart
-    clock.now = 9.999
-    assert limiter.allow("10.0.0.1") is None
-    clock.now = 10
-    assert limiter.allow("10.0.0.1") == 4  # four suppressed since the last line
-    clock.now = 19
-    assert limiter.allow("10.0.0.1") is None
-    clock.now = 30
-    assert limiter.allow("10.0.0.1") == 1
-
-
-def test_rate_limiter_memory_and_output_stay_bounded_under_many_addresses() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(interval=10, clock=clock, max_addresses=4)
-    logged = [limiter.allow(f"10.0.0.{n}") for n in range(100)]
-    assert logged.count(0) == 5  # four addresses, then one line for all the others
-    assert len(limiter._last) <= 5
-    clock.now = 10  # the old entries expire and make room again
-    assert limiter.allow("10.0.1.1") == 0
-    assert len(limiter._last) <= 5
-
-
-async def test_rate_limiter_defaults_to_trios_clock(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    limiter = RateLimiter()
-    assert limiter.allow("x") == 0
-    await trio.sleep(9.5)
-    assert limiter.allow("x") is None
-    await trio.sleep(0.5)
-    assert limiter.allow("x") == 1
+    """The constructor, parse and from_secret share one check (check_keys)."""
+    assert refusal(lambda: Keyring(())) == "keyring holds no secret"
+    assert refusal(lambda: Keyring((OLD, b"x" * 15))) == (
+        "keyring secret 2: secret shorter than 16 bytes"
+    )
+    assert refusal(lambda: Keyring((OLD, OLD))) == "keyring secret 2: repeats an earlier secret"
+    assert refusal(lambda: Keyring(tuple(NINE.split()))) == "keyring holds 9 secrets; at most 8"
 
 
 # --- helpers that script one side ----------------------------------------------------------------

@@ -163,14 +163,16 @@ def test_publish_skips_the_source_link() -> None:
         assert bona.records == [two, three]
         assert jaquez.records == [one, two, three]
     assert bus.links == []
-    assert bona.closed and jaquez.closed
+    assert bona.closed
+    assert jaquez.closed
 
 
 def test_resubscribing_under_the_same_name_closes_the_old_subscriber() -> None:
     bus, old, new = Bus(), Recording(), Recording()
     with bus.subscribe("Bona", old):
         with bus.subscribe("Bona", new):
-            assert old.closed and not new.closed
+            assert old.closed
+            assert not new.closed
             assert bus.links == ["Bona"]
             bus.publish(rec("1"))
             assert (old.records, new.records) == ([], [rec("1")])

@@ -157,7 +157,8 @@ def test_a_huge_but_valid_time_does_not_crash_the_server() -> None:
     assert isinstance(reply, bytes)
     at, name, skew, *rest = reply.split()
     assert (at, name, rest) == (b"AT", b"Clark", [b"kiwi", b"+34-118", b"1" * 5000])
-    assert skew.startswith(b"-" + b"1" * 4980) and skew.endswith(b".776627711")
+    assert skew.startswith(b"-" + b"1" * 4980)
+    assert skew.endswith(b".776627711")
     bound = b"WHATSAT kiwi 10 " + b"1" * 5000
     assert server.answer(bound, RECEIVED) == b"? " + bound + b"\n"
 

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
-import msgspec
+import attrs
+import pytest
 import trio
 import trio.testing
 
-from herd_trio.config import HerdConfig
-from herd_trio.log import FLUSH_INTERVAL, ServerLog
-from herd_trio.places import JSON, legacy_body
-from herd_trio.server import Server, handle_client
+from herd_trio.client import Admission, handle_client
+from herd_trio.log import FLUSH_INTERVAL, RateLimiter, ServerLog, plural, utc_offset
+from tests.helpers import NoPlaces, herd_config, make_node
 
-STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}"
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"  # ISO 8601 with UTC offset
 
 
 def test_each_entry_is_one_physical_line_with_the_bytes_escaped(tmp_path: Path) -> None:
@@ -41,7 +42,7 @@ def test_each_entry_is_one_physical_line_with_the_bytes_escaped(tmp_path: Path) 
     assert re.fullmatch(STAMP + " Clark link to Bona up", lines[2])
 
 
-def test_timestamp_is_local_time_with_milliseconds(tmp_path: Path) -> None:
+def test_timestamp_is_local_time_with_milliseconds_and_offset(tmp_path: Path) -> None:
     path = tmp_path / "Bona.log"
     log = ServerLog(path, "Bona")
     before = time.time()
@@ -51,8 +52,55 @@ def test_timestamp_is_local_time_with_milliseconds(tmp_path: Path) -> None:
     line = path.read_text()
     match = re.fullmatch(f"({STAMP}) Bona hello\n", line)
     assert match is not None
-    stamp = datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+    stamp = datetime.fromisoformat(match.group(1)).timestamp()  # the offset makes it exact
     assert int(before * 1000) / 1000 - 0.001 <= stamp <= after
+
+
+@pytest.fixture
+def time_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Switch the process's local time zone (POSIX TZ rules need no tz database)."""
+
+    def switch(tz: str) -> None:
+        monkeypatch.setenv("TZ", tz)
+        time.tzset()
+
+    yield switch
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("tz", "offset"),
+    [("UTC0", "+00:00"), ("EST+5", "-05:00"), ("IST-5:30", "+05:30"), ("NPT-5:45", "+05:45")],
+)
+def test_timestamps_carry_the_zones_offset(
+    tmp_path: Path, time_zone: Callable[[str], None], tz: str, offset: str
+) -> None:
+    time_zone(tz)
+    path = tmp_path / "Bona.log"
+    log = ServerLog(path, "Bona")
+    before = time.time()
+    log.write("hello")
+    log.close()
+    stamp = path.read_text().split(" ", 1)[0]
+    assert stamp.endswith(offset)
+    assert abs(datetime.fromisoformat(stamp).timestamp() - before) < 1
+
+
+def test_utc_offset_formats_iso_8601() -> None:
+    assert [utc_offset(s) for s in (0, 3600, -18000, 19800, -12600)] == [
+        "+00:00",
+        "+01:00",
+        "-05:00",
+        "+05:30",
+        "-03:30",
+    ]
+
+
+def test_plural() -> None:
+    assert plural(1, "record") == "1 record"
+    assert [plural(n, "record") for n in (0, 2)] == ["0 records", "2 records"]
+    assert plural(3, "address", "addresses") == "3 addresses"
 
 
 def test_close_flushes_everything_and_later_writes_are_dropped(tmp_path: Path) -> None:
@@ -107,22 +155,16 @@ async def test_the_flusher_gets_lines_to_the_file_within_a_second(
         log.close()
 
 
-class NoPlaces:
-    async def nearby(self, lat: object, lon: object, radius_m: int, bound: int) -> JSON:
-        await trio.lowlevel.checkpoint()
-        return legacy_body([], "ZERO_RESULTS")
-
-
 async def test_a_client_session_is_logged_escaped(nursery: trio.Nursery, tmp_path: Path) -> None:
-    herd = msgspec.convert({"servers": {"Clark": {"port": 12003, "peer_port": 12103}}}, HerdConfig)
+    herd = herd_config({"Clark": {"port": 12003, "peer_port": 12103}})
     path = tmp_path / "Clark.log"
-    server = Server("Clark", herd, NoPlaces(), ServerLog(path, "Clark"))
+    node = make_node("Clark", herd, log=path)
     client, conn = trio.testing.memory_stream_pair()
     done = trio.Event()
 
     async def serve() -> None:
         async with conn:
-            await handle_client(server, conn)
+            await handle_client(node, NoPlaces(), Admission(10), conn)
         done.set()
 
     nursery.start_soon(serve)
@@ -130,7 +172,7 @@ async def test_a_client_session_is_logged_escaped(nursery: trio.Nursery, tmp_pat
     await client.send_eof()
     assert await client.receive_some() == b"? hi\x1b[2J there\n"
     await done.wait()
-    server.log.close()
+    node.log.close()
     entries = path.read_text().splitlines()
     assert [entry.split(" ", 3)[3] for entry in entries] == [
         "connected",
@@ -140,3 +182,53 @@ async def test_a_client_session_is_logged_escaped(nursery: trio.Nursery, tmp_pat
         "closed by the client",
     ]
     assert all(re.match(STAMP + " Clark StapledStream ", entry) for entry in entries)
+
+
+# --- rate-limited logging (moved here from auth.py: it is a logging tool) ------------------
+
+
+@attrs.define
+class FakeClock:
+    now: float = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_limiter_logs_once_per_interval_and_counts_the_rest() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(interval=10, clock=clock)
+    assert limiter.allow("10.0.0.1") == 0
+    clock.now = 3
+    assert [limiter.allow("10.0.0.1") for _ in range(3)] == [None, None, None]
+    assert limiter.allow("10.0.0.2") == 0  # addresses are counted apart
+    clock.now = 9.999
+    assert limiter.allow("10.0.0.1") is None
+    clock.now = 10
+    assert limiter.allow("10.0.0.1") == 4  # four suppressed since the last line
+    clock.now = 19
+    assert limiter.allow("10.0.0.1") is None
+    clock.now = 30
+    assert limiter.allow("10.0.0.1") == 1
+
+
+def test_rate_limiter_memory_and_output_stay_bounded_under_many_addresses() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(interval=10, clock=clock, max_addresses=4)
+    logged = [limiter.allow(f"10.0.0.{n}") for n in range(100)]
+    assert logged.count(0) == 5  # four addresses, then one line for all the others
+    assert len(limiter._last) <= 5
+    clock.now = 10  # the old entries expire and make room again
+    assert limiter.allow("10.0.1.1") == 0
+    assert len(limiter._last) <= 5
+
+
+async def test_rate_limiter_defaults_to_trios_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limiter = RateLimiter()
+    assert limiter.allow("x") == 0
+    await trio.sleep(9.5)
+    assert limiter.allow("x") is None
+    await trio.sleep(0.5)
+    assert limiter.allow("x") == 1

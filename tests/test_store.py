@@ -29,7 +29,7 @@ def test_first_record_of_a_client_is_kept() -> None:
     store = Store()
     record = rec("10")
     assert store.get(b"kiwi") is None
-    assert store.offer(record) is True
+    assert store.offer(record) is record
     assert store.get(b"kiwi") is record
     assert len(store) == 1
 
@@ -38,9 +38,11 @@ def test_newer_client_time_wins_compared_as_numbers() -> None:
     store = Store()
     assert store.offer(rec("9.5", origin=b"Zed", coords=b"+9-9"))
     newer = rec("10", origin=b"Alpha", coords=b"+1-1")  # "10" < "9.5" as bytes
-    assert store.offer(newer) is True
+    assert store.offer(newer) is newer
     assert store.get(b"kiwi") is newer
-    assert store.offer(rec("9.99999999999", origin=b"Zed", coords=b"+9-9")) is False
+    assert (
+        store.offer(offered := rec("9.99999999999", origin=b"Zed", coords=b"+9-9")) is not offered
+    )
     assert store.get(b"kiwi") is newer
 
 
@@ -48,7 +50,7 @@ def test_older_record_is_refused_and_the_stored_one_kept() -> None:
     store = Store()
     held = rec("1621464827.959498503")
     store.offer(held)
-    assert store.offer(rec("1621464827.959498502", origin=b"Zed")) is False
+    assert store.offer(offered := rec("1621464827.959498502", origin=b"Zed")) is not offered
     assert store.get(b"kiwi") is held
 
 
@@ -56,19 +58,23 @@ def test_equal_time_tie_breaks_on_origin_then_coords() -> None:
     store = Store()
     store.offer(rec("5", origin=b"Bona", coords=b"+9-9"))
     by_origin = rec("5", origin=b"Clark", coords=b"+1-1")
-    assert store.offer(by_origin) is True
-    assert store.offer(rec("5", origin=b"Bona", coords=b"+9.9-9")) is False
+    assert store.offer(by_origin) is by_origin
+    assert store.offer(offered := rec("5", origin=b"Bona", coords=b"+9.9-9")) is not offered
     by_coords = rec("5", origin=b"Clark", coords=b"+2-1")
-    assert store.offer(by_coords) is True
+    assert store.offer(by_coords) is by_coords
     assert store.get(b"kiwi") is by_coords
-    assert store.offer(rec("5", origin=b"Clark", coords=b"+10-1")) is False  # b"+1" < b"+2"
+    assert (
+        store.offer(offered := rec("5", origin=b"Clark", coords=b"+10-1")) is not offered
+    )  # b"+1" < b"+2"
 
 
 def test_equal_times_with_different_spelling_tie_break_on_origin() -> None:
     store = Store()
     store.offer(rec("5.000", origin=b"Clark"))
-    assert store.offer(rec("5", origin=b"Bona")) is False  # same time, lower origin
-    assert store.offer(rec("5.0", origin=b"Jaquez")) is True
+    assert (
+        store.offer(offered := rec("5", origin=b"Bona")) is not offered
+    )  # same time, lower origin
+    assert store.offer(offered := rec("5.0", origin=b"Jaquez")) is offered
 
 
 def test_a_repeated_record_is_refused() -> None:
@@ -76,8 +82,10 @@ def test_a_repeated_record_is_refused() -> None:
     heard: list[Record] = []
     store.on_change(heard.append)
     first = rec("5")
-    assert store.offer(first) is True
-    assert store.offer(rec("5")) is False  # the same record again, e.g. flooded back
+    assert store.offer(first) is first
+    assert (
+        store.offer(offered := rec("5")) is not offered
+    )  # the same record again, e.g. flooded back
     assert store.get(b"kiwi") is first
     assert heard == [first]
 

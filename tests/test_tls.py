@@ -7,19 +7,20 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
-import msgspec
 import pytest
 import trio
 import trio.testing
 import trustme
 
 from herd_trio.auth import Keyring, accept_handshake, dial_handshake
-from herd_trio.config import Settings
 from herd_trio.lines import LineReader
 from herd_trio.tls import (
+    CertificateError,
+    TlsFiles,
     certificate_matches,
     certificate_names,
     client_context,
+    load_contexts,
     server_context,
     wrap_accepted,
     wrap_dialled,
@@ -33,19 +34,19 @@ class Herd:
     """A CA and the files of two servers' certificates: Bona dials Clark."""
 
     ca: trustme.CA
-    bona: Settings  # the dialler
-    clark: Settings  # the acceptor
+    bona: TlsFiles  # the dialler
+    clark: TlsFiles  # the acceptor
 
 
-def write_settings(folder: Path, ca: trustme.CA, cert: trustme.LeafCert) -> Settings:
+def write_files(folder: Path, ca: trustme.CA, cert: trustme.LeafCert) -> TlsFiles:
     folder.mkdir()
     cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
     cert.private_key_pem.write_to_path(str(folder / "key.pem"))
     ca.cert_pem.write_to_path(str(folder / "ca.pem"))
-    return Settings(
-        tls_cert=str(folder / "cert.pem"),
-        tls_key=str(folder / "key.pem"),
-        tls_ca=str(folder / "ca.pem"),
+    return TlsFiles(
+        cert=str(folder / "cert.pem"),
+        key=str(folder / "key.pem"),
+        ca=str(folder / "ca.pem"),
     )
 
 
@@ -53,8 +54,8 @@ def make_herd(folder: Path) -> Herd:
     ca = trustme.CA()
     return Herd(
         ca,
-        bona=write_settings(folder / "bona", ca, ca.issue_cert("Bona", "127.0.0.1")),
-        clark=write_settings(folder / "clark", ca, ca.issue_cert("Clark", "127.0.0.1")),
+        bona=write_files(folder / "bona", ca, ca.issue_cert("Bona", "127.0.0.1")),
+        clark=write_files(folder / "clark", ca, ca.issue_cert("Clark", "127.0.0.1")),
     )
 
 
@@ -113,9 +114,9 @@ async def both_sides(
 
 
 def dialler(
-    settings: Settings, peer: str = "Clark"
+    files: TlsFiles, peer: str = "Clark"
 ) -> Callable[[trio.abc.Stream], Awaitable[Wrapped]]:
-    context = client_context(settings)
+    context = client_context(files)
 
     async def dial(stream: trio.abc.Stream) -> Wrapped:
         return await wrap_dialled(stream, context, peer)
@@ -123,8 +124,8 @@ def dialler(
     return dial
 
 
-def acceptor(settings: Settings) -> Callable[[trio.abc.Stream], Awaitable[Wrapped]]:
-    context = server_context(settings)
+def acceptor(files: TlsFiles) -> Callable[[trio.abc.Stream], Awaitable[Wrapped]]:
+    context = server_context(files)
 
     async def accept(stream: trio.abc.Stream) -> Wrapped:
         return await wrap_accepted(stream, context)
@@ -250,16 +251,14 @@ async def test_a_client_certificate_from_another_ca_is_refused(herd: Herd, stran
         late.append(await dialler_refusal(client))
 
     # trusts the herd CA (so it accepts Clark) but shows a certificate of another CA
-    impostor = msgspec.structs.replace(
-        herd.bona, tls_cert=stranger.bona.tls_cert, tls_key=stranger.bona.tls_key
-    )
+    impostor = attrs.evolve(herd.bona, cert=stranger.bona.cert, key=stranger.bona.key)
     _, server = await both_sides(dialler(impostor), acceptor(herd.clark), then)
     assert isinstance(refusal(server.error), ssl.SSLCertVerificationError)
     assert late[0] is not None
 
 
 async def test_a_client_without_a_certificate_is_refused(herd: Herd) -> None:
-    bare = ssl.create_default_context(cafile=herd.bona.tls_ca)  # trusts the CA, shows nothing
+    bare = ssl.create_default_context(cafile=herd.bona.ca)  # trusts the CA, shows nothing
     late: list[ssl.SSLError | None] = []
 
     async def dial(stream: trio.abc.Stream) -> Wrapped:
@@ -299,19 +298,20 @@ def test_only_the_configured_ca_is_trusted(herd: Herd) -> None:
         assert context.cert_store_stats()["x509_ca"] == 1
 
 
-def test_incomplete_tls_settings_are_a_config_error(herd: Herd) -> None:
-    with pytest.raises(ValueError, match="needs all three of tls_cert, tls_key and tls_ca"):
-        client_context(Settings(tls_cert=herd.bona.tls_cert, tls_key=herd.bona.tls_key))
-
-
-def test_unreadable_tls_files_name_the_file(herd: Herd, tmp_path: Path) -> None:
+def test_unreadable_tls_files_name_the_setting_and_file(herd: Herd, tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.pem")
-    with pytest.raises(ValueError, match=r"cannot load tls_ca .*missing\.pem"):
-        server_context(
-            Settings(tls_cert=herd.clark.tls_cert, tls_key=herd.clark.tls_key, tls_ca=missing)
-        )
-    wrong_key = Settings(
-        tls_cert=herd.clark.tls_cert, tls_key=herd.bona.tls_key, tls_ca=herd.clark.tls_ca
-    )
-    with pytest.raises(ValueError, match=r"cannot load tls_cert .* with tls_key"):
+    with pytest.raises(CertificateError, match=r"cannot load .*missing\.pem") as info:
+        server_context(TlsFiles(cert=herd.clark.cert, key=herd.clark.key, ca=missing))
+    assert info.value.setting == "tls_ca"
+    wrong_key = TlsFiles(cert=herd.clark.cert, key=herd.bona.key, ca=herd.clark.ca)
+    with pytest.raises(CertificateError, match=r"cannot load .*cert\.pem.* with tls_key") as info:
         server_context(wrong_key)
+    assert info.value.setting == "tls_cert"
+    assert "\n" not in str(info.value)
+
+
+def test_load_contexts_builds_both_sides(herd: Herd) -> None:
+    contexts = load_contexts(herd.clark)
+    assert contexts.dialling.check_hostname is True
+    assert contexts.accepting.check_hostname is False
+    assert contexts.accepting.verify_mode == ssl.CERT_REQUIRED

@@ -37,7 +37,7 @@ PROBE_DEADLINE = 10.0  # seconds one probe round may take at one server
 ROUND_PAUSE = 0.02  # seconds between probe rounds (polling, not synchronisation)
 BASE_TIME = 1_700_000_000  # client clock of the generated updates, in whole seconds
 _SEQUENCE = itertools.count(1)  # shared by every checker: later updates are newer
-_STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3}) ")
+_STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})(?:Z|[+-]\d\d:\d\d)? ")
 JSON_BOUND_0 = b'{\n   "html_attributions": [],\n   "results": [],\n   "status": "OK"\n}\n\n'
 
 

@@ -277,7 +277,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ("[herd]\nbogus = 1\n[servers.A]\nport = 1\npeer_port = 2\n", "unknown field"),
+        ("[herd]\nbogus = 1\n[servers.A]\nport = 1\npeer_port = 2\n", "herd.bogus: unknown key"),
         ("[servers.A]\nport = 1\npeer_port = 1\n", "already used"),
         ("[servers.A]\nport = 1\npeer_port = 2\nneighbours = ['B']\n", "unknown server 'B'"),
         ("[servers.A]\nport = 'x'\npeer_port = 2\n", "servers.A.port"),
@@ -330,7 +330,7 @@ async def test_the_log_has_every_line_escaped_and_link_events(herd: Herd) -> Non
     assert r"> b'? HELLO\tthere\n'" in text
     assert re.search(r"^\S+ Bailey link (to|from) (Bona|Campbell) up", text, re.MULTILINE)
     for line in text.splitlines():
-        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} Bailey ", line), line
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d Bailey ", line), line
 
 
 async def test_server_lines_are_refused_on_both_ports(herd: Herd) -> None:
