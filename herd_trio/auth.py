@@ -113,11 +113,6 @@ class Keyring:
     def __repr__(self) -> str:
         return f"Keyring(ids={[i.decode() for i in self.ids]})"
 
-    @property
-    def primary(self) -> bytes:
-        """The preferred secret: the first one."""
-        return self.keys[0]
-
     def choose(self, offered: Iterable[bytes]) -> tuple[bytes, bytes] | None:
         """(key id, secret) of our first secret whose id is in `offered`; None if none is."""
         wanted = set(offered)

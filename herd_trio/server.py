@@ -89,11 +89,10 @@ async def serve(
             handler = partial(handle_client, node, places, admission)
             nursery.start_soon(trio.serve_listeners, handler, clients)
             nursery.start_soon(trio.serve_listeners, door.handle, peers)
-            for peer in neighbours:
-                if dials(name, peer):
-                    target = Peer(peer, herd.servers[peer].host, herd.servers[peer].peer_port)
-                    link = partial(run_link, node, target, security)
-                    nursery.start_soon(link, name=f"{name} link {peer}")
+            for peer in (n for n in neighbours if dials(name, n)):
+                target = Peer(peer, herd.servers[peer].host, herd.servers[peer].peer_port)
+                link = partial(run_link, node, target, security)
+                nursery.start_soon(link, name=f"{name} link {peer}")
             task_status.started(node)
             await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover

@@ -646,7 +646,7 @@ def test_keyring_file_skips_comments_and_blanks_and_keeps_order() -> None:
     text = b"# rotated 2024-05: new first\r\n\n  " + NEW + b"  \r\n   # old, drop soon\n" + OLD
     keyring = Keyring.parse(text)
     assert keyring.keys == (NEW, OLD)
-    assert keyring.primary == NEW
+    assert keyring.keys[0] == NEW
 
 
 NINE = b"\n".join(b"%016d-secret" % n for n in range(MAX_KEYS + 1))

@@ -90,7 +90,7 @@ def test_a_key_file_is_read_relative_to_the_config(tmp_path: Path) -> None:
     (tmp_path / "keys").write_bytes(SECRET.encode() + b"\n")
     keyring = load_keyring(herd_of(tmp_path, "keyring_file = 'keys'\n").herd, {})
     assert keyring is not None
-    assert keyring.primary == SECRET.encode()
+    assert keyring.keys[0] == SECRET.encode()
 
 
 def test_load_security_reads_the_process_environment_by_default(
@@ -103,7 +103,7 @@ def test_load_security_reads_the_process_environment_by_default(
     monkeypatch.setenv("HERD_TEST_SECRET", SECRET)
     keyring = load_security(herd, ["Alpha"])["Alpha"].keyring
     assert keyring is not None
-    assert keyring.primary == SECRET.encode()
+    assert keyring.keys[0] == SECRET.encode()
 
 
 @pytest.fixture(scope="module")

@@ -156,8 +156,3 @@ async def open_offline(
         if not places.ready:  # closed mid-load: release stragglers instead of hanging them
             places._deliver(None, "the offline places source is closed")
 
-
-if __name__ == "__main__":
-    # `python -m herd_trio.places.offline`, this module's command line before the split,
-    # still builds the index cache (tests/e2e/conftest.py warms it up that way).
-    sys.exit(build.main())

@@ -45,7 +45,7 @@ def places_index() -> None:
     the tests that assert WHATSAT answers should not depend on which test ran first.
     """
     subprocess.run(
-        [sys.executable, "-m", "herd_trio.places.offline"],
+        [sys.executable, "-m", "herd_trio.places.build"],
         check=True,
         stdout=subprocess.DEVNULL,
         timeout=300,

@@ -155,14 +155,6 @@ async def test_child_runs_from_any_working_directory(small_data: Path, tmp_path:
     assert decode_index(done.stdout) == build_index(SMALL, COUNTRIES, US_STATES)
 
 
-async def test_the_offline_module_still_runs_as_the_index_child(small_data: Path) -> None:
-    # `python -m herd_trio.places.offline` was the child's command line before build.py;
-    # the end-to-end tests warm the cache with it.
-    command = [sys.executable, "-m", "herd_trio.places.offline", "--data-dir", str(small_data)]
-    done = await trio.run_process([*command, "--no-cache"], capture_stdout=True)
-    assert decode_index(done.stdout) == build_index(SMALL, COUNTRIES, US_STATES)
-
-
 async def test_error_in_the_block_propagates_and_stops_loading(small_data: Path) -> None:
     with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="boom")):
         async with open_offline(data_dir=small_data, cache=False) as places:
