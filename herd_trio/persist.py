@@ -39,12 +39,14 @@ from typing import NoReturn
 import attrs
 import trio
 
+from herd_trio.backoff import Backoff
 from herd_trio.protocol import ProtocolError, Record, parse_at
 from herd_trio.store import Store
 
 BATCH_INTERVAL = 0.05  # seconds between batches: one transaction per 50 ms at most
-RETRY_INITIAL = 0.1  # seconds before the first retry of a failed write, doubling...
-RETRY_CAP = 5.0  # ...up to this: a full disk is retried, not hammered
+# A failed write is retried after about 0.1 s, doubling up to about 5 s: a full disk
+# is retried, not hammered.
+RETRY = Backoff(initial=0.1, cap=5.0)
 # A clean stop writes what is pending within this; PROTOCOL.md §5 gives the whole
 # server 3 s to stop after SIGTERM, and a batch takes milliseconds.
 FINAL_DEADLINE = 2.0
@@ -139,6 +141,10 @@ def _ignore(message: str) -> None:
     pass
 
 
+def _no_hook() -> None:
+    pass
+
+
 @attrs.define(eq=False)
 class Persister:
     """Writes the records a Store keeps to `path`, in batches, from a worker thread.
@@ -148,23 +154,27 @@ class Persister:
     or use `open_persister`, which does all three in the right order.
 
     The connection is opened, used and closed only inside worker threads, one at a
-    time (`_db_lock`); batches are taken and written one at a time (`_batch_lock`),
-    in order. A failed write (disk full, read-only, file removed) never raises out of
-    `run()`: it is logged through `log`, its records go back to the pending set (a
-    newer note for the same client wins) and are retried with capped backoff.
-    Pending records are bounded by the number of clients (one entry per client).
+    time (`_db_lock`: a thread abandoned on cancel may still hold it). Only `run()`
+    writes, one batch at a time, in the order the batches were taken. A failed write
+    (disk full, read-only, file removed) never raises out of `run()`: it is logged
+    through `log`, its records go back to the pending set (a newer note for the same
+    client wins) and are retried after `retry.delay(...)`. Pending records are
+    bounded by the number of clients (one entry per client).
+
+    `before_write` runs in the worker thread, with the connection open, just before
+    each batch is written; an OSError or sqlite3.Error it raises fails that write
+    like a disk error would. Tests use it to hold or fail writes.
     """
 
     path: Path = attrs.field(converter=Path)
     log: Callable[[str], None] = _ignore
     batch_interval: float = BATCH_INTERVAL
-    retry_initial: float = RETRY_INITIAL
-    retry_cap: float = RETRY_CAP
+    retry: Backoff = RETRY
     final_deadline: float = FINAL_DEADLINE
     log_every: int = FAILURE_LOG_EVERY
+    before_write: Callable[[], None] = _no_hook
     _pending: dict[bytes, Record] = attrs.field(factory=dict, init=False)
     _wake: trio.Event = attrs.field(factory=trio.Event, init=False)
-    _batch_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
     _db_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _conn: sqlite3.Connection | None = attrs.field(default=None, init=False)
     _closing: bool = attrs.field(default=False, init=False)
@@ -186,16 +196,6 @@ class Persister:
             failures=self._failures,
         )
 
-    async def flush(self) -> None:
-        """Commit every record noted before this call; PersistError if the write fails.
-
-        Waits for a batch already being written. On failure the records stay pending
-        (`run()`, if running, retries them).
-        """
-        await self._write_pending()
-        while self._pending:  # notes that arrived during the write
-            await self._write_pending()
-
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
@@ -216,7 +216,7 @@ class Persister:
                     await self._write_pending()
                 except PersistError as exc:
                     self._failed(exc)
-                    await trio.sleep(self._retry_delay())
+                    await trio.sleep(self.retry.delay(self._failures - 1))
                     continue
                 if self._failures:
                     self.log(f"writing {self.path} works again after {self._failures} failures")
@@ -233,27 +233,25 @@ class Persister:
         if (self._failures - 1) % self.log_every == 0:  # the first, then every log_every-th
             self.log(f"{exc} ({len(self._pending)} records pending, failure {self._failures})")
 
-    def _retry_delay(self) -> float:
-        return min(self.retry_cap, self.retry_initial * 2.0 ** min(self._failures - 1, 32))
-
     async def _write_pending(self) -> None:
-        async with self._batch_lock:
-            batch, self._pending = self._pending, {}
-            self._wake = trio.Event()
-            if not batch:
-                return
-            try:
-                await trio.to_thread.run_sync(self._sync, batch, abandon_on_cancel=True)
-            except BaseException:
-                # Failed, or abandoned on cancel (the thread may still commit it, which
-                # a rewrite makes harmless). A newer note for the same client wins.
-                for client, record in batch.items():
-                    self._pending.setdefault(client, record)
-                if self._pending:
-                    self._wake.set()
-                raise
-            self._rows_written += len(batch)
-            self._batches_written += 1
+        # Called only by run() and, after its loop has stopped, by its finally: never
+        # twice at once, so batches go out in the order they were taken.
+        batch, self._pending = self._pending, {}
+        self._wake = trio.Event()
+        if not batch:
+            return
+        try:
+            await trio.to_thread.run_sync(self._sync, batch, abandon_on_cancel=True)
+        except BaseException:
+            # Failed, or abandoned on cancel (the thread may still commit it, which
+            # a rewrite makes harmless). A newer note for the same client wins.
+            for client, record in batch.items():
+                self._pending.setdefault(client, record)
+            if self._pending:
+                self._wake.set()
+            raise
+        self._rows_written += len(batch)
+        self._batches_written += 1
 
     async def _write_and_close(self) -> None:
         # From here on, whichever thread uses the connection last closes it; a
@@ -292,6 +290,7 @@ class Persister:
                 if batch or not self._closing:
                     conn = self._connection()
                     if batch:
+                        self.before_write()
                         self._write(conn, batch)
             except (sqlite3.Error, OSError) as exc:
                 self._drop_connection()  # the next attempt starts from a fresh open

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
@@ -10,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from herd_trio.backoff import Backoff
 from herd_trio.persist import (
     Persister,
     PersistError,
@@ -68,6 +73,53 @@ async def wait_for_row(path: Path, client: bytes) -> None:
     await poll(f"a row for {client!r} in {path}", has_row, deadline=5)
 
 
+async def wait_for_batches(persister: Persister, batches: int) -> PersisterStatistics:
+    """Poll until `persister` has committed `batches` batches; fail after 5 s."""
+
+    async def written() -> PersisterStatistics | None:
+        await trio.lowlevel.checkpoint()
+        stats = persister.statistics()
+        return stats if stats.batches_written >= batches else None
+
+    return await poll(f"{batches} batches written to {persister.path}", written, deadline=5)
+
+
+@contextmanager
+def wall_clock_limit(scope: trio.CancelScope, seconds: float) -> Iterator[None]:
+    """Cancel `scope` after `seconds` of real time: a bound the autojump clock can't leap to."""
+    token = trio.lowlevel.current_trio_token()
+    timer = threading.Timer(seconds, token.run_sync_soon, (scope.cancel,))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+@attrs.define
+class Gate:
+    """A `before_write` hook: writes wait until the test opens it; the first `fail` fail."""
+
+    fail: int = 0
+    entered: threading.Event = attrs.field(factory=threading.Event)
+    opened: threading.Event = attrs.field(factory=threading.Event)
+
+    def __call__(self) -> None:  # in the persister's worker thread
+        self.entered.set()
+        if not self.opened.wait(timeout=10):
+            raise AssertionError("the test never opened the gate")
+        if self.fail > 0:
+            self.fail -= 1
+            raise OSError("disk full (simulated)")
+
+    async def wait_entered(self) -> None:
+        async def entered() -> bool | None:
+            await trio.lowlevel.checkpoint()
+            return True if self.entered.is_set() else None
+
+        await poll("a write waiting at the gate", entered, deadline=5)
+
+
 def test_state_path_is_one_file_per_server(tmp_path: Path) -> None:
     assert state_path(tmp_path, "Clark") == tmp_path / "Clark.sqlite3"
     assert state_path(str(tmp_path), "Bona").name == "Bona.sqlite3"
@@ -86,8 +138,10 @@ async def test_round_trip_of_a_thousand_records(tmp_path: Path) -> None:
         await nursery.start(persister.run)
         for record in records:
             persister.note(record)
-        await persister.flush()
-        assert persister.statistics().rows_written == 1000
+        stats = await wait_for_batches(persister, 1)  # one batch: no checkpoint in between
+        assert stats == PersisterStatistics(
+            pending=0, rows_written=1000, batches_written=1, failures=0
+        )
         nursery.cancel_scope.cancel()
     loaded = await trio.to_thread.run_sync(load_records, path)
     assert sorted(loaded, key=lambda r: r.client) == sorted(records, key=lambda r: r.client)
@@ -101,16 +155,19 @@ async def test_updates_of_one_client_coalesce_into_one_row_with_the_newest(
     store = Store()
     store.on_change(persister.note)
     for sent in range(100):
-        assert store.offer(rec(b"kiwi", sent))
-    store.offer(rec(b"kiwi", 5))  # older: the store refuses it, nothing is noted
-    await persister.flush()
-    assert persister.statistics() == PersisterStatistics(
-        pending=0, rows_written=1, batches_written=1, failures=0
-    )
-    assert rows(path) == {b"kiwi": rec(b"kiwi", 99).at_line}
-    async with trio.open_nursery() as nursery:  # run() closes the connection on cancel
+        record = rec(b"kiwi", sent)
+        assert store.offer(record) is record
+    older = rec(b"kiwi", 5)
+    assert store.offer(older) is not older  # refused by the store, so nothing is noted
+    assert persister.statistics().pending == 1
+    async with trio.open_nursery() as nursery:
         await nursery.start(persister.run)
+        assert await wait_for_batches(persister, 1) == PersisterStatistics(
+            pending=0, rows_written=1, batches_written=1, failures=0
+        )
+        assert rows(path) == {b"kiwi": rec(b"kiwi", 99).at_line}
         nursery.cancel_scope.cancel()
+    assert persister.statistics().batches_written == 1  # nothing left for the final write
 
 
 async def test_later_batches_replace_earlier_rows(tmp_path: Path) -> None:
@@ -121,7 +178,8 @@ async def test_later_batches_replace_earlier_rows(tmp_path: Path) -> None:
         for sent in range(5):
             persister.note(rec(b"kiwi", sent))
             persister.note(rec(b"pear", sent, origin=b"Bona"))
-            await persister.flush()
+            await wait_for_batches(persister, sent + 1)
+            assert rows(path)[b"kiwi"] == rec(b"kiwi", sent).at_line
         nursery.cancel_scope.cancel()
     assert persister.statistics().batches_written == 5
     assert rows(path) == {
@@ -137,12 +195,15 @@ async def test_cancellation_writes_what_is_pending(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(persister.run)
         persister.note(rec(b"first", 1))
-        await trio.testing.wait_all_tasks_blocked()  # the first batch went out at once
+        await wait_for_batches(persister, 1)  # the first batch goes out at once
         records = [rec(b"client-%d" % i, i) for i in range(300)]
         for record in records:
             persister.note(record)
         assert persister.statistics().pending == 300
         nursery.cancel_scope.cancel()
+    assert persister.statistics() == PersisterStatistics(
+        pending=0, rows_written=301, batches_written=2, failures=0
+    )
     loaded = await trio.to_thread.run_sync(load_records, path)
     assert len(loaded) == 301
     assert set(records) <= set(loaded)
@@ -177,9 +238,7 @@ async def test_reopen_after_close_keeps_old_rows_and_adds_new(tmp_path: Path) ->
         await nursery.start(second.run)
         second.note(rec(b"pear", 2))
         nursery.cancel_scope.cancel()
-    first.note(rec(b"apple", 3))  # a closed persister still writes when asked to
-    await first.flush()
-    assert set(rows(path)) == {b"kiwi", b"pear", b"apple"}
+    assert set(rows(path)) == {b"kiwi", b"pear"}
     # Each run left the database closed and consistent: the WAL was checkpointed.
     assert wal_is_empty(path)
 
@@ -218,7 +277,8 @@ async def test_unwritable_path_is_logged_and_retried_without_raising(tmp_path: P
     blocker.write_text("a file where the state directory should be")
     path = blocker / "Clark.sqlite3"
     log = Log()
-    persister = Persister(path, log=log, retry_initial=0.01, retry_cap=0.02, log_every=1)
+    quick = Backoff(initial=0.01, cap=0.02)
+    persister = Persister(path, log=log, retry=quick, log_every=1)
     async with trio.open_nursery() as nursery:
         with trio.fail_after(5):
             await nursery.start(persister.run)  # starts even though the file can't be opened
@@ -233,42 +293,74 @@ async def test_unwritable_path_is_logged_and_retried_without_raising(tmp_path: P
     assert rows(path) == {b"kiwi": rec(b"kiwi", 1).at_line}
 
 
-async def test_flush_raises_persist_error_and_keeps_the_records(tmp_path: Path) -> None:
+async def test_failed_writes_are_retried_with_backoff_and_logged_sparingly(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     path = tmp_path / "Clark.sqlite3"
-    path.mkdir()  # a directory where the file should be
-    persister = Persister(path)
-    persister.note(rec(b"kiwi", 1))
-    with pytest.raises(PersistError, match="cannot write records to"):
-        await persister.flush()
-    persister.note(rec(b"kiwi", 2))  # a newer note replaces the failed one
-    assert persister.statistics() == PersisterStatistics(
-        pending=1, rows_written=0, batches_written=0, failures=0
+    attempts: list[float] = []
+
+    def fail_four_times() -> None:  # in the worker thread
+        attempts.append(trio.from_thread.run_sync(trio.current_time))
+        if len(attempts) <= 4:
+            raise OSError("disk full (simulated)")
+
+    log = Log()
+    logged_at: list[float] = []
+
+    def timed_log(line: str) -> None:
+        logged_at.append(trio.current_time())
+        log(line)
+
+    persister = Persister(
+        path,
+        log=timed_log,
+        retry=Backoff(initial=1, cap=4, rand=max),  # max(hi / 2, hi) == hi: no jitter
+        log_every=2,
+        # No trio deadline anywhere in this test (hence no `poll`): the autojump clock
+        # would leap to it while a worker thread runs (waiting for a thread is blocking).
+        final_deadline=math.inf,
+        before_write=fail_four_times,
     )
+    async with trio.open_nursery() as nursery:
+        with wall_clock_limit(nursery.cancel_scope, 10):  # a failing test ends, not hangs
+            await nursery.start(persister.run)
+            persister.note(rec(b"kiwi", 1))
+            await log.wait_for("works again")
+        nursery.cancel_scope.cancel()
+    assert attempts == [0, 1, 3, 7, 11]  # waits of 1, 2, 4, then the cap of 4
+    failed = f"cannot write records to {path}: disk full (simulated) (1 records pending"
+    assert list(zip(logged_at, log.lines, strict=True)) == [
+        (0, f"{failed}, failure 1)"),  # the first failure, then every log_every-th
+        (3, f"{failed}, failure 3)"),
+        (11, f"writing {path} works again after 4 failures"),
+    ]
+    assert rows(path) == {b"kiwi": rec(b"kiwi", 1).at_line}
 
 
 async def test_a_note_made_during_a_failed_write_beats_the_failed_record(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "Clark.sqlite3"
-    path.mkdir()
-    persister = Persister(path)
-    persister.note(rec(b"kiwi", 1))
-
-    async def flush() -> None:
-        with pytest.raises(PersistError):
-            await persister.flush()
-
-    # Hold the database lock so the write is still in its thread when the newer note lands.
-    persister._db_lock.acquire()
+    log = Log()
+    gate = Gate(fail=1)
+    quick = Backoff(initial=0.01, cap=0.02)
+    persister = Persister(path, log=log, retry=quick, log_every=1, before_write=gate)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(flush)
-        await trio.testing.wait_all_tasks_blocked()
+        await nursery.start(persister.run)
+        persister.note(rec(b"kiwi", 1))
+        await gate.wait_entered()  # the write holds kiwi 1 and waits at the gate
         assert persister.statistics().pending == 0  # taken by the write
         persister.note(rec(b"kiwi", 2))
-        persister._db_lock.release()  # let the write fail now
-    path.rmdir()
-    await persister.flush()
+        gate.opened.set()  # let the write fail now
+        assert await wait_for_batches(persister, 1) == PersisterStatistics(
+            pending=0, rows_written=1, batches_written=1, failures=0
+        )
+        nursery.cancel_scope.cancel()
     assert rows(path) == {b"kiwi": rec(b"kiwi", 2).at_line}
+    assert log.lines == [  # the failed record went back only where nothing newer was
+        f"cannot write records to {path}: disk full (simulated) (1 records pending, failure 1)",
+        f"writing {path} works again after 1 failures",
+    ]
 
 
 async def test_stopping_with_an_unwritable_path_logs_the_loss(tmp_path: Path) -> None:
@@ -289,15 +381,19 @@ async def test_a_final_write_that_overruns_its_deadline_is_abandoned_and_logged(
 ) -> None:
     path = tmp_path / "Clark.sqlite3"
     log: list[str] = []
-    persister = Persister(path, log=log.append, batch_interval=3600, final_deadline=0.1)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(persister.run)
-        persister.note(rec(b"kiwi", 1))
-        persister._db_lock.acquire()  # a disk that hangs: the final write cannot start
-        nursery.cancel_scope.cancel()
+    gate = Gate()  # a disk that hangs until the test opens the gate
+    persister = Persister(
+        path, log=log.append, batch_interval=3600, final_deadline=0.1, before_write=gate
+    )
     try:
-        assert log[-1] == f"stopping: {path} not written within 0.1 s, 1 records may be lost"
+        async with trio.open_nursery() as nursery:
+            await nursery.start(persister.run)
+            persister.note(rec(b"kiwi", 1))
+            await gate.wait_entered()
+            nursery.cancel_scope.cancel()
+        assert log == [f"stopping: {path} not written within 0.1 s, 1 records may be lost"]
+        assert b"kiwi" not in rows(path)
     finally:
-        persister._db_lock.release()  # the abandoned worker now writes and closes
+        gate.opened.set()  # the abandoned worker now writes and closes
     # The abandoned worker thread signals nothing to trio: poll for its commit.
     await wait_for_row(path, b"kiwi")
