@@ -45,9 +45,11 @@ def each_us(fn: Callable[[Any], object], items: list[Any]) -> float:
 def cases(tmp: Path) -> dict[str, Callable[[], float]]:
     """The calls to time, built against the installed herd_trio."""
     import trio
+    import trio.testing
 
     from herd_trio import protocol, store
     from herd_trio.bus import Bus
+    from herd_trio.linkwriter import LinkWriter
     from herd_trio.log import ServerLog
 
     record = protocol.parse_at(AT)
@@ -64,13 +66,15 @@ def cases(tmp: Path) -> dict[str, Callable[[], float]]:
     held.offer(record)
     log = ServerLog(tmp / "micro.log", "Clark")
     bus = Bus()
-    subscriptions = [bus.subscribe(name) for name in ("Bona", "Jaquez")]
+    writers = [
+        LinkWriter(trio.testing.memory_stream_pair()[0], 10.0, bus.progress) for _ in range(2)
+    ]  # no task runs them: every record is queued on their outboxes, as under load
+    subscriptions = [bus.subscribe(n, w) for n, w in zip(("Bona", "Jaquez"), writers, strict=True)]
     for subscription in subscriptions:
         subscription.__enter__()
     fresh = [fresh_record() for _ in range(50_000)]
     big = store.Store(fresh)
     other_digest = [value ^ 1 for value in big.digest()]  # every bucket differs
-    del trio  # imported only to fail early if herd_trio's runtime is missing
 
     def timed(fn: Callable[[], object]) -> Callable[[], float]:
         return lambda: per_call_us(fn)

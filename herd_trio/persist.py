@@ -40,6 +40,7 @@ import attrs
 import trio
 
 from herd_trio.backoff import Backoff
+from herd_trio.log import plural
 from herd_trio.protocol import ProtocolError, Record, parse_at
 from herd_trio.store import Store
 
@@ -231,7 +232,9 @@ class Persister:
     def _failed(self, exc: PersistError) -> None:
         self._failures += 1
         if (self._failures - 1) % self.log_every == 0:  # the first, then every log_every-th
-            self.log(f"{exc} ({len(self._pending)} records pending, failure {self._failures})")
+            self.log(
+                f"{exc} ({plural(len(self._pending), 'record')} pending, failure {self._failures})"
+            )
 
     async def _write_pending(self) -> None:
         # Called only by run() and, after its loop has stopped, by its finally: never
@@ -264,14 +267,14 @@ class Persister:
             except PersistError as exc:
                 failed = exc
         if failed is not None:
-            self.log(f"stopping with {len(self._pending)} records not saved: {failed}")
+            self.log(f"stopping with {plural(len(self._pending), 'record')} not saved: {failed}")
         await trio.to_thread.run_sync(self._sync, {}, abandon_on_cancel=True)
 
     def _give_up(self) -> None:
         """The final write overran its deadline: stop waiting, leave the thread to close."""
         self.log(
             f"stopping: {self.path} not written within {self.final_deadline:g} s, "
-            f"{len(self._pending)} records may be lost"
+            f"{plural(len(self._pending), 'record')} may be lost"
         )
         if self._db_lock.acquire(blocking=False):
             try:

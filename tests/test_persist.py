@@ -286,7 +286,7 @@ async def test_unwritable_path_is_logged_and_retried_without_raising(tmp_path: P
             assert line.startswith(f"cannot write records to {path}: ")
             assert line.endswith("(0 records pending, failure 1)")
             persister.note(rec(b"kiwi", 1))
-            await log.wait_for("(1 records pending, failure 3)")  # retried, and kept
+            await log.wait_for("(1 record pending, failure 3)")  # retried, and kept
             blocker.unlink()  # the operator fixes it: the next retry succeeds
             await log.wait_for(f"writing {path} works again after ")
         nursery.cancel_scope.cancel()
@@ -328,7 +328,7 @@ async def test_failed_writes_are_retried_with_backoff_and_logged_sparingly(
             await log.wait_for("works again")
         nursery.cancel_scope.cancel()
     assert attempts == [0, 1, 3, 7, 11]  # waits of 1, 2, 4, then the cap of 4
-    failed = f"cannot write records to {path}: disk full (simulated) (1 records pending"
+    failed = f"cannot write records to {path}: disk full (simulated) (1 record pending"
     assert list(zip(logged_at, log.lines, strict=True)) == [
         (0, f"{failed}, failure 1)"),  # the first failure, then every log_every-th
         (3, f"{failed}, failure 3)"),
@@ -358,7 +358,7 @@ async def test_a_note_made_during_a_failed_write_beats_the_failed_record(
         nursery.cancel_scope.cancel()
     assert rows(path) == {b"kiwi": rec(b"kiwi", 2).at_line}
     assert log.lines == [  # the failed record went back only where nothing newer was
-        f"cannot write records to {path}: disk full (simulated) (1 records pending, failure 1)",
+        f"cannot write records to {path}: disk full (simulated) (1 record pending, failure 1)",
         f"writing {path} works again after 1 failures",
     ]
 
@@ -391,7 +391,7 @@ async def test_a_final_write_that_overruns_its_deadline_is_abandoned_and_logged(
             persister.note(rec(b"kiwi", 1))
             await gate.wait_entered()
             nursery.cancel_scope.cancel()
-        assert log == [f"stopping: {path} not written within 0.1 s, 1 records may be lost"]
+        assert log == [f"stopping: {path} not written within 0.1 s, 1 record may be lost"]
         assert b"kiwi" not in rows(path)
     finally:
         gate.opened.set()  # the abandoned worker now writes and closes
