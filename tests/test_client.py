@@ -399,6 +399,7 @@ async def test_one_shot_closes_after_the_first_reply(nursery: trio.Nursery) -> N
     await session.client.send_all(b"\r\n \t\r\n" + KIWI + b"\r\nIAMAT apple +1+1 1\r\n")
     assert await session.read_to_eof() == KIWI_AT + b"\n"  # closed without our EOF
     assert server.store.get(b"apple") is None
+    await session.client.send_eof()  # the server lingers until the client is done too
     await session.done.wait()  # the handler returned by itself
 
 
@@ -426,6 +427,7 @@ async def test_a_long_line_closes_the_connection_after_earlier_replies(
     session = Session(nursery, server)
     await session.client.send_all(KIWI + b"\r\nnonsense\n" + b"x" * 81)  # no LF ever
     assert await session.read_to_eof() == KIWI_AT + b"\n? nonsense\n"
+    await session.client.send_eof()
     await session.done.wait()  # the handler returned by itself
     server.node.log.close()
     assert "longer than 80 bytes" in (tmp_path / "Clark.log").read_text()
@@ -442,6 +444,7 @@ async def test_a_long_line_is_refused_as_soon_as_it_is_too_long(nursery: trio.Nu
     assert not session.done.is_set()
     await session.client.send_all(b"y")
     assert await session.read_to_eof() == b""  # nothing for the long line, then closed
+    await session.client.send_eof()
     await session.done.wait()  # the handler returned by itself
 
 
