@@ -7,14 +7,17 @@ call to the places source, bounded by places_timeout.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import re
 import traceback
+from collections.abc import Iterator
 
 import attrs
 import trio
 
-from herd_trio.lines import LineReader, LineTooLong
-from herd_trio.net import describe, host_of, send_within
+from herd_trio.lines import LineReader, LineTimeout, LineTooLong
+from herd_trio.net import describe, host_of, linger, send_within
 from herd_trio.node import Node
 from herd_trio.places import JSON, PlacesSource, error_body, legacy_body, render
 from herd_trio.protocol import ProtocolError, Whatsat, make_record, parse_command, question
@@ -26,6 +29,10 @@ FAIR_SHARE = 64  # lines answered before a pipelining client yields to the other
 HANDOFF_DEADLINE = 0.05  # seconds a reply may wait for its update to reach the links
 # Errors that end one client connection and nothing else.
 CLIENT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError)
+
+
+class IdleTimeout(Exception):
+    """No complete line for client_idle_timeout seconds."""
 
 
 def answer_line(node: Node, line: bytes, received_ns: int) -> tuple[bytes | Whatsat, bool]:
@@ -74,32 +81,101 @@ def _cap(body: JSON, bound: int) -> JSON:
 
 
 @attrs.define(eq=False)
+class Ticket:
+    """One admitted connection as Admission sees it: where it is from, when it last
+    completed a line, and the scope that closes it."""
+
+    who: str
+    address: str
+    active_at: float  # trio time of its last batch of complete lines, or of its admission
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    answering: bool = False  # between receiving lines and writing their replies
+    evicted: bool = False  # closed by Admission to make room; no longer counted
+    gone: bool = False  # the connection ended; its heap entry is dropped when met
+
+
+@attrs.define(eq=False)
 class Admission:
-    """How many client connections are open, in all and per remote address."""
+    """How many client connections are open, in all and per remote address, and which
+    one gives way to a newcomer when every slot is taken (issue 12: fair admission).
+
+    The choice is a lazy min-heap of (last activity, order, ticket). A session only
+    stores a new time in its ticket, once per batch of lines, and never touches the
+    heap. When a newcomer needs a slot, an entry whose key is out of date is pushed
+    back with the ticket's time, and the first up-to-date entry is the connection that
+    has gone longest without a complete line. Every push-back pays for one activity
+    update, so a choice costs amortised O(log n), never a scan of every connection.
+    Entries of connections that ended are dropped when met, and the heap is rebuilt
+    when more than half of it is dead.
+    """
 
     max_clients: int
     per_address: int = 0  # 0: no cap
+    grace: float = 5.0  # seconds: a connection active more recently is never evicted
     open: int = attrs.field(default=0, init=False)
     _by_address: dict[str, int] = attrs.field(factory=dict, init=False)
+    _heap: list[tuple[float, int, Ticket]] = attrs.field(factory=list, init=False)
+    _order: Iterator[int] = attrs.field(factory=itertools.count, init=False)
 
-    def refusal(self, address: str) -> str | None:
-        """Why a new connection from `address` is refused now, or None to admit it."""
-        if self.open >= self.max_clients:
-            return f"{self.max_clients} clients already connected"
+    def admit(self, who: str, address: str, now: float) -> tuple[Ticket | None, str]:
+        """A ticket for connection `who` from `address` and what to log, or (None, why
+        it is refused).
+
+        At max_clients, the connection idle longest is evicted if it has had no
+        complete line for more than `grace` seconds: its scope is cancelled (the
+        session closes itself, lingering) and it stops counting at once.
+        """
         if self.per_address and self._by_address.get(address, 0) >= self.per_address:
-            return f"{self.per_address} connections from {address} already"
+            return None, f"{self.per_address} connections from {address} already"
+        note = "admitted"
+        if self.open >= self.max_clients:
+            victim = self._victim(now)
+            if victim is None:
+                reason = f"{self.max_clients} clients already connected"
+                return None, f"{reason}, each active within {self.grace} s"
+            victim.evicted = True
+            idle = f"no complete line for {now - victim.active_at:.1f} s"
+            victim.scope.cancel(reason=f"evicted to admit {who}")
+            self._count(victim.address, -1)
+            note = f"admitted by closing {victim.who} ({idle}) at {self.max_clients} clients"
+        ticket = Ticket(who, address, now)
+        self._count(address, 1)
+        heapq.heappush(self._heap, (now, next(self._order), ticket))
+        return ticket, note
+
+    def leave(self, ticket: Ticket) -> None:
+        """Forget a connection that ended (evicted or not)."""
+        ticket.gone = True
+        if not ticket.evicted:
+            self._count(ticket.address, -1)
+        if len(self._heap) > 2 * self.open + 64:  # amortised O(1) per leave
+            self._heap = [entry for entry in self._heap if not entry[2].gone]
+            heapq.heapify(self._heap)
+
+    def _victim(self, now: float) -> Ticket | None:
+        heap = self._heap
+        while heap:
+            key, _, ticket = heap[0]
+            if ticket.gone or ticket.evicted:
+                heapq.heappop(heap)
+                continue
+            if ticket.answering:  # busy with a reply (a WHATSAT): counts as active
+                ticket.active_at = now
+            if ticket.active_at != key:  # stale: push back with the current time
+                heapq.heapreplace(heap, (ticket.active_at, next(self._order), ticket))
+                continue
+            if now - key <= self.grace:
+                return None  # the oldest is recent, so every connection is
+            heapq.heappop(heap)
+            return ticket
         return None
 
-    def enter(self, address: str) -> None:
-        """Count an admitted connection."""
-        self.open += 1
-        self._by_address[address] = self._by_address.get(address, 0) + 1
-
-    def leave(self, address: str) -> None:
-        """Count a connection that closed."""
-        self.open -= 1
-        if (left := self._by_address.pop(address) - 1) > 0:
+    def _count(self, address: str, step: int) -> None:
+        self.open += step
+        if (left := self._by_address.get(address, 0) + step) > 0:
             self._by_address[address] = left
+        else:
+            self._by_address.pop(address, None)
 
 
 async def handle_client(
@@ -107,18 +183,19 @@ async def handle_client(
 ) -> None:
     """Admit one client connection within the limits, then answer it.
 
-    Over the limits, a connection is closed at once without a word: the protocol has
-    no error reply for it, and a refused client can simply retry. The caller
-    (trio.serve_listeners) closes the stream afterwards.
+    Over the limits, when no connection can give way, a connection is closed at once
+    without a word: the protocol has no error reply for it, and a refused client can
+    simply retry. The caller (trio.serve_listeners) closes the stream afterwards.
     """
     who = describe(stream)
-    address = host_of(who)
-    if (reason := admission.refusal(address)) is not None:
-        node.log.write(f"{who} refused: {reason}")
+    ticket, note = admission.admit(who, host_of(who), trio.current_time())
+    if ticket is None:
+        node.log.write(f"{who} refused: {note}")
         return
-    admission.enter(address)
+    if note != "admitted":
+        node.log.write(f"{who} {note}")
     try:
-        await Session(node, places, stream, who).run()
+        await Session(node, places, stream, who, ticket).run()
     except Exception as exc:
         # A bug must not let one client take the server and everyone else down: it is
         # logged in full (tests fail on "internal error" in any log) and the connection
@@ -126,7 +203,7 @@ async def handle_client(
         trace = "".join(traceback.format_exception(exc))
         node.log.write(f"{who} internal error, closing: {trace!r}")
     finally:
-        admission.leave(address)
+        admission.leave(ticket)
 
 
 @attrs.define(eq=False)
@@ -141,25 +218,64 @@ class Session:
     places: PlacesSource
     stream: trio.abc.Stream
     who: str
+    ticket: Ticket  # its admission: activity time and the scope that evicts it
     _replies: list[bytes] = attrs.field(factory=list, init=False)
     _flooded: bool = attrs.field(default=False, init=False)  # `_replies` hold an update
     _first: bool = attrs.field(default=True, init=False)  # no line answered yet
 
     async def run(self) -> None:
-        """Answer until the client closes, errs, or must be closed; log why it ended."""
-        log, who = self.node.log, self.who
-        reader = LineReader(self.stream, self.node.settings.max_line)
-        log.write(f"{who} connected")
+        """Answer until the client closes, errs, or must be closed; log why it ended.
+
+        When the server ends the connection itself (an over-long or unfinished line,
+        one_shot, an HTTP request, idleness, eviction), every reply owed has been
+        written and the close lingers (net.linger) so that the client gets them.
+        """
+        self.node.log.write(f"{self.who} connected")
+        ending = True  # if cancelled by eviction
+        with self.ticket.scope:
+            ending = await self._serve()
+        if self.ticket.scope.cancelled_caught:
+            self.node.log.write(f"{self.who} closed to admit a newcomer")
+        if ending:
+            await linger(self.stream)
+
+    async def _serve(self) -> bool:
+        """Read and answer lines; True when the server is the one ending the connection."""
+        settings, log, who, ticket = self.node.settings, self.node.log, self.who, self.ticket
+        reader = LineReader(self.stream, settings.max_line, line_timeout=settings.line_timeout)
         try:
-            while lines := await reader.receive_lines():
-                if not await self._answer(lines):
-                    return
+            while lines := await self._receive(reader):
+                ticket.active_at = trio.current_time()  # once per batch, not per line
+                ticket.answering = True
+                more = await self._answer(lines)
+                ticket.answering = False
+                if not more:
+                    return True
             log.write(f"{who} closed by the client")
         except LineTooLong as exc:
-            limit = self.node.settings.max_line
-            log.write(f"{who} sent a line longer than {limit} bytes, closing: {exc.head!r}")
+            log.write(
+                f"{who} sent a line longer than {settings.max_line} bytes, closing: {exc.head!r}"
+            )
+            return True
+        except LineTimeout as exc:
+            log.write(
+                f"{who} left a line unfinished for {settings.line_timeout} s, closing: {exc.head!r}"
+            )
+            return True
+        except IdleTimeout:
+            log.write(f"{who} sent no line for {settings.client_idle_timeout} s, closing")
+            return True
         except CLIENT_ERRORS as exc:
             log.write(f"{who} dropped: {exc!r}")
+        return False
+
+    async def _receive(self, reader: LineReader) -> list[bytes]:
+        idle = self.node.settings.client_idle_timeout
+        if not idle:  # the default: persistent sessions may stay idle for hours
+            return await reader.receive_lines()
+        with trio.move_on_at(self.ticket.active_at + idle):
+            return await reader.receive_lines()
+        raise IdleTimeout
 
     async def _answer(self, lines: list[bytes]) -> bool:
         """Answer lines that arrived together; False when the connection must close."""

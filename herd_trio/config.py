@@ -72,6 +72,16 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sync_interval: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 5.0  # digest exchanges
     max_clients: Positive = 10_000  # open client connections per server (clamped to fd limit)
     max_clients_per_address: Count = 0  # open client connections per remote address; 0: no cap
+    # seconds without a complete line after which a connection may be closed to admit a
+    # newcomer at max_clients (issue 12: one process holding every slot must not lock
+    # everyone out); a connection that sent a line more recently is never closed for one
+    admission_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 5.0
+    # seconds a client may hold an incomplete line (bytes without their LF) before it is
+    # closed: slowloris; a line typed by hand takes far less
+    line_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 30.0
+    # seconds without a complete line after which a client is closed; 0: never (the
+    # default: telnet users keep persistent sessions open for hours)
+    client_idle_timeout: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] = 0.0
     keyring_file: str | None = None  # peer secrets, one per line, the first one signs
     tls_cert: str | None = None  # PEM certificate chain of this herd's servers (peer links)
     tls_key: str | None = None  # its private key

@@ -4,10 +4,13 @@ Framing follows PROTOCOL.md §1: a line ends at LF, one CR before the LF is drop
 unterminated last line at EOF is a complete line. Memory stays bounded: a line that
 grows past `max_line` bytes (counting every byte before the LF) is refused while it is
 still arriving, so a client streaming bytes without a newline costs at most
-`max_line + chunk` bytes.
+`max_line + chunk` bytes. Time stays bounded too: a line that has begun must end within
+`line_timeout` seconds (slowloris: a trickle of bytes that never reaches its LF).
 """
 
 from __future__ import annotations
+
+import math
 
 import trio
 
@@ -22,6 +25,14 @@ class LineTooLong(Exception):
         self.head = head  # the first bytes of the line, for the log
 
 
+class LineTimeout(Exception):
+    """A line that began but did not end within the reader's `line_timeout`."""
+
+    def __init__(self, line_timeout: float, head: bytes) -> None:
+        super().__init__(f"line not ended within {line_timeout} s")
+        self.head = head  # the first bytes of the line, for the log
+
+
 class LineReader:
     """Reads LF-terminated lines from `stream`; the one task reading it owns it.
 
@@ -29,10 +40,19 @@ class LineReader:
     pipelining client's lines are answered in batches with one write each batch.
     """
 
-    def __init__(self, stream: trio.abc.ReceiveStream, max_line: int, chunk: int = CHUNK) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.ReceiveStream,
+        max_line: int,
+        chunk: int = CHUNK,
+        *,
+        line_timeout: float = math.inf,
+    ) -> None:
         self._stream = stream
         self._max_line = max_line
         self._chunk = chunk
+        self._line_timeout = line_timeout
+        self._line_began = math.inf  # trio time the buffered, unfinished line began
         self._buffer = bytearray()
         self._lines: list[bytes] = []
         self._error: LineTooLong | None = None
@@ -41,8 +61,9 @@ class LineReader:
     async def receive_lines(self) -> list[bytes]:
         """The next complete lines (at least one), or [] at end of stream.
 
-        Raises LineTooLong once every line before the long one has been returned.
-        Always checkpoints (it may receive), plus the stream's own errors.
+        Raises LineTooLong once every line before the long one has been returned, and
+        LineTimeout if a line that began is still unfinished `line_timeout` seconds
+        later. Always checkpoints (it may receive), plus the stream's own errors.
         """
         received = False
         while not self._lines:
@@ -53,11 +74,18 @@ class LineReader:
                     self._lines.append(bytes(self._buffer))
                     self._buffer.clear()
                 break
-            data = await self._stream.receive_some(self._chunk)
+            if self._buffer:  # a line has begun: it gets line_timeout to end
+                data = await self._receive_rest()
+            else:  # the hot path: whole lines, no deadline to arm
+                data = await self._stream.receive_some(self._chunk)
             received = True
             if data:
                 self._buffer += data
                 self._split()
+                # The unfinished tail began in this chunk iff it fits inside it (a LF in
+                # the chunk, or nothing buffered before): one clock read per partial line.
+                if 0 < len(self._buffer) <= len(data):
+                    self._line_began = trio.current_time()
             else:
                 self._eof = True
         if not received:  # like tricycle's receive_line: a checkpoint on every call
@@ -74,6 +102,14 @@ class LineReader:
         else:
             await trio.lowlevel.checkpoint()
         return self._lines.pop(0)
+
+    async def _receive_rest(self) -> bytes | bytearray:
+        with trio.move_on_at(self._line_began + self._line_timeout):
+            return await self._stream.receive_some(self._chunk)
+        error = LineTimeout(self._line_timeout, bytes(self._buffer[:64]))
+        self._buffer.clear()
+        self._eof = True  # like a long line: nothing after it is read
+        raise error
 
     def _split(self) -> None:
         buffer = self._buffer

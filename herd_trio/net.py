@@ -1,11 +1,18 @@
 """Addresses and sends shared by the client and peer sides: who is at the other end,
-is it on this host, and a send that gives up after a deadline."""
+is it on this host, a send that gives up after a deadline, and a close that does not
+destroy replies the other end has not read yet."""
 
 from __future__ import annotations
 
 import ipaddress
 
 import trio
+
+LINGER = 2.0  # seconds a closing connection's input is drained at most (Apache's value)
+LINGER_BYTES = 4 << 20  # bytes drained at most: a few ms of CPU, then the close is abrupt
+LINGER_CHUNK = 65536
+# Errors a connection that is being closed anyway may raise: it is closed regardless.
+CLOSE_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 def describe(stream: trio.abc.Stream) -> str:
@@ -57,3 +64,29 @@ async def send_within(stream: trio.abc.SendStream, data: bytes, deadline: float)
         await stream.send_all(data)
     if scope.cancelled_caught:
         raise trio.TooSlowError
+
+
+async def linger(stream: trio.abc.Stream) -> None:
+    """Half-close, then read and discard the other end's input until its EOF, for at
+    most LINGER seconds and LINGER_BYTES bytes; the caller closes the stream after.
+
+    Closing a TCP socket that still holds unread input makes the kernel send RST
+    instead of FIN, and an RST makes the other end's kernel throw away replies it has
+    received but the application has not read yet (issue 12: the reply to an IAMAT
+    sent just before an over-long line was lost). Draining first, as Apache's
+    lingering close does, lets everything already sent arrive. Not for `finally`:
+    it is cancellable, so a server that stops does not wait for it.
+    """
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        await trio.lowlevel.checkpoint()
+        return  # without a half-close the other end would not know to stop sending
+    drained = 0
+    with trio.move_on_after(LINGER):
+        try:
+            await stream.send_eof()
+            while drained < LINGER_BYTES:
+                if not (data := await stream.receive_some(LINGER_CHUNK)):
+                    break
+                drained += len(data)
+        except CLOSE_ERRORS:
+            pass  # the other end is gone already: nothing left to protect

@@ -80,7 +80,9 @@ async def serve(
         log.write(f"listening for {where}")
         neighbours = herd.neighbours(name)
         admission = Admission(
-            min(settings.max_clients, max_clients), settings.max_clients_per_address
+            min(settings.max_clients, max_clients),
+            settings.max_clients_per_address,
+            settings.admission_grace,
         )
         door = PeerPort(node, security, frozenset(n for n in neighbours if dials(n, name)))
         async with trio.open_nursery() as nursery:

@@ -12,9 +12,10 @@ import pytest
 import trio
 import trio.testing
 
-from herd_trio.client import Admission, answer_line, handle_client, whatsat
+from herd_trio.client import Admission, Ticket, answer_line, handle_client, whatsat
 from herd_trio.lines import LineReader
 from herd_trio.links import LINK_ERRORS, carry
+from herd_trio.net import LINGER
 from herd_trio.node import Node
 from herd_trio.places import JSON, legacy_body
 from herd_trio.protocol import Record, Whatsat
@@ -38,6 +39,7 @@ class Server:
     places: Places
     bona: Recording  # what is published to the link to Bona
     subscription: AbstractContextManager[None]  # kept open (and referenced) for the test
+    admission: Admission = attrs.field(factory=lambda: Admission(100))  # shared by sessions
 
     @property
     def store(self) -> Store:
@@ -50,7 +52,7 @@ class Server:
         return await whatsat(self.node, self.places, command)
 
     async def handle(self, stream: trio.abc.Stream) -> None:
-        await handle_client(self.node, self.places, Admission(100), stream)
+        await handle_client(self.node, self.places, self.admission, stream)
 
 
 def make_server(
@@ -399,6 +401,7 @@ async def test_one_shot_closes_after_the_first_reply(nursery: trio.Nursery) -> N
     await session.client.send_all(b"\r\n \t\r\n" + KIWI + b"\r\nIAMAT apple +1+1 1\r\n")
     assert await session.read_to_eof() == KIWI_AT + b"\n"  # closed without our EOF
     assert server.store.get(b"apple") is None
+    await session.client.send_eof()  # the server lingers until the client is done too
     await session.done.wait()  # the handler returned by itself
 
 
@@ -426,6 +429,7 @@ async def test_a_long_line_closes_the_connection_after_earlier_replies(
     session = Session(nursery, server)
     await session.client.send_all(KIWI + b"\r\nnonsense\n" + b"x" * 81)  # no LF ever
     assert await session.read_to_eof() == KIWI_AT + b"\n? nonsense\n"
+    await session.client.send_eof()
     await session.done.wait()  # the handler returned by itself
     server.node.log.close()
     assert "longer than 80 bytes" in (tmp_path / "Clark.log").read_text()
@@ -442,6 +446,7 @@ async def test_a_long_line_is_refused_as_soon_as_it_is_too_long(nursery: trio.Nu
     assert not session.done.is_set()
     await session.client.send_all(b"y")
     assert await session.read_to_eof() == b""  # nothing for the long line, then closed
+    await session.client.send_eof()
     await session.done.wait()  # the handler returned by itself
 
 
@@ -499,3 +504,143 @@ async def test_an_update_is_written_to_the_links_before_the_reply(nursery: trio.
     assert await session.read(len(KIWI_AT) + 1) == KIWI_AT + b"\n"
     assert events[2:] == [("Recorder", KIWI_AT + b"\n")]
     assert errors == []
+
+
+# --- hostile clients (issue 12) ----------------------------------------------------------
+
+
+def admit(admission: Admission, who: str, now: float) -> Ticket:
+    ticket, note = admission.admit(who, "127.0.0.1", now)
+    assert ticket is not None, note
+    return ticket
+
+
+def test_a_newcomer_at_max_clients_evicts_the_connection_idle_longest() -> None:
+    admission = Admission(3, grace=5)
+    a, b, c = (admit(admission, who, now) for who, now in (("a", 0), ("b", 1), ("c", 2)))
+    a.active_at = 10  # a sent a line at t=10; b and c never did
+    d, note = admission.admit("d", "127.0.0.1", 20)
+    assert d is not None
+    assert note == "admitted by closing b (no complete line for 19.0 s) at 3 clients"
+    assert b.evicted
+    assert b.scope.cancel_called
+    assert admit(admission, "e", 20) is not None
+    assert c.evicted
+    assert admit(admission, "f", 20) is not None
+    assert a.evicted  # idle 10 s > grace, and older than d and e
+    assert not d.evicted
+    assert not c.gone  # evicted, but its session has not ended yet
+    assert admission.open == 3
+
+
+def test_when_every_connection_was_active_within_the_grace_the_newcomer_is_refused() -> None:
+    admission = Admission(2, grace=5)
+    a, b = admit(admission, "a", 0), admit(admission, "b", 0)
+    a.active_at = b.active_at = 4
+    assert admission.admit("c", "127.0.0.1", 9) == (
+        None,
+        "2 clients already connected, each active within 5 s",
+    )
+    b.answering = True  # busy answering (a slow WHATSAT): active, whatever its last line
+    ticket = admit(admission, "c", 9.5)
+    assert a.evicted
+    assert not b.evicted
+    admission.leave(a)  # the evicted session ends: it is no longer counted twice
+    admission.leave(ticket)
+    assert admission.open == 1
+
+
+def test_the_per_address_cap_refuses_before_anyone_is_evicted() -> None:
+    admission = Admission(1, per_address=1, grace=0)
+    old = admit(admission, "a", 0)
+    assert admission.admit("b", "127.0.0.1", 100) == (None, "1 connections from 127.0.0.1 already")
+    assert not old.evicted
+
+
+def test_the_victim_heap_stays_small_under_churn() -> None:
+    admission = Admission(10, grace=0)
+    for now in range(10_001):
+        ticket = admit(admission, f"c{now}", now)
+        if now % 2:
+            admission.leave(ticket)  # closed by its client; the others are evicted
+    assert admission.open == 10
+    assert len(admission._heap) <= 2 * admission.open + 64
+
+
+async def test_an_idle_session_is_closed_to_admit_a_newcomer(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = make_server()
+    server.admission = Admission(2, grace=5)
+    idle, busy = Session(nursery, server), Session(nursery, server)
+    await trio.sleep(10)
+    await busy.client.send_all(b"IAMAT apple +1+1 1\n")
+    await busy.read(len(b"AT Clark +1621464827.223372289 apple +1+1 1\n"))
+    newcomer = Session(nursery, server)
+    assert await idle.read_to_eof() == b""  # evicted: a FIN, not silence
+    await idle.client.send_eof()
+    await idle.done.wait()
+    await newcomer.client.send_all(b"x\n")
+    assert await newcomer.read(4) == b"? x\n"
+    await busy.client.send_all(b"y\n")
+    assert await busy.read(4) == b"? y\n"
+    assert trio.current_time() == 10
+
+
+async def test_a_newcomer_is_refused_while_every_session_is_active(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = make_server()
+    server.admission = Admission(1, grace=5)
+    held = Session(nursery, server)
+    await trio.sleep(4)
+    refused = Session(nursery, server)
+    assert await refused.read_to_eof() == b""
+    await refused.done.wait()
+    await held.client.send_all(b"x\n")
+    assert await held.read(4) == b"? x\n"
+
+
+async def test_a_slowloris_line_is_closed_after_line_timeout_and_earlier_replies_arrive(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = make_server(line_timeout=3)
+    session = Session(nursery, server)
+    await session.client.send_all(KIWI + b"\nIAMAT")
+    start = trio.current_time()
+
+    async def trickle() -> None:
+        for byte in b" kiwi +1+1 1":
+            await trio.sleep(1)
+            await session.client.send_all(bytes([byte]))
+
+    nursery.start_soon(trickle)
+    assert await session.read_to_eof() == KIWI_AT + b"\n"
+    assert trio.current_time() - start == 3
+
+
+async def test_client_idle_timeout_closes_a_silent_session_and_is_off_by_default(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    patient = Session(nursery, make_server())
+    strict = Session(nursery, make_server(client_idle_timeout=20))
+    await trio.sleep(10)
+    await strict.client.send_all(b"x\n")
+    assert await strict.read(4) == b"? x\n"
+    assert await strict.read_to_eof() == b""
+    assert trio.current_time() == 30  # 20 s after its last line
+    await trio.sleep(86_400)
+    assert not patient.done.is_set()  # a telnet session left open for a day stays
+
+
+async def test_the_lingering_close_waits_for_the_client_at_most_linger_seconds(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = make_server(one_shot=True)
+    session = Session(nursery, server)
+    await session.client.send_all(b"x\n")
+    assert await session.read_to_eof() == b"? x\n"
+    start = trio.current_time()
+    await session.client.send_all(b"more input the server discards\n" * 100)
+    await session.done.wait()  # never sends its EOF: the server closes after LINGER
+    assert trio.current_time() - start == LINGER

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from herd_trio.lines import CHUNK, LineReader, LineTooLong
+from herd_trio.lines import CHUNK, LineReader, LineTimeout, LineTooLong
 
 
 class Script(trio.abc.ReceiveStream):
@@ -224,3 +224,45 @@ async def test_receive_lines_checkpoints_at_end_of_stream() -> None:
     assert await reader.receive_lines() == []
     with trio.testing.assert_checkpoints():
         assert await reader.receive_lines() == []
+
+
+# --- line_timeout (issue 12: slowloris) -----------------------------------------------------
+
+
+async def test_an_unfinished_line_times_out_counted_from_its_first_byte(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    reader = LineReader(server, 4096, line_timeout=3)
+    await client.send_all(b"done\nIAM")  # a line ends, the next one begins now
+    assert await reader.receive_lines() == [b"done"]
+    begun = trio.current_time()
+
+    async def trickle() -> None:  # a byte every 0.9 s, never the LF
+        for byte in b"AT kiwi":
+            await trio.sleep(0.9)
+            await client.send_all(bytes([byte]))
+
+    nursery.start_soon(trickle)
+    with pytest.raises(LineTimeout) as caught:
+        await reader.receive_lines()
+    assert trio.current_time() - begun == 3
+    assert caught.value.head == b"IAMAT "  # bytes at 0.9, 1.8 and 2.7 s
+    assert await reader.receive_lines() == []  # nothing after it is read
+
+
+async def test_each_line_gets_its_own_line_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    reader = LineReader(server, 4096, line_timeout=3)
+    await client.send_all(b"ab")
+    await trio.sleep(2)
+    await client.send_all(b"c\nde")  # "abc" ends in time; "de" begins at t=2
+    assert await reader.receive_lines() == [b"abc"]
+    await trio.sleep(2.5)  # t=4.5: past the first line's deadline, inside the second's
+    await client.send_all(b"f\n")
+    assert await reader.receive_lines() == [b"def"]
+    await trio.sleep(3600)  # no line begun: waiting for one is never timed
+    await client.send_all(b"g\n")
+    assert await reader.receive_lines() == [b"g"]
