@@ -74,10 +74,10 @@ def foreign(origin: bytes, line: bytes, received_ns: int) -> Record:
     return record(origin.decode(), line, received_ns)
 
 
-# --- answer_nowait -------------------------------------------------------------------------
+# --- answer_line ---------------------------------------------------------------------------
 
 
-async def test_new_iamat_is_stored_and_published_before_the_reply() -> None:
+def test_new_iamat_is_stored_and_published_before_the_reply() -> None:
     server = make_server()
     assert answer_line(server.node, KIWI, RECEIVED) == (KIWI_AT + b"\n", True)
     [flooded] = server.bona.records  # handed to the links already when the reply exists
@@ -85,7 +85,7 @@ async def test_new_iamat_is_stored_and_published_before_the_reply() -> None:
     assert server.store.get(b"kiwi.cs.ucla.edu") == flooded
 
 
-async def test_stale_or_repeated_iamat_gets_the_stored_line_and_is_not_flooded() -> None:
+def test_stale_or_repeated_iamat_gets_the_stored_line_and_is_not_flooded() -> None:
     server = make_server()
     assert server.answer(KIWI, RECEIVED) == KIWI_AT + b"\n"
     older = b"IAMAT kiwi.cs.ucla.edu +1+1 1621464827.959498502"
