@@ -85,7 +85,7 @@ def apply_overrides(herd: HerdConfig, args: argparse.Namespace) -> HerdConfig:
     if args.all and settings.state_dir is None:
         # One process holding the whole herd is the case where a stop loses everything,
         # so it keeps state by default. Not beside the logs: a restart with another
-        # --log-dir would start empty (issue 10, #4). The config's own folder stays put.
+        # --log-dir would start empty. The config's own folder stays put.
         state_dir = config.home(args.config) / "state"
         settings = msgspec.structs.replace(settings, state_dir=str(state_dir))
     return msgspec.structs.replace(herd, herd=settings)

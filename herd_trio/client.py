@@ -97,7 +97,7 @@ class Ticket:
 @attrs.define(eq=False)
 class Admission:
     """How many client connections are open, in all and per remote address, and which
-    one gives way to a newcomer when every slot is taken (issue 12: fair admission).
+    one gives way to a newcomer when every slot is taken.
 
     The choice is a lazy min-heap of (last activity, order, ticket). A session only
     stores a new time in its ticket, once per batch of lines, and never touches the

@@ -73,7 +73,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_clients: Positive = 10_000  # open client connections per server (clamped to fd limit)
     max_clients_per_address: Count = 0  # open client connections per remote address; 0: no cap
     # seconds without a complete line after which a connection may be closed to admit a
-    # newcomer at max_clients (issue 12: one process holding every slot must not lock
+    # newcomer at max_clients (one process holding every slot must not lock
     # everyone out); a connection that sent a line more recently is never closed for one
     admission_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 5.0
     # seconds a client may hold an incomplete line (bytes without their LF) before it is

@@ -72,7 +72,7 @@ async def linger(stream: trio.abc.Stream) -> None:
 
     Closing a TCP socket that still holds unread input makes the kernel send RST
     instead of FIN, and an RST makes the other end's kernel throw away replies it has
-    received but the application has not read yet (issue 12: the reply to an IAMAT
+    received but the application has not read yet (the reply to an IAMAT
     sent just before an over-long line was lost). Draining first, as Apache's
     lingering close does, lets everything already sent arrive. Not for `finally`:
     it is cancellable, so a server that stops does not wait for it.

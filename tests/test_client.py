@@ -506,7 +506,7 @@ async def test_an_update_is_written_to_the_links_before_the_reply(nursery: trio.
     assert errors == []
 
 
-# --- hostile clients (issue 12) ----------------------------------------------------------
+# --- hostile clients -------------------------------------------------------------------
 
 
 def admit(admission: Admission, who: str, now: float) -> Ticket:

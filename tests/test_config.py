@@ -260,7 +260,7 @@ def test_a_missing_or_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
         load(tmp_path / "latin1.toml", environ={})
 
 
-# --- one format: FILE: FIELD.PATH: what is wrong (issue 10, #7) --------------------------------
+# --- one format: FILE: FIELD.PATH: what is wrong --------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The docs run as written (issue 10): every TOML block loads, documented commands work.
+"""The docs run as written: every TOML block loads, documented commands work.
 
 Every ```toml block of README.md and docs/*.md is written to a file and loaded through
 the real loader. A block that is deliberately a fragment (a few `[herd]` settings) says

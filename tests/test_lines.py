@@ -226,7 +226,7 @@ async def test_receive_lines_checkpoints_at_end_of_stream() -> None:
         assert await reader.receive_lines() == []
 
 
-# --- line_timeout (issue 12: slowloris) -----------------------------------------------------
+# --- line_timeout (slowloris) --------------------------------------------------------------------
 
 
 async def test_an_unfinished_line_times_out_counted_from_its_first_byte(

@@ -1,4 +1,4 @@
-"""End to end, issue 12: a server under hostile clients (real processes on 127.0.0.1).
+"""End to end: a server under hostile clients (real processes on 127.0.0.1).
 
 Each test bounds its connection count and its time, asserts the outcome, and prints
 the figures that docs/security.md and docs/reliability.md quote (`pytest -s` shows them).
@@ -140,7 +140,7 @@ async def test_slowloris_connections_are_closed_within_line_timeout(tmp_path: Pa
         )
         assert len(lasted) == count  # every one was closed before the deadline
         assert max(lasted) < line_timeout + 5
-        # Served meanwhile: before issue 12 the p99 here was 73 ms. Not the 5 ms target
+        # Served meanwhile: without line_timeout the p99 here was 73 ms. Not the 5 ms target
         # of the admission test: the 50 trickling tasks share this process's loop.
         assert percentile(times, 0.99) < 0.020
         await herd.wait_logged("Solo", f"left a line unfinished for {line_timeout}")
