@@ -27,6 +27,7 @@ import msgspec
 import trio
 
 from herd_trio import config
+from herd_trio.admin import admin_token
 from herd_trio.config import ConfigError, HerdConfig
 from herd_trio.errors import leaves
 from herd_trio.log import ServerLog
@@ -97,13 +98,22 @@ async def run_herd(
     logs: dict[str, ServerLog],
     security: dict[str, PeerSecurity],
     max_clients: int,
+    tokens: dict[str, str | None] | None = None,
 ) -> None:
     """Run the named servers until SIGINT or SIGTERM, then cancel them all."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_places(herd) as places, trio.open_nursery() as nursery:
             for name in names:
                 server = partial(
-                    serve, name, herd, places, logs[name], security[name], max_clients=max_clients
+                    serve,
+                    name,
+                    herd,
+                    places,
+                    logs[name],
+                    security[name],
+                    max_clients=max_clients,
+                    admin_token=(tokens or {}).get(name),
+                    version=version(),
                 )
                 await nursery.start(server, name=f"server {name}")
                 cfg = herd.servers[name]
@@ -201,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:  # secrets and certificates: read once, for every server of this process
         security = load_security(herd, names)
+        tokens = {name: admin_token(herd, name) for name in names}
     except ConfigError as exc:
         print(exc.in_file(config.label(args.config)), file=sys.stderr)
         return 2
@@ -224,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         package_log.propagate = False  # into the server logs, never onto the terminal
         package_log.addHandler(ToServerLogs(logs.values()))
         try:
-            trio.run(run_herd, herd, names, logs, security, max_clients)
+            trio.run(run_herd, herd, names, logs, security, max_clients, tokens)
         except* StartupError as group:
             failed = list(leaves(group))
     for error in failed:

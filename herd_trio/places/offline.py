@@ -155,4 +155,3 @@ async def open_offline(
     finally:
         if not places.ready:  # closed mid-load: release stragglers instead of hanging them
             places._deliver(None, "the offline places source is closed")
-
