@@ -1,4 +1,5 @@
-"""Command line: `python -m herd_trio NAME` or `python -m herd_trio --all`.
+"""Command line: `python -m herd_trio NAME`, `python -m herd_trio --all`, or
+`python -m herd_trio status` (see status.py; `-- status` runs a server named status).
 
 Exit status: 0 after SIGINT/SIGTERM, 2 for a bad command line or config, 1 when a
 server cannot start (a port in use); every failure is one line on stderr. A config
@@ -26,7 +27,7 @@ from typing import NoReturn
 import msgspec
 import trio
 
-from herd_trio import config
+from herd_trio import config, status
 from herd_trio.admin import admin_token
 from herd_trio.config import ConfigError, HerdConfig
 from herd_trio.errors import leaves
@@ -195,7 +196,10 @@ def announce(herd: HerdConfig, logs: dict[str, ServerLog]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "status":  # a command word; `-- status` runs a server so named
+        return status.main(argv[1:])
+    args = parse_args(argv)
     try:
         herd = apply_overrides(config.load(args.config), args)
     except ConfigError as exc:
