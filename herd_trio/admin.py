@@ -91,6 +91,10 @@ class AdminApp:
         headers = dict(scope["headers"])
         extra = self._cors(headers)
         path, method = scope["path"], scope["method"]
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > ADMIN_MAX_HEADER:
+            # h11 caps only headers that arrive in pieces; one big read gets through it
+            await _respond(send, 431, b"headers too large\n", extra=extra)
+            return
         if method not in ("GET", "HEAD"):
             await _respond(send, 405, b"GET only\n", extra=[(b"allow", b"GET, HEAD"), *extra])
             return
@@ -143,10 +147,6 @@ class AdminApp:
 
     async def _events(self, receive: Receive, send: Send, extra: list[tuple[bytes, bytes]]) -> None:
         """Stream events until the reader leaves, falls behind, or the server stops."""
-        headers = [(b"content-type", b"text/event-stream"), *SECURITY_HEADERS, *extra]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        hello = _sse({"type": "hello", "server": self.view.name})
-        await send(_chunk(b"retry: %d\n\n" % SSE_RETRY_MS + hello))
         gone = False
 
         async def watch_disconnect() -> None:
@@ -156,7 +156,13 @@ class AdminApp:
             gone = True
             nursery.cancel_scope.cancel()
 
+        # Subscribed before the hello goes out, so a reader that reloads the picture
+        # on hello misses nothing.
         with self.hub.subscribe() as events:
+            headers = [(b"content-type", b"text/event-stream"), *SECURITY_HEADERS, *extra]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            hello = _sse({"type": "hello", "server": self.view.name})
+            await send(_chunk(b"retry: %d\n\n" % SSE_RETRY_MS + hello))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_disconnect)
                 await _stream(events, send)

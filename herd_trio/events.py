@@ -25,7 +25,7 @@ def record_event(record: Record) -> Event:
     return {
         "type": "client",
         "id": record.client.decode("utf-8", "backslashreplace"),
-        "origin": record.origin,
+        "origin": record.origin.decode("ascii", "replace"),
         "lat": float(lat),
         "lon": float(lon),
     }

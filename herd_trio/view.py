@@ -128,6 +128,11 @@ class ServerView:
             lat, lon = record.lat_lon
             client = record.client.decode("utf-8", "backslashreplace")
             out.append(
-                {"id": client, "origin": record.origin, "lat": float(lat), "lon": float(lon)}
+                {
+                    "id": client,
+                    "origin": record.origin.decode("ascii", "replace"),
+                    "lat": float(lat),
+                    "lon": float(lon),
+                }
             )
         return {"clients": out, "truncated": len(self.store) > len(out)}

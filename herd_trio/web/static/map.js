@@ -91,11 +91,19 @@ async function poll() {
   draw();
 }
 
+async function reloadClients() {
+  // Subscribed before hello: what was kept since the last load is in this answer.
+  const clients = await getJSON("/clients");
+  for (const c of clients.clients) state.clients.set(c.id, c);
+  draw();
+}
+
 function listen() {
   const events = new EventSource("/events");
   events.onmessage = (message) => {
     const event = JSON.parse(message.data);
     if (event.type === "client") { state.clients.set(event.id, event); draw(); }
+    else if (event.type === "hello") reloadClients();
     else if (event.type === "link") poll();
   };
 }
@@ -105,9 +113,8 @@ async function main() {
   state.self = mine.name;
   state.layout = mine.herd;
   document.getElementById("self").textContent = `(via ${mine.name})`;
-  const [world, clients] = await Promise.all([getJSON("/static/vendor/countries-110m.json"), getJSON("/clients")]);
+  const world = await getJSON("/static/vendor/countries-110m.json");
   state.world = topojson.feature(world, world.objects.countries);
-  for (const c of clients.clients) state.clients.set(c.id, c);
   listen();
   await poll();
   setInterval(poll, POLL_MS);
