@@ -36,7 +36,9 @@ class FakeLink:
 
 
 def make_view(neighbours: tuple[str, ...] = ("Bona", "Jaquez")) -> ServerView:
-    layout = ({"name": "Clark", "location": [34.07, -118.45], "admin": None, "neighbours": []},)
+    layout: tuple[dict[str, object], ...] = (
+        {"name": "Clark", "location": [34.07, -118.45], "admin": None, "neighbours": []},
+    )
     return ServerView("Clark", "9.9", Stats(), Store(), neighbours, layout)
 
 
