@@ -150,6 +150,7 @@ class Herd:
     ports: dict[str, int]
     peer_ports: dict[str, int]
     extra: dict[str, object] = attrs.field(factory=dict)
+    admin_ports: dict[str, int] = attrs.field(factory=dict)  # empty: no admin listeners
     processes: dict[str, subprocess.Popen[bytes]] = attrs.field(factory=dict)
 
     @classmethod
@@ -158,18 +159,22 @@ class Herd:
         root: Path,
         names: list[str] | None = None,
         edges: list[tuple[str, str]] | None = None,
+        *,
+        admin: bool = False,
         **settings: object,
     ) -> Herd:
-        """A herd config on free loopback ports (default: the default herd's graph)."""
+        """A herd config on free loopback ports (default: the default herd's graph);
+        with `admin`, each server also gets an admin port and a location."""
         names = names or DEFAULT_NAMES
-        ports = free_ports(2 * len(names))
+        ports = free_ports((3 if admin else 2) * len(names))
         herd = cls(
             root,
             names,
             DEFAULT_EDGES if edges is None else edges,
             dict(zip(names, ports[: len(names)], strict=True)),
-            dict(zip(names, ports[len(names) :], strict=True)),
+            dict(zip(names, ports[len(names) : 2 * len(names)], strict=True)),
             settings,
+            dict(zip(names, ports[2 * len(names) :], strict=True)) if admin else {},
         )
         herd.write_config()
         return herd
@@ -204,6 +209,12 @@ class Herd:
                 f"peer_port = {self.peer_ports[name]}",
                 f"neighbours = {_toml(listed)}",
             ]
+            if name in self.admin_ports:
+                index = self.names.index(name)
+                lines += [
+                    f"admin_port = {self.admin_ports[name]}",
+                    f'location = "+34.07{index}-118.44{index}"',
+                ]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -268,6 +279,10 @@ class Herd:
             return content if text in content else None
 
         return await poll(f"{name} logs {text!r}", check, deadline=deadline)
+
+    def admin_url(self, name: str) -> str:
+        """Server `name`'s admin listener."""
+        return f"http://127.0.0.1:{self.admin_ports[name]}"
 
     def running(self, name: str) -> bool:
         """True if server `name` was started and has not exited."""

@@ -1,0 +1,79 @@
+"""The admin port and the status command against real server processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.herd import DEFAULT_EDGES, Herd, poll, running
+
+
+@pytest.fixture
+async def admin_herd(tmp_path: Path) -> AsyncIterator[Herd]:
+    """The default herd's five servers with admin ports, all linked."""
+    with running(Herd.create(tmp_path, admin=True)) as started:
+        await started.start_all()
+        yield started
+
+
+def status(herd: Herd) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "herd_trio", "status", "--config", str(herd.config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_status_reports_every_server_ready_then_a_stopped_one(admin_herd: Herd) -> None:
+    at_line = await admin_herd.iamat("Clark", b"kiwi", b"+34.068930-118.445127", b"1700000000.5")
+    for name in admin_herd.names:
+        await admin_herd.wait_for(name, b"kiwi", at_line)
+    result = await trio.to_thread.run_sync(status, admin_herd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert rows[0] == ["SERVER", "UP", "READY", "LINKS", "RECORDS", "CLIENTS", "DIGEST"]
+    degree = {n: sum(n in edge for edge in DEFAULT_EDGES) for n in admin_herd.names}
+    assert {row[0]: row[1:6] for row in rows[1:]} == {
+        n: ["up", "ready", f"{degree[n]}/{degree[n]}", "1", "0"] for n in admin_herd.names
+    }
+    assert {row[6] for row in rows[1:]} == {"agrees"}
+    admin_herd.kill("Jaquez")
+    result = await trio.to_thread.run_sync(status, admin_herd)
+    assert result.returncode == 1
+    jaquez = next(line for line in result.stdout.splitlines() if line.startswith("Jaquez "))
+    assert jaquez.split()[1:3] == ["DOWN", "NO"]
+
+
+async def test_metrics_and_state_of_a_running_server(admin_herd: Herd) -> None:
+    await admin_herd.iamat("Bona", b"kiwi", b"+34.068930-118.445127", b"1700000000.5")
+    async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+
+        async def clark_has_it() -> dict[str, float] | None:
+            text = (await client.get(f"{admin_herd.admin_url('Clark')}/metrics")).text
+            samples = {
+                f"{s.name}{sorted(s.labels.items())}": s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+            return samples if samples["herd_store_records[]"] == 1 else None
+
+        samples = await poll("Clark holds the record", clark_has_it)
+        assert samples["herd_records_received_total[('peer', 'Bona'), ('verdict', 'kept')]"] == 1
+        assert samples["herd_link_up[('peer', 'Jaquez')]"] == 1
+        state = (await client.get(f"{admin_herd.admin_url('Clark')}/state")).json()
+        assert {link["peer"]: link["up"] for link in state["links"]} == {
+            "Bona": True,
+            "Jaquez": True,
+        }
+        assert [s["name"] for s in state["herd"]] == admin_herd.names
+        ready = await client.get(f"{admin_herd.admin_url('Clark')}/readyz?links=all")
+        assert ready.status_code == 200
