@@ -159,22 +159,18 @@ class Herd:
         root: Path,
         names: list[str] | None = None,
         edges: list[tuple[str, str]] | None = None,
-        *,
-        admin: bool = False,
         **settings: object,
     ) -> Herd:
-        """A herd config on free loopback ports (default: the default herd's graph);
-        with `admin`, each server also gets an admin port and a location."""
+        """A herd config on free loopback ports (default: the default herd's graph)."""
         names = names or DEFAULT_NAMES
-        ports = free_ports((3 if admin else 2) * len(names))
+        ports = free_ports(2 * len(names))
         herd = cls(
             root,
             names,
             DEFAULT_EDGES if edges is None else edges,
             dict(zip(names, ports[: len(names)], strict=True)),
-            dict(zip(names, ports[len(names) : 2 * len(names)], strict=True)),
+            dict(zip(names, ports[len(names) :], strict=True)),
             settings,
-            dict(zip(names, ports[2 * len(names) :], strict=True)) if admin else {},
         )
         herd.write_config()
         return herd
@@ -279,6 +275,14 @@ class Herd:
             return content if text in content else None
 
         return await poll(f"{name} logs {text!r}", check, deadline=deadline)
+
+    def with_admin(self) -> Herd:
+        """Give every server an admin port (free now, on 127.0.0.1) and a location."""
+        taken = set(self.ports.values()) | set(self.peer_ports.values())
+        free = [port for port in free_ports(2 * len(self.names)) if port not in taken]
+        self.admin_ports = dict(zip(self.names, free, strict=False))
+        self.write_config()
+        return self
 
     def admin_url(self, name: str) -> str:
         """Server `name`'s admin listener."""

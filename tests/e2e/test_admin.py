@@ -18,7 +18,7 @@ from tests.e2e.herd import DEFAULT_EDGES, Herd, poll, running
 @pytest.fixture
 async def admin_herd(tmp_path: Path) -> AsyncIterator[Herd]:
     """The default herd's five servers with admin ports, all linked."""
-    with running(Herd.create(tmp_path, admin=True)) as started:
+    with running(Herd.create(tmp_path).with_admin()) as started:
         await started.start_all()
         yield started
 
@@ -67,7 +67,12 @@ async def test_metrics_and_state_of_a_running_server(admin_herd: Herd) -> None:
             return samples if samples["herd_store_records[]"] == 1 else None
 
         samples = await poll("Clark holds the record", clark_has_it)
-        assert samples["herd_records_received_total[('peer', 'Bona'), ('verdict', 'kept')]"] == 1
+        kept = [
+            v
+            for k, v in samples.items()
+            if k.startswith("herd_records_received_total") and "'kept'" in k
+        ]
+        assert sum(kept) == 1  # from Bona, or (under load) around the ring first
         assert samples["herd_link_up[('peer', 'Jaquez')]"] == 1
         state = (await client.get(f"{admin_herd.admin_url('Clark')}/state")).json()
         assert {link["peer"]: link["up"] for link in state["links"]} == {
