@@ -55,7 +55,7 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"cache-control", b"no-store"),
 ]
-CSP = b"default-src 'self'; connect-src 'self' http://127.0.0.1:* http://localhost:* http://[::1]:*"
+CSP = b"default-src 'self'; img-src 'self' data:; connect-src 'self' http://127.0.0.1:* http://localhost:*"
 
 
 def _static_file(path: str) -> bytes | None:

@@ -22,6 +22,8 @@ import attrs
 import pytest
 import trio
 
+from herd_trio import config
+
 # The default herd's talk relations (PROTOCOL.md §5).
 DEFAULT_EDGES = [
     ("Clark", "Jaquez"),
@@ -32,6 +34,12 @@ DEFAULT_EDGES = [
     ("Bona", "Bailey"),
 ]
 DEFAULT_NAMES = ["Bailey", "Bona", "Campbell", "Clark", "Jaquez"]
+# Where the map draws the default herd's servers (as the built-in config has them).
+DEFAULT_LOCATIONS = {
+    name: server.location
+    for name, server in config.load().servers.items()
+    if server.location is not None
+}
 POLL = 0.01  # seconds between polls of a condition
 T = TypeVar("T")
 
@@ -207,10 +215,8 @@ class Herd:
             ]
             if name in self.admin_ports:
                 index = self.names.index(name)
-                lines += [
-                    f"admin_port = {self.admin_ports[name]}",
-                    f'location = "+34.07{index}-118.44{index}"',
-                ]
+                where = DEFAULT_LOCATIONS.get(name, f"+34.07{index}-118.44{index}")
+                lines += [f"admin_port = {self.admin_ports[name]}", f'location = "{where}"']
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
         return path

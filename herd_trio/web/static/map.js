@@ -20,10 +20,11 @@ function projection() {
   for (const c of state.clients.values()) points.push([c.lon, c.lat]);
   if (points.length === 0) return d3.geoNaturalEarth1().fitSize([W, H], { type: "Sphere" });
   const lons = points.map((p) => p[0]), lats = points.map((p) => p[1]);
-  const pad = Math.max(0.01, (Math.max(...lons) - Math.min(...lons)) * 0.15,
+  const pad = Math.max(0.005, (Math.max(...lons) - Math.min(...lons)) * 0.15,
                        (Math.max(...lats) - Math.min(...lats)) * 0.15);
   const box = { type: "MultiPoint", coordinates: [
     [Math.min(...lons) - pad, Math.min(...lats) - pad], [Math.max(...lons) + pad, Math.max(...lats) + pad]] };
+  // Fit the servers and clients (a campus herd fills the view; the world is behind it).
   return d3.geoMercator().fitExtent([[20, 20], [W - 20, H - 20]], box);
 }
 
