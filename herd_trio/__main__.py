@@ -211,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [args.name]
     else:
         known = ", ".join(herd.servers)
-        print(f"{PROG}: unknown server {args.name!r} (configured: {known})", file=sys.stderr)
+        hint = " (commands come first: status --config FILE)" if args.name == "status" else ""
+        print(f"{PROG}: unknown server {args.name!r} (configured: {known}){hint}", file=sys.stderr)
         return 2
     try:  # secrets and certificates: read once, for every server of this process
         security = load_security(herd, names)

@@ -30,8 +30,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from herd_trio.config import ConfigError, HerdConfig
 from herd_trio.events import EventHub
 from herd_trio.metrics import metrics_registry, render_metrics
-from herd_trio.stats import Event
-from herd_trio.view import ServerView, admin_url
+from herd_trio.stats import Event, Stats
+from herd_trio.store import Store
+from herd_trio.view import ServerView, admin_url, herd_layout
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -230,13 +231,15 @@ def admin_token(herd: HerdConfig, name: str, environ: Mapping[str, str] = os.env
     return value
 
 
-def start_admin(
-    node_view: ServerView, herd: HerdConfig, name: str, token: str | None
+def admin_app(
+    name: str, herd: HerdConfig, stats: Stats, store: Store, version: str, token: str | None
 ) -> tuple[AdminApp, str, int] | None:
     """The admin app of server `name` and where it listens, or None without admin_port."""
     cfg = herd.servers[name]
     if cfg.admin_port is None:
         return None
+    layout = tuple(herd_layout(herd))
+    view = ServerView(name, version, stats, store, tuple(herd.neighbours(name)), layout)
     origins = frozenset(
         url
         for server in herd.servers.values()
@@ -246,7 +249,7 @@ def start_admin(
             admin_url("localhost", server.admin_port),
         )
     )
-    return AdminApp(node_view, EventHub(), token, origins), cfg.admin_host, cfg.admin_port
+    return AdminApp(view, EventHub(), token, origins), cfg.admin_host, cfg.admin_port
 
 
 def _asgi(app: AdminApp) -> ASGIFramework:
@@ -268,7 +271,7 @@ def hypercorn_config(host: str, port: int) -> Config:
     return config
 
 
-async def serve_admin(
+async def serve(
     app: AdminApp,
     host: str,
     port: int,

@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import trio
 
-from herd_trio.admin import serve_admin, start_admin
+from herd_trio import admin
 from herd_trio.bus import Bus
 from herd_trio.client import Admission, handle_client
 from herd_trio.config import HerdConfig
@@ -30,7 +30,6 @@ from herd_trio.persist import PersistError, open_persister, state_path
 from herd_trio.places import PlacesSource
 from herd_trio.security import PeerSecurity
 from herd_trio.store import Store
-from herd_trio.view import ServerView, herd_layout
 
 
 class StartupError(Exception):
@@ -97,12 +96,9 @@ async def serve(
                 target = Peer(peer, herd.servers[peer].host, herd.servers[peer].peer_port)
                 link = partial(run_link, node, target, security)
                 nursery.start_soon(link, name=f"{name} link {peer}")
-            node.stats.listening = True
-            view = ServerView(
-                name, version, node.stats, node.store, tuple(neighbours), tuple(herd_layout(herd))
-            )
-            if (admin := start_admin(view, herd, name, admin_token)) is not None:
-                await nursery.start(partial(serve_admin, *admin), name=f"{name} admin")
+            node.stats.listening = True  # /readyz: state loaded, both ports accept
+            if found := admin.admin_app(name, herd, node.stats, node.store, version, admin_token):
+                await nursery.start(partial(admin.serve, *found), name=f"{name} admin")
             task_status.started(node)
             await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover

@@ -13,7 +13,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from herd_trio import config
-from herd_trio.admin import AdminApp, admin_token, serve_admin
+from herd_trio.admin import AdminApp, admin_token
+from herd_trio.admin import serve as serve_admin
 from herd_trio.events import EventHub
 from herd_trio.metrics import metrics_registry, render_metrics
 from herd_trio.stats import Stats

@@ -82,3 +82,25 @@ async def test_metrics_and_state_of_a_running_server(admin_herd: Herd) -> None:
         assert [s["name"] for s in state["herd"]] == admin_herd.names
         ready = await client.get(f"{admin_herd.admin_url('Clark')}/readyz?links=all")
         assert ready.status_code == 200
+
+
+def test_a_server_named_status_runs_after_a_double_dash(tmp_path: Path) -> None:
+    herd = Herd.create(tmp_path, names=["status", "other"], edges=[("status", "other")])
+    command = [sys.executable, "-m", "herd_trio", "status", "--config", str(herd.config)]
+    asked = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert "to run the server named 'status', use: python -m herd_trio -- status" in asked.stderr
+    assert asked.returncode == 1  # no admin ports: the status command reports, not runs
+    server = subprocess.Popen(
+        [sys.executable, "-m", "herd_trio", "--config", str(herd.config), "--", "status"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        lines = iter(server.stdout.readline, "")
+        assert any(line.startswith("status: clients on 127.0.0.1:") for line in lines)
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=10)
+    assert server.returncode == 0, stderr
