@@ -1,5 +1,6 @@
 """Command line: `python -m herd_trio NAME`, `python -m herd_trio --all`, or
-`python -m herd_trio status` (see status.py; `-- status` runs a server named status).
+`python -m herd_trio status|iamat|whatsat ...` (status.py, clientcmd.py). Command words
+come first; `python -m herd_trio -- status` runs a server that is named `status`.
 
 Exit status: 0 after SIGINT/SIGTERM, 2 for a bad command line or config, 1 when a
 server cannot start (a port in use); every failure is one line on stderr. A config
@@ -17,7 +18,7 @@ import logging
 import resource
 import signal
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from functools import partial
 from importlib import metadata
@@ -27,7 +28,7 @@ from typing import NoReturn
 import msgspec
 import trio
 
-from herd_trio import config, status
+from herd_trio import clientcmd, config, status
 from herd_trio.admin import admin_token
 from herd_trio.config import ConfigError, HerdConfig
 from herd_trio.errors import leaves
@@ -38,6 +39,11 @@ from herd_trio.security import PeerSecurity, load_security
 from herd_trio.server import StartupError, log_path, serve
 
 PROG = "herd_trio"
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "status": status.main,
+    "iamat": partial(clientcmd.main, "iamat"),
+    "whatsat": partial(clientcmd.main, "whatsat"),
+}
 FD_RESERVE = 64  # descriptors kept for listeners, links, logs, state and the places source
 
 
@@ -197,8 +203,8 @@ def announce(herd: HerdConfig, logs: dict[str, ServerLog]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "status":  # a command word; `-- status` runs a server so named
-        return status.main(argv[1:])
+    if argv and argv[0] in COMMANDS:  # command words; `-- status` runs a server so named
+        return COMMANDS[argv[0]](argv[1:])
     args = parse_args(argv)
     try:
         herd = apply_overrides(config.load(args.config), args)
@@ -211,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [args.name]
     else:
         known = ", ".join(herd.servers)
-        hint = " (commands come first: status --config FILE)" if args.name == "status" else ""
+        hint = " (commands come first: status --config FILE)" if args.name in COMMANDS else ""
         print(f"{PROG}: unknown server {args.name!r} (configured: {known}){hint}", file=sys.stderr)
         return 2
     try:  # secrets and certificates: read once, for every server of this process

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -104,3 +105,32 @@ def test_a_server_named_status_runs_after_a_double_dash(tmp_path: Path) -> None:
         server.terminate()
         _, stderr = server.communicate(timeout=10)
     assert server.returncode == 0, stderr
+
+
+def cli(herd: Herd, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "herd_trio", *args, "--config", str(herd.config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_iamat_and_whatsat_commands(herd: Herd) -> None:
+    told = await trio.to_thread.run_sync(cli, herd, "iamat", "kiwi", "34.068930", "-118.445127")
+    assert told.returncode == 0, told.stderr
+    assert told.stdout.startswith("AT Bailey ")  # the config's first server
+    assert " kiwi +34.068930-118.445127 " in told.stdout
+    asked = await trio.to_thread.run_sync(
+        cli, herd, "whatsat", "kiwi", "10", "2", "--server", "Clark"
+    )
+    assert asked.returncode == 0, asked.stderr
+    head, _, body = asked.stdout.partition("\n")
+    assert head == told.stdout.strip()
+    assert json.loads(body)["status"] in ("OK", "ZERO_RESULTS")
+    unknown = await trio.to_thread.run_sync(cli, herd, "whatsat", "nobody", "10", "2")
+    assert (unknown.returncode, unknown.stdout.startswith("? WHATSAT nobody")) == (1, True)
+    bad = await trio.to_thread.run_sync(cli, herd, "iamat", "kiwi", "north", "west")
+    assert bad.returncode == 2
+    assert "expected decimal degrees" in bad.stderr
