@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import AsyncIterator
 from functools import partial
+from importlib import resources
 
 import httpx
 import pytest
@@ -304,3 +306,12 @@ def test_an_unset_admin_token_variable_is_a_config_error() -> None:
     with pytest.raises(config.ConfigError, match=r"\$HERD_ADMIN is not set"):
         admin_token(herd, "A", {})
     assert admin_token(herd, "A", {"HERD_ADMIN": TOKEN}) == TOKEN
+
+
+def test_vendored_files_match_their_recorded_checksums() -> None:
+    vendor = resources.files("herd_trio").joinpath("web", "static", "vendor")
+    sums = vendor.joinpath("SHA256SUMS").read_text().splitlines()
+    assert len(sums) >= 9
+    for line in sums:
+        digest, name = line.split(maxsplit=1)
+        assert hashlib.sha256(vendor.joinpath(name).read_bytes()).hexdigest() == digest, name
