@@ -1,4 +1,6 @@
-"""Command line: `python -m herd_trio NAME` or `python -m herd_trio --all`.
+"""Command line: `python -m herd_trio NAME`, `python -m herd_trio --all`, or
+`python -m herd_trio status|iamat|whatsat ...` (status.py, clientcmd.py). Command words
+come first; `python -m herd_trio -- status` runs a server that is named `status`.
 
 Exit status: 0 after SIGINT/SIGTERM, 2 for a bad command line or config, 1 when a
 server cannot start (a port in use); every failure is one line on stderr. A config
@@ -16,7 +18,7 @@ import logging
 import resource
 import signal
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from functools import partial
 from importlib import metadata
@@ -26,7 +28,8 @@ from typing import NoReturn
 import msgspec
 import trio
 
-from herd_trio import config
+from herd_trio import clientcmd, config, status
+from herd_trio.admin import admin_token
 from herd_trio.config import ConfigError, HerdConfig
 from herd_trio.errors import leaves
 from herd_trio.log import ServerLog
@@ -36,6 +39,11 @@ from herd_trio.security import PeerSecurity, load_security
 from herd_trio.server import StartupError, log_path, serve
 
 PROG = "herd_trio"
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "status": status.main,
+    "iamat": partial(clientcmd.main, "iamat"),
+    "whatsat": partial(clientcmd.main, "whatsat"),
+}
 FD_RESERVE = 64  # descriptors kept for listeners, links, logs, state and the places source
 
 
@@ -97,13 +105,22 @@ async def run_herd(
     logs: dict[str, ServerLog],
     security: dict[str, PeerSecurity],
     max_clients: int,
+    tokens: dict[str, str | None] | None = None,
 ) -> None:
     """Run the named servers until SIGINT or SIGTERM, then cancel them all."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_places(herd) as places, trio.open_nursery() as nursery:
             for name in names:
                 server = partial(
-                    serve, name, herd, places, logs[name], security[name], max_clients=max_clients
+                    serve,
+                    name,
+                    herd,
+                    places,
+                    logs[name],
+                    security[name],
+                    max_clients=max_clients,
+                    admin_token=(tokens or {}).get(name),
+                    version=version(),
                 )
                 await nursery.start(server, name=f"server {name}")
                 cfg = herd.servers[name]
@@ -185,7 +202,10 @@ def announce(herd: HerdConfig, logs: dict[str, ServerLog]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:  # command words; `-- status` runs a server so named
+        return COMMANDS[argv[0]](argv[1:])
+    args = parse_args(argv)
     try:
         herd = apply_overrides(config.load(args.config), args)
     except ConfigError as exc:
@@ -197,10 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [args.name]
     else:
         known = ", ".join(herd.servers)
-        print(f"{PROG}: unknown server {args.name!r} (configured: {known})", file=sys.stderr)
+        hint = " (commands come first: status --config FILE)" if args.name in COMMANDS else ""
+        print(f"{PROG}: unknown server {args.name!r} (configured: {known}){hint}", file=sys.stderr)
         return 2
     try:  # secrets and certificates: read once, for every server of this process
         security = load_security(herd, names)
+        tokens = {name: admin_token(herd, name) for name in names}
     except ConfigError as exc:
         print(exc.in_file(config.label(args.config)), file=sys.stderr)
         return 2
@@ -224,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         package_log.propagate = False  # into the server logs, never onto the terminal
         package_log.addHandler(ToServerLogs(logs.values()))
         try:
-            trio.run(run_herd, herd, names, logs, security, max_clients)
+            trio.run(run_herd, herd, names, logs, security, max_clients, tokens)
         except* StartupError as group:
             failed = list(leaves(group))
     for error in failed:

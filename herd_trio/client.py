@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import re
+import time
 import traceback
 from collections.abc import Iterator
 
@@ -46,9 +47,12 @@ def answer_line(node: Node, line: bytes, received_ns: int) -> tuple[bytes | What
     try:
         command = parse_command(line)
     except ProtocolError:
+        node.stats.invalid += 1
         return question(line), False
     if isinstance(command, Whatsat):
+        node.stats.whatsat += 1
         return (command if node.store.get(command.client) is not None else question(line)), False
+    node.stats.iamat += 1
     record = make_record(node.wire_name, received_ns, command)
     standing = node.store.offer(record, repeat=True)
     if standing is not record:
@@ -67,8 +71,13 @@ async def whatsat(node: Node, places: PlacesSource, command: Whatsat) -> bytes:
         lat, lon = record.lat_lon
         timeout = node.settings.places_timeout
         body = error_body("UNKNOWN_ERROR", f"places source did not answer within {timeout} s")
+        node.stats.places_calls += 1
+        began = time.perf_counter()
         with trio.move_on_after(timeout):
             body = await places.nearby(lat, lon, command.radius_m, command.bound)
+        node.stats.places.observe(time.perf_counter() - began)
+        if body.get("status") not in ("OK", "ZERO_RESULTS"):
+            node.stats.places_errors += 1
         body = _cap(body, command.bound)
     return record.at_line + b"\n" + render(body) + b"\n\n"
 
@@ -190,10 +199,13 @@ async def handle_client(
     who = describe(stream)
     ticket, note = admission.admit(who, host_of(who), trio.current_time())
     if ticket is None:
+        node.stats.client_refusals += 1
         node.log.write(f"{who} refused: {note}")
         return
     if note != "admitted":
         node.log.write(f"{who} {note}")
+    node.stats.clients_open += 1
+    node.stats.clients_total += 1
     try:
         await Session(node, places, stream, who, ticket).run()
     except Exception as exc:
@@ -203,6 +215,7 @@ async def handle_client(
         trace = "".join(traceback.format_exception(exc))
         node.log.write(f"{who} internal error, closing: {trace!r}")
     finally:
+        node.stats.clients_open -= 1
         admission.leave(ticket)
 
 
@@ -297,12 +310,14 @@ class Session:
                 log.write(f"{who} sent an HTTP request to the client port; closing")
                 return False
             self._first = False
+            began = time.perf_counter()
             reply, flooded = answer_line(node, line, received_ns)
             self._flooded |= flooded
             if isinstance(reply, Whatsat):
                 if self._replies:  # earlier answers must not wait for the places source
                     await self._flush()
                 reply = await whatsat(node, self.places, reply)
+            node.stats.requests.observe(time.perf_counter() - began)
             if node.settings.one_shot:
                 await self._reply(reply)
                 log.write(f"{who} closed after one reply (one_shot)")

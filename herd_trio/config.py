@@ -25,6 +25,7 @@ DEFAULT_LABEL = "<default config>"  # names the embedded default in error messag
 _WILDCARDS = ("", "0.0.0.0", "::")  # bind every address: clash with any host
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # goes on the wire as one AT field
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")  # RFC 1123
+_LOCATION = re.compile(r"[+-][0-9]{1,2}(?:\.[0-9]+)?[+-][0-9]{1,3}(?:\.[0-9]+)?")
 _MSGSPEC = re.compile(r"(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.DOTALL)
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
@@ -97,6 +98,10 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     neighbours: list[str] = msgspec.field(default_factory=list)
     tls_cert: str | None = None  # this server's own certificate, instead of [herd]'s
     tls_key: str | None = None
+    admin_port: Port | None = None  # HTTP admin listener (PROTOCOL.md §6); None: none
+    admin_host: str = "127.0.0.1"
+    admin_token_env: str | None = None  # bearer token variable; required off loopback
+    location: str | None = None  # ISO 6709 like IAMAT coords: where the map draws it
 
 
 class HerdConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -229,10 +234,14 @@ def _check_servers(herd: HerdConfig) -> None:
             )
         if (problem := host_problem(server.host)) is not None:
             raise ConfigError(problem, field=f"servers.{name}.host")
-        for key in ("port", "peer_port"):
-            port: int = getattr(server, key)
+        _check_admin(name, server)
+        for key in ("port", "peer_port", "admin_port"):
+            port: int | None = getattr(server, key)
+            if port is None:
+                continue
             field = f"servers.{name}.{key}"
-            host = "*" if server.host in _WILDCARDS else server.host
+            bound = server.admin_host if key == "admin_port" else server.host
+            host = "*" if bound in _WILDCARDS else bound
             clashes = [(host, port)] if host != "*" else [k for k in taken if k[1] == port]
             clashes += [("*", port)]
             for clash in clashes:
@@ -248,6 +257,44 @@ def _check_servers(herd: HerdConfig) -> None:
                 raise ConfigError(
                     "a server cannot neighbour itself", field=f"servers.{name}.neighbours"
                 )
+
+
+def _check_admin(name: str, server: ServerConfig) -> None:
+    """The admin listener's host, its token rule, and the server's location."""
+    if (problem := host_problem(server.admin_host)) is not None:
+        raise ConfigError(problem, field=f"servers.{name}.admin_host")
+    if server.admin_token_env is None and not is_loopback_name(server.admin_host):
+        raise ConfigError(
+            "an admin listener off loopback needs admin_token_env (a bearer token)",
+            field=f"servers.{name}.admin_token_env",
+        )
+    if server.location is not None and not location_degrees(server.location):
+        raise ConfigError(
+            f"expected ISO 6709 like +34.068930-118.445127, not {server.location!r}",
+            field=f"servers.{name}.location",
+        )
+
+
+def is_loopback_name(host: str) -> bool:
+    """True if `host` is a loopback address or `localhost` (no DNS)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def location_degrees(location: str) -> tuple[float, float] | None:
+    """(latitude, longitude) of an ISO 6709 `+DD.D+DDD.D` string, or None if it is not one.
+
+    Floats are fine here: a location only places a server on the map.
+    """
+    if not _LOCATION.fullmatch(location):
+        return None
+    split = max(location.rfind("+"), location.rfind("-"))
+    lat, lon = float(location[:split]), float(location[split:])
+    return (lat, lon) if abs(lat) <= 90 and abs(lon) <= 180 else None
 
 
 def host_problem(host: str) -> str | None:

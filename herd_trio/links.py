@@ -51,6 +51,10 @@ ABSENT_REPEAT = 60.0  # seconds between reminders while it stays absent
 class LinkError(Exception):
     """The peer broke the link protocol or went silent; the link is dropped."""
 
+    def __init__(self, message: str, kind: str = "protocol") -> None:
+        super().__init__(message)
+        self.kind = kind  # a bounded label for herd_link_drops_total
+
 
 LINK_ERRORS = (
     OSError,  # ssl.SSLError included
@@ -108,10 +112,19 @@ async def carry(node: Node, peer: str, stream: trio.abc.Stream, reader: LineRead
     timers = Timers(
         settings.heartbeat_interval, settings.sync_interval, next_sync=trio.current_time()
     )
-    with node.bus.subscribe(peer, writer):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run, timers, lambda: format_digest(node.store.digest()))
-            await read_peer(node, peer, reader, writer)
+    counts = node.stats.link_up(peer, "out" if dials(node.name, peer) else "in", writer)
+
+    def digest() -> bytes:
+        counts.digests_sent += 1
+        return format_digest(node.store.digest())
+
+    try:
+        with node.bus.subscribe(peer, writer):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run, timers, digest)
+                await read_peer(node, peer, reader, writer)
+    finally:
+        node.stats.link_down(peer, writer)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -126,14 +139,15 @@ async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWrite
     silence = SILENT_BEATS * node.settings.heartbeat_interval
     who = f"peer {peer}"
     store, bus, log = node.store, node.bus, node.log
+    counts = node.stats.peer(peer)
     while True:
         lines: list[bytes] = []
         with trio.move_on_after(silence) as scope:
             lines = await reader.receive_lines()
         if scope.cancelled_caught:
-            raise LinkError(f"no word from {peer} for {silence:g} s")
+            raise LinkError(f"no word from {peer} for {silence:g} s", "silent")
         if not lines:
-            raise LinkError(f"{peer} closed the link")
+            raise LinkError(f"{peer} closed the link", "closed")
         if len(lines) > 1 or lines[0] != PING:
             writer.note_traffic()
         for line in lines:
@@ -142,6 +156,8 @@ async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWrite
             try:
                 if line.startswith(DIGEST):
                     missing = store.differing(parse_digest(line, BUCKETS))
+                    counts.digests_received += 1
+                    counts.resent += len(missing)
                     for record in missing:
                         writer.queue(record)
                     if missing:
@@ -151,9 +167,15 @@ async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWrite
             except ProtocolError as exc:
                 raise LinkError(f"{peer} sent a bad line {line[:80]!r}: {exc}") from exc
             standing = store.offer(record)
-            log.write(f"{who} < {line!r} {verdict(standing is record, line, standing.at_line)}")
+            said = verdict(standing is record, line, standing.at_line)
+            log.write(f"{who} < {line!r} {said}")
             if standing is record:
+                counts.kept += 1
                 bus.publish(record, source=peer)
+            elif said == "stale":
+                counts.stale += 1
+            else:
+                counts.duplicate += 1
 
 
 async def run_link(
@@ -184,6 +206,7 @@ async def run_link(
                 await carry(node, peer.name, stream, reader)
         except* LINK_ERRORS as group:
             reason = "; ".join(_describe(exc) for exc in leaves(group))
+            node.stats.link_dropped(peer.name, drop_kind(group), reason)
             if up_since < math.inf:
                 node.log.write(f"link to {peer.name} dropped: {reason}")
             elif failures % FAILURE_LOG_EVERY == 0:
@@ -262,6 +285,7 @@ class PeerPort:
             except* LINK_ERRORS as group:
                 if not scope.cancel_called:  # a replaced link's errors are its replacement's
                     reason = "; ".join(_describe(exc) for exc in leaves(group))
+                    self.node.stats.link_dropped(peer, drop_kind(group), reason)
                     self.node.log.write(f"link from {peer} dropped: {reason}")
             finally:
                 if self._accepted.get(peer) is scope:
@@ -319,10 +343,27 @@ class PeerPort:
                     )
 
     def _refuse(self, who: str, kind: str, reason: str) -> None:
+        self.node.stats.refused(kind)
         suppressed = self._refusals.allow(f"{host_of(who)} {kind}")
         if suppressed is not None:
             more = f" ({suppressed} more since the last)" if suppressed else ""
             self.node.log.write(f"refused peer connection from {who}: {reason}{more}")
+
+
+def drop_kind(group: BaseException) -> str:
+    """A bounded label for why a link ended (the first leaf of the group decides)."""
+    exc = next(leaves(group), group)
+    kinds: list[tuple[type[BaseException] | tuple[type[BaseException], ...], str]] = [
+        (trio.TooSlowError, "timeout"),
+        (HandshakeError, "handshake"),
+        (LineTooLong, "line_too_long"),
+        (OutboxClosed, "outbox_closed"),
+        ((trio.BrokenResourceError, trio.ClosedResourceError), "broken"),
+        (OSError, "os_error"),
+    ]
+    if isinstance(exc, LinkError):
+        return exc.kind
+    return next((kind for cls, kind in kinds if isinstance(exc, cls)), "other")
 
 
 def _describe(exc: BaseException) -> str:

@@ -104,6 +104,7 @@ class LinkWriter:
     _residue: bytes = attrs.field(default=b"", init=False)  # a direct send's unsent tail
     _written: int = attrs.field(default=0, init=False)  # outbox numbers up to here are sent
     _traffic_at: float = attrs.field(default=-math.inf, init=False)  # last record either way
+    records_sent: int = attrs.field(default=0, init=False)  # records taken for the socket
 
     def deliver(self, record: Record) -> None:
         """Send `record` now if the writer is idle, else queue it; never blocks.
@@ -123,6 +124,7 @@ class LinkWriter:
                 self._send = None  # the task and the reader will meet the error
                 sent = -1
             if sent >= 0:
+                self.records_sent += 1
                 mark = self.outbox.pass_by()
                 self._traffic_at = trio.current_time()
                 if sent < len(line):
@@ -137,6 +139,10 @@ class LinkWriter:
     def queue(self, record: Record) -> None:
         """Queue `record` behind what is pending (a digest's answer: no direct send)."""
         self.outbox.put(record)
+
+    def depth(self) -> int:
+        """Records waiting in the outbox (for the admin port)."""
+        return len(self.outbox)
 
     def note_traffic(self) -> None:
         """Records arrived from the peer: the link is not quiet."""
@@ -191,6 +197,7 @@ class LinkWriter:
         residue, self._residue = self._residue, b""
         if not batch:
             return residue
+        self.records_sent += len(batch)
         self._traffic_at = trio.current_time()
         return residue + b"".join([record.at_line + b"\n" for record in batch])
 

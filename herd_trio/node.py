@@ -15,12 +15,13 @@ import attrs
 from herd_trio.bus import Bus
 from herd_trio.config import Settings
 from herd_trio.log import ServerLog
+from herd_trio.stats import Stats
 from herd_trio.store import Store
 
 
 @attrs.frozen(eq=False)
 class Node:
-    """One server's name, settings, store, bus and log."""
+    """One server's name, settings, store, bus, log and counters."""
 
     name: str
     settings: Settings
@@ -28,6 +29,7 @@ class Node:
     bus: Bus
     log: ServerLog
     now_ns: Callable[[], int] = time.time_ns  # wall clock for AT time differences
+    stats: Stats = attrs.field(factory=Stats)  # counters for the admin port
     wire_name: bytes = attrs.field(init=False)
 
     @wire_name.default

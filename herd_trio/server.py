@@ -19,6 +19,7 @@ from typing import NoReturn
 
 import trio
 
+from herd_trio import admin
 from herd_trio.bus import Bus
 from herd_trio.client import Admission, handle_client
 from herd_trio.config import HerdConfig
@@ -52,6 +53,8 @@ async def serve(
     security: PeerSecurity,
     *,
     max_clients: int,
+    admin_token: str | None = None,
+    version: str = "unknown",
     now_ns: Callable[[], int] = time.time_ns,
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
@@ -95,6 +98,9 @@ async def serve(
                 target = Peer(peer, herd.servers[peer].host, herd.servers[peer].peer_port)
                 link = partial(run_link, node, target, security)
                 nursery.start_soon(link, name=f"{name} link {peer}")
+            node.stats.listening = True  # /readyz: state loaded, both ports accept
+            if found := admin.admin_app(name, herd, node.stats, node.store, version, admin_token):
+                await nursery.start(partial(admin.serve, *found), name=f"{name} admin")
             task_status.started(node)
             await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover

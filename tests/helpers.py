@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def make_node(
         Store() if store is None else store,
         Bus(),
         ServerLog(log, name),
-        **({} if now_ns is None else {"now_ns": lambda: now_ns}),
+        time.time_ns if now_ns is None else (lambda: now_ns),
     )
 
 

@@ -22,6 +22,8 @@ import attrs
 import pytest
 import trio
 
+from herd_trio import config
+
 # The default herd's talk relations (PROTOCOL.md §5).
 DEFAULT_EDGES = [
     ("Clark", "Jaquez"),
@@ -32,6 +34,12 @@ DEFAULT_EDGES = [
     ("Bona", "Bailey"),
 ]
 DEFAULT_NAMES = ["Bailey", "Bona", "Campbell", "Clark", "Jaquez"]
+# Where the map draws the default herd's servers (as the built-in config has them).
+DEFAULT_LOCATIONS = {
+    name: server.location
+    for name, server in config.load().servers.items()
+    if server.location is not None
+}
 POLL = 0.01  # seconds between polls of a condition
 T = TypeVar("T")
 
@@ -150,6 +158,7 @@ class Herd:
     ports: dict[str, int]
     peer_ports: dict[str, int]
     extra: dict[str, object] = attrs.field(factory=dict)
+    admin_ports: dict[str, int] = attrs.field(factory=dict)  # empty: no admin listeners
     processes: dict[str, subprocess.Popen[bytes]] = attrs.field(factory=dict)
 
     @classmethod
@@ -204,6 +213,10 @@ class Herd:
                 f"peer_port = {self.peer_ports[name]}",
                 f"neighbours = {_toml(listed)}",
             ]
+            if name in self.admin_ports:
+                index = self.names.index(name)
+                where = DEFAULT_LOCATIONS.get(name, f"+34.07{index}-118.44{index}")
+                lines += [f"admin_port = {self.admin_ports[name]}", f'location = "{where}"']
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -268,6 +281,18 @@ class Herd:
             return content if text in content else None
 
         return await poll(f"{name} logs {text!r}", check, deadline=deadline)
+
+    def with_admin(self) -> Herd:
+        """Give every server an admin port (free now, on 127.0.0.1) and a location."""
+        taken = set(self.ports.values()) | set(self.peer_ports.values())
+        free = [port for port in free_ports(2 * len(self.names)) if port not in taken]
+        self.admin_ports = dict(zip(self.names, free, strict=False))
+        self.write_config()
+        return self
+
+    def admin_url(self, name: str) -> str:
+        """Server `name`'s admin listener."""
+        return f"http://127.0.0.1:{self.admin_ports[name]}"
 
     def running(self, name: str) -> bool:
         """True if server `name` was started and has not exited."""
