@@ -13,6 +13,7 @@ import traceback
 import attrs
 import trio
 
+from herd_trio import protocol
 from herd_trio.lines import LineReader, LineTooLong
 from herd_trio.net import describe, host_of, send_within
 from herd_trio.node import Node
@@ -42,6 +43,8 @@ def answer_line(node: Node, line: bytes, received_ns: int) -> tuple[bytes | What
         return question(line), False
     if isinstance(command, Whatsat):
         return (command if node.store.get(command.client) is not None else question(line)), False
+    if protocol.too_far_ahead(command.sent, received_ns, node.settings.max_future_skew):
+        return question(line), False
     record = make_record(node.wire_name, received_ns, command)
     standing = node.store.offer(record, repeat=True)
     if standing is not record:
