@@ -242,8 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc.in_file(config.label(args.config)), file=sys.stderr)
         return 2
-    if args.all:
-        security = process_secret(herd, security)
+    if args.all and (generated := process_secret(herd, security)) is not security:
+        security = generated
+        print("peer links: authenticated with a random secret made for this process", flush=True)
     raise_fd_limit()  # before max_clients is sized by the descriptor limit
     max_clients = min(herd.herd.max_clients, fd_budget())
     failed: list[BaseException] = []
