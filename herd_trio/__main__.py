@@ -221,6 +221,18 @@ def announce(herd: HerdConfig, logs: dict[str, ServerLog]) -> None:
         log.write(f"log file {log_path(herd, name)}; state file {state}")
 
 
+def open_log(herd: HerdConfig, name: str) -> ServerLog:
+    """Server `name`'s log file, bounded as the config says; OSError if it cannot open."""
+    settings = herd.herd
+    return ServerLog(
+        log_path(herd, name),
+        name,
+        line_limit=settings.log_line_limit,
+        max_bytes=settings.log_max_bytes,
+        backups=settings.log_backups,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -252,13 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs: dict[str, ServerLog] = {}
         try:
             for name in names:
-                logs[name] = ServerLog(
-                    log_path(herd, name),
-                    name,
-                    line_limit=herd.herd.log_line_limit,
-                    max_bytes=herd.herd.log_max_bytes,
-                    backups=herd.herd.log_backups,
-                )
+                logs[name] = open_log(herd, name)
                 stack.callback(logs[name].close)  # the last lines reach the file on any exit
             if herd.herd.state_dir is not None:
                 Path(herd.herd.state_dir).mkdir(parents=True, exist_ok=True)
