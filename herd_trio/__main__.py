@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import resource
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -25,11 +26,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
+import attrs
 import msgspec
 import trio
 
 from herd_trio import clientcmd, config, status
 from herd_trio.admin import admin_token
+from herd_trio.auth import Keyring
 from herd_trio.config import ConfigError, HerdConfig
 from herd_trio.errors import leaves
 from herd_trio.log import ServerLog
@@ -44,6 +47,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "iamat": partial(clientcmd.main, "iamat"),
     "whatsat": partial(clientcmd.main, "whatsat"),
 }
+SECRET_BYTES = 32  # 256 bits from `secrets`: --all's per-process peer secret
 FD_RESERVE = 64  # descriptors kept for listeners, links, logs, state and the places source
 
 
@@ -107,8 +111,11 @@ async def run_herd(
     max_clients: int,
     tokens: dict[str, str | None] | None = None,
 ) -> None:
-    """Run the named servers until SIGINT or SIGTERM, then cancel them all."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """Run the named servers until SIGINT or SIGTERM, then cancel them all.
+
+    SIGHUP stops nothing: it reopens the log files (logrotate moved them) and is logged.
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with open_places(herd) as places, trio.open_nursery() as nursery:
             for name in names:
                 server = partial(
@@ -125,14 +132,45 @@ async def run_herd(
                 await nursery.start(server, name=f"server {name}")
                 cfg = herd.servers[name]
                 where = f"clients on {cfg.host}:{cfg.port}, peers on {cfg.host}:{cfg.peer_port}"
-                print(f"{name}: {where}", flush=True)
+                note = open_to_local_users(security[name])
+                print(f"{name}: {where}{note}", flush=True)
+                if note:
+                    logs[name].write(note.removeprefix("; "))
                 if warning := unprotected(name, cfg.host, security[name]):
                     print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
                     logs[name].write(f"warning: {warning}")
-            signum = await anext(signals)
+            async for signum in signals:
+                if signum != signal.SIGHUP:
+                    break
+                for log in logs.values():
+                    reopened = "reopened" if log.reopen() else "could NOT be reopened"
+                    log.write(f"SIGHUP received: log file {reopened}; nothing else changes")
             for log in logs.values():
                 log.write(f"{signal.Signals(signum).name} received, shutting down")
             nursery.cancel_scope.cancel()
+
+
+def open_to_local_users(security: PeerSecurity) -> str:
+    """`; ...` for the start-up line if any local user can join the herd as a peer."""
+    if security.keyring is not None or security.tls is not None:
+        return ""
+    return (
+        "; peer links are NOT authenticated: any local user can join as a peer"
+        " (set secret_env or keyring_file)"
+    )
+
+
+def process_secret(herd: HerdConfig, security: dict[str, PeerSecurity]) -> dict[str, PeerSecurity]:
+    """Under --all, a fresh random secret for servers that have none configured.
+
+    Every server of the herd runs in this process, so they all share it, and no other
+    local user can join as a peer: secure by default where it costs nothing (issue 12).
+    """
+    settings = herd.herd
+    if settings.secret_env is not None or settings.keyring_file is not None:
+        return security
+    keyring = Keyring((secrets.token_bytes(SECRET_BYTES),))
+    return {name: attrs.evolve(each, keyring=keyring) for name, each in security.items()}
 
 
 def unprotected(name: str, host: str, security: PeerSecurity) -> str | None:
@@ -200,6 +238,18 @@ def announce(herd: HerdConfig, logs: dict[str, ServerLog]) -> None:
         log.write(f"log file {log_path(herd, name)}; state file {state}")
 
 
+def open_log(herd: HerdConfig, name: str) -> ServerLog:
+    """Server `name`'s log file, bounded as the config says; OSError if it cannot open."""
+    settings = herd.herd
+    return ServerLog(
+        log_path(herd, name),
+        name,
+        line_limit=settings.log_line_limit,
+        max_bytes=settings.log_max_bytes,
+        backups=settings.log_backups,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
@@ -226,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc.in_file(config.label(args.config)), file=sys.stderr)
         return 2
+    if args.all and (generated := process_secret(herd, security)) is not security:
+        security = generated
+        print("peer links: authenticated with a random secret made for this process", flush=True)
     raise_fd_limit()  # before max_clients is sized by the descriptor limit
     max_clients = min(herd.herd.max_clients, fd_budget())
     failed: list[BaseException] = []
@@ -233,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs: dict[str, ServerLog] = {}
         try:
             for name in names:
-                logs[name] = ServerLog(log_path(herd, name), name)
+                logs[name] = open_log(herd, name)
                 stack.callback(logs[name].close)  # the last lines reach the file on any exit
             if herd.herd.state_dir is not None:
                 Path(herd.herd.state_dir).mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import attrs
 import trio
 
+from herd_trio import protocol
 from herd_trio.lines import LineReader, LineTimeout, LineTooLong
 from herd_trio.net import describe, host_of, linger, send_within
 from herd_trio.node import Node
@@ -52,6 +53,8 @@ def answer_line(node: Node, line: bytes, received_ns: int) -> tuple[bytes | What
     if isinstance(command, Whatsat):
         node.stats.whatsat += 1
         return (command if node.store.get(command.client) is not None else question(line)), False
+    if protocol.too_far_ahead(command.sent, received_ns, node.settings.max_future_skew):
+        return question(line), False
     node.stats.iamat += 1
     record = make_record(node.wire_name, received_ns, command)
     standing = node.store.offer(record, repeat=True)

@@ -87,6 +87,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tls_cert: str | None = None  # PEM certificate chain of this herd's servers (peer links)
     tls_key: str | None = None  # its private key
     tls_ca: str | None = None  # the CA that signs every server's certificate
+    # Seconds a client time may be ahead of this server's clock; further ahead, an IAMAT
+    # gets `?` and a peer's record is dropped. None (the default): any time is taken.
+    max_future_skew: Annotated[float, msgspec.Meta(gt=0, le=10 * 365 * 86400)] | None = None
+    # Bytes of a logged line or reply beyond which the log holds an escaped preview.
+    log_line_limit: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 1024
+    # Bytes after which <NAME>.log is rotated to <NAME>.log.1; 0: never rotate.
+    log_max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 100 << 20
+    log_backups: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3  # rotated files kept
 
 
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import attrs
 import trio
@@ -26,14 +26,24 @@ import trio
 from herd_trio.auth import HandshakeError, accept_handshake, dial_handshake
 from herd_trio.backoff import Backoff
 from herd_trio.bus import OutboxClosed
+from herd_trio.digests import DigestGate, DigestReplies, PeerMisbehaved
 from herd_trio.errors import leaves
 from herd_trio.lines import LineReader, LineTooLong
 from herd_trio.linkwriter import PING, LinkWriter, Timers
 from herd_trio.log import RateLimiter
 from herd_trio.net import describe, host_of, is_loopback
 from herd_trio.node import Node
-from herd_trio.protocol import DIGEST, ProtocolError, format_digest, parse_at, parse_digest
+from herd_trio.protocol import (
+    DIGEST,
+    ProtocolError,
+    Record,
+    format_digest,
+    parse_at,
+    parse_digest,
+    too_far_ahead,
+)
 from herd_trio.security import PeerSecurity
+from herd_trio.stats import PeerStats
 from herd_trio.store import BUCKETS
 from herd_trio.tls import certificate_matches, wrap_accepted, wrap_dialled
 
@@ -63,11 +73,13 @@ LINK_ERRORS = (
     trio.ClosedResourceError,
     trio.TooSlowError,
     LinkError,
+    PeerMisbehaved,
     LineTooLong,
     OutboxClosed,
 )
 
 Dial = Callable[[str, int], Awaitable[trio.abc.Stream]]
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -134,12 +146,14 @@ async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWrite
     A DIGEST from the peer is answered by queueing, for this link's writer, every
     record of each bucket where the two stores differ; the peer does the same with
     ours, and each side keeps what is newer, so the pair converges without resending
-    what both already hold.
+    what both already hold. At most one DIGEST is answered per half sync_interval
+    (herd_trio/digests.py); a peer that keeps asking loses the link (PeerMisbehaved).
     """
     silence = SILENT_BEATS * node.settings.heartbeat_interval
-    who = f"peer {peer}"
-    store, bus, log = node.store, node.bus, node.log
     counts = node.stats.peer(peer)
+    gate = DigestGate(node.settings.sync_interval / 2)
+    digests = DigestReplies(node.store, writer.queue, node.log.write, peer, gate)
+    ahead = RateLimiter()
     while True:
         lines: list[bytes] = []
         with trio.move_on_after(silence) as scope:
@@ -153,29 +167,50 @@ async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWrite
         for line in lines:
             if line == PING:
                 continue
-            try:
-                if line.startswith(DIGEST):
-                    missing = store.differing(parse_digest(line, BUCKETS))
-                    counts.digests_received += 1
-                    counts.resent += len(missing)
-                    for record in missing:
-                        writer.queue(record)
-                    if missing:
-                        log.write(f"sync with {peer}: sending {len(missing)} records")
-                    continue
-                record = parse_at(line)
-            except ProtocolError as exc:
-                raise LinkError(f"{peer} sent a bad line {line[:80]!r}: {exc}") from exc
-            standing = store.offer(record)
-            said = verdict(standing is record, line, standing.at_line)
-            log.write(f"{who} < {line!r} {said}")
-            if standing is record:
-                counts.kept += 1
-                bus.publish(record, source=peer)
-            elif said == "stale":
-                counts.stale += 1
-            else:
-                counts.duplicate += 1
+            if line.startswith(DIGEST):
+                theirs = _parse(peer, line, lambda ln: parse_digest(ln, BUCKETS))
+                counts.digests_received += 1
+                counts.resent += await digests.reply(theirs)
+                continue
+            record = _parse(peer, line, parse_at)
+            if too_far_ahead(record.sent, node.now_ns(), node.settings.max_future_skew):
+                _refuse_ahead(node, peer, ahead, line)
+                continue
+            _take(node, peer, record, counts)
+
+
+def _parse(peer: str, line: bytes, parse: Callable[[bytes], T]) -> T:
+    try:
+        return parse(line)
+    except ProtocolError as exc:
+        raise LinkError(f"{peer} sent a bad line {line[:80]!r}: {exc}") from exc
+
+
+def _take(node: Node, peer: str, record: Record, counts: PeerStats) -> None:
+    """Offer a peer's record to the store, log the verdict, flood it on if it stands."""
+    standing = node.store.offer(record)
+    line = record.at_line
+    said = verdict(standing is record, line, standing.at_line)
+    node.log.write(f"peer {peer} < {line!r} {said}")
+    if standing is record:
+        counts.kept += 1
+        node.bus.publish(record, source=peer)
+    elif said == "stale":
+        counts.stale += 1
+    else:
+        counts.duplicate += 1
+
+
+def _refuse_ahead(node: Node, peer: str, limiter: RateLimiter, line: bytes) -> None:
+    """Log (at most once per RateLimiter.interval) a record dropped by max_future_skew."""
+    suppressed = limiter.allow("ahead")
+    if suppressed is not None:
+        more = f" ({suppressed} more since the last)" if suppressed else ""
+        skew = node.settings.max_future_skew
+        node.log.write(
+            f"peer {peer} sent a record more than {skew:g} s ahead of this server's clock,"
+            f" dropped: {line[:200]!r}{more}"
+        )
 
 
 async def run_link(
@@ -284,9 +319,10 @@ class PeerPort:
                 await carry(self.node, peer, stream, reader)
             except* LINK_ERRORS as group:
                 if not scope.cancel_called:  # a replaced link's errors are its replacement's
-                    reason = "; ".join(_describe(exc) for exc in leaves(group))
+                    errors = list(leaves(group))
+                    reason = "; ".join(_describe(exc) for exc in errors)
                     self.node.stats.link_dropped(peer, drop_kind(group), reason)
-                    self.node.log.write(f"link from {peer} dropped: {reason}")
+                    self._dropped(peer, who, errors)
             finally:
                 if self._accepted.get(peer) is scope:
                     del self._accepted[peer]
@@ -341,6 +377,19 @@ class PeerPort:
                         f"no link from {name} for {now - since[name]:.0f} s"
                         " (it dials this server; waiting for it)"
                     )
+
+    def _dropped(self, peer: str, who: str, errors: list[BaseException]) -> None:
+        """Log a dropped link; rate-limited like a refusal if the peer misbehaved.
+
+        A neighbour's key in hand, an attacker could otherwise reconnect and misbehave
+        in a loop and write a line per connection.
+        """
+        text = f"link from {peer} dropped: " + "; ".join(_describe(exc) for exc in errors)
+        if not any(isinstance(exc, PeerMisbehaved) for exc in errors):
+            self.node.log.write(text)
+        elif (suppressed := self._refusals.allow(f"{host_of(who)} misbehaved")) is not None:
+            more = f" ({suppressed} more since the last)" if suppressed else ""
+            self.node.log.write(f"{text}{more}")
 
     def _refuse(self, who: str, kind: str, reason: str) -> None:
         self.node.stats.refused(kind)

@@ -12,6 +12,9 @@ Timestamps are local time in ISO 8601 with the UTC offset
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,17 +24,41 @@ import attrs
 import trio
 
 FLUSH_INTERVAL = 0.25  # seconds: PROTOCOL.md wants lines in the file within a second
+PREVIEW_SLACK = 64  # characters an escaped line may add beyond twice its bytes
 
 
 class ServerLog:
-    """Timestamped, append-only log of one server; the owner closes it."""
+    """Timestamped, append-only log of one server; the owner closes it.
 
-    def __init__(self, path: Path | None, name: str) -> None:
+    Bounded (issue 11, issue 12): a received line or reply whose escaped form would be
+    longer than `line_limit`, or more than about twice its own size (bytes that escape
+    to `\\xNN`), is logged as an escaped preview plus its length, so hostile input
+    writes at most about twice its size to disk; a WHATSAT reply is logged as its AT
+    line plus a summary of the JSON. Past `max_bytes` written (counted, not stat'ed),
+    the file is rotated to NAME.log.1 (NAME.log.1 to .2, ... up to `backups`).
+    `reopen()` (SIGHUP) starts a new file after logrotate has moved the old one.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        name: str,
+        *,
+        line_limit: int = 1024,
+        max_bytes: int = 100 << 20,
+        backups: int = 3,
+    ) -> None:
         self.name = name
+        self.path = path
+        self.line_limit = line_limit
+        self.max_bytes = max_bytes or math.inf  # 0: never rotate
+        self.backups = backups
         self._file: TextIO | None = None
+        self._size = 0  # bytes in the current file (characters: the text is escaped ASCII)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("a", encoding="utf-8", buffering=1 << 16)
+            self._size = self._file.tell()
         self._second = -1
         self._stamp = ""  # up to the seconds
         self._offset = ""  # the UTC offset, e.g. +02:00 (it can change with DST)
@@ -56,20 +83,72 @@ class ServerLog:
     def write(self, text: str) -> None:
         """Log one event; `text` must already be escaped if it holds untrusted data."""
         if self._file is not None:
-            self._file.write(f"{self._now()} {self.name} {text}\n")
+            entry = f"{self._now()} {self.name} {text}\n"
+            self._file.write(entry)
+            self._size += len(entry)
+            if self._size > self.max_bytes:
+                self._rotate()
 
     def received(self, who: str, line: bytes) -> None:
-        """Log a line received from `who`, escaped."""
-        self.write(f"{who} < {line!r}")
+        """Log a line received from `who`, escaped (a preview if it is long)."""
+        self.write(f"{who} < {self.shown(line)}")
 
     def sent(self, who: str, reply: bytes) -> None:
-        """Log a reply sent to `who`, escaped."""
-        self.write(f"{who} > {reply!r}")
+        """Log a reply sent to `who`, escaped; a WHATSAT reply's JSON as a summary."""
+        if reply.startswith(b"AT ") and reply.endswith(b"}\n\n"):
+            at_line, _, body = reply.partition(b"\n")
+            shown = self.shown(at_line + b"\n")
+            self.write(f"{who} > {shown} + {places_summary(body)}")
+        else:
+            self.write(f"{who} > {self.shown(reply)}")
+
+    def shown(self, data: bytes) -> str:
+        """`data` escaped for the log: whole if short, else a preview and its length."""
+        if len(data) <= self.line_limit:
+            text = repr(data)
+            if len(text) <= 2 * len(data) + PREVIEW_SLACK:  # printable text: the hot path
+                return text
+        return preview(data, self.line_limit)
 
     def flush(self) -> None:
         """Push buffered lines to the kernel."""
         if self._file is not None:
             self._file.flush()
+
+    def reopen(self) -> bool:
+        """Start writing to a fresh open of `path` (SIGHUP: logrotate moved the old file).
+
+        The old file stays in use if the new one cannot be opened; False then.
+        """
+        if self._file is None or self.path is None:
+            return False
+        try:
+            fresh = self.path.open("a", encoding="utf-8", buffering=1 << 16)
+        except OSError:
+            return False
+        self._file.close()
+        self._file, self._size = fresh, fresh.tell()
+        return True
+
+    def _rotate(self) -> None:
+        """NAME.log -> NAME.log.1 -> ... -> NAME.log.<backups> (the oldest goes); reopen.
+
+        Renaming does not disturb the open file, so whatever fails, writing goes on:
+        into a fresh NAME.log, or into the old file until another max_bytes passed.
+        """
+        path = str(self.path)
+        try:
+            for number in range(self.backups - 1, 0, -1):
+                if os.path.exists(f"{path}.{number}"):
+                    os.replace(f"{path}.{number}", f"{path}.{number + 1}")
+            if self.backups:
+                os.replace(path, f"{path}.1")
+            else:
+                os.unlink(path)
+        except OSError:
+            pass
+        if not self.reopen():
+            self._size = 0
 
     def close(self) -> None:
         """Flush and close; later writes are dropped."""
@@ -82,6 +161,28 @@ class ServerLog:
         while True:
             await trio.sleep(FLUSH_INTERVAL)
             self.flush()
+
+
+def preview(data: bytes, limit: int) -> str:
+    """`b'...'... (N bytes)`: the escaped first bytes of `data` and its whole length.
+
+    At most limit/8 bytes, and at most an eighth of `data`: bytes that escape to
+    `\\xNN` take four characters each, so the entry stays well under twice the input.
+    """
+    head = data[: max(1, min(len(data), limit) // 8)]
+    return f"{head!r}... ({len(data)} bytes)"
+
+
+def places_summary(body: bytes) -> str:
+    """A WHATSAT reply's JSON as `places: OK, 3 results, 1234 bytes` for the log."""
+    try:
+        parsed = json.loads(body)
+        status = str(parsed.get("status"))
+        results = parsed.get("results")
+        count = len(results) if isinstance(results, list) else 0
+    except (ValueError, AttributeError):
+        return f"places: unreadable JSON, {len(body)} bytes"
+    return f"places: {status!r}, {plural(count, 'result')}, {len(body)} bytes"
 
 
 def utc_offset(seconds: int) -> str:

@@ -187,6 +187,20 @@ def format_skew(skew_ns: int) -> bytes:
     return b"%s%d.%09d" % (sign, seconds, ns)
 
 
+def too_far_ahead(sent: Decimal, now_ns: int, max_skew: float | None) -> bool:
+    """True if client time `sent` is more than `max_skew` seconds ahead of `now_ns`.
+
+    The optional clock guard (`max_future_skew`): a record from the far future would
+    win over every later honest update of that client (PROTOCOL.md §2 orders by client
+    time), so a server may refuse it. None turns the guard off.
+    """
+    if max_skew is None:
+        return False
+    # Exact for any client time: Decimal compares with float without rounding, and
+    # a time too long for the context's precision is far beyond any skew anyway.
+    return sent - Decimal(now_ns).scaleb(-9) > max_skew
+
+
 def make_record(server: bytes, received_ns: int, iamat: Iamat) -> Record:
     """The record (and its AT line) for an IAMAT that arrived complete at `received_ns`."""
     skew = format_skew(received_ns - time_ns(iamat.time))

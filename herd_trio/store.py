@@ -73,16 +73,31 @@ class Store:
         return len(self._records)
 
     def __iter__(self) -> Iterator[Record]:
-        return iter(list(self._records.values()))
+        return iter(self.snapshot())
 
     def digest(self) -> list[int]:
         """One 64-bit summary per bucket of what this store holds."""
         return list(self._digest)
 
-    def differing(self, other: list[int]) -> list[Record]:
-        """The records of every bucket whose summary differs from `other`'s."""
+    def snapshot(self) -> list[Record]:
+        """Every record held, in the order their clients first arrived.
+
+        Clients are never removed, so an index into one snapshot names the same
+        client in every later one (herd_trio/digests.py resumes answers by index).
+        """
+        return list(self._records.values())
+
+    def differing_buckets(self, other: list[int]) -> frozenset[int]:
+        """The buckets whose summary differs from `other`'s (a peer's digest)."""
         pairs = enumerate(zip(self._digest, other, strict=True))
-        buckets = {bucket for bucket, (mine, theirs) in pairs if mine != theirs}
+        return frozenset(bucket for bucket, (mine, theirs) in pairs if mine != theirs)
+
+    def differing(self, other: list[int]) -> list[Record]:
+        """The records of every bucket whose summary differs from `other`'s, in one pass.
+
+        For tests and small stores; a link answers in chunks (digests.answer_digest).
+        """
+        buckets = self.differing_buckets(other)
         if not buckets:
             return []
         return [r for client, r in self._records.items() if bucket_of(client) in buckets]

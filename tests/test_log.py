@@ -232,3 +232,89 @@ async def test_rate_limiter_defaults_to_trios_clock(
     assert limiter.allow("x") is None
     await trio.sleep(0.5)
     assert limiter.allow("x") == 1
+
+
+# --- bounded logging (issues 11 and 12) ---------------------------------------------------
+
+
+def logged(path: Path) -> list[str]:
+    """The entries of a closed log, without their stamps and server name."""
+    return [line.split(" ", 2)[2] for line in path.read_text().splitlines()]
+
+
+def test_a_long_line_is_logged_as_a_preview_and_its_length(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.log"
+    log = ServerLog(path, "Clark", line_limit=1024)
+    log.received("who", b"A" * 200_000)
+    log.received("who", b"B" * 1024)  # at the limit: whole
+    log.close()
+    assert logged(path) == [f"who < {b'A' * 128!r}... (200000 bytes)", f"who < {b'B' * 1024!r}"]
+
+
+def test_bytes_that_escape_badly_are_previewed_within_twice_their_size(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.log"
+    log = ServerLog(path, "Clark")
+    hostile = bytes(range(128, 256)) * 2  # 256 bytes, each escaped as \xNN
+    log.received("who", hostile)
+    log.sent("who", b"? " + hostile + b"\n")
+    log.received("who", "IAMAT ünïcödé +1+1 5".encode())  # a little escaping: whole
+    log.close()
+    entries = logged(path)
+    assert entries[0] == f"who < {hostile[:32]!r}... (256 bytes)"
+    assert entries[1] == f"who > {(b'? ' + hostile)[:32]!r}... (259 bytes)"
+    assert entries[2] == f"who < {'IAMAT ünïcödé +1+1 5'.encode()!r}"
+    assert path.stat().st_size < 2 * 2 * len(hostile)
+
+
+def test_a_whatsat_reply_is_logged_as_its_at_line_and_a_summary(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.log"
+    log = ServerLog(path, "Clark")
+    at = b"AT Clark +0.5 kiwi +34-118 5\n"
+    body = (
+        b'{\n   "html_attributions": [],\n   "results": [{"name": "x"}, {}],\n   "status": "OK"\n}'
+    )
+    log.sent("who", at + body + b"\n\n")
+    log.sent("who", at + b"{not json}\n\n")
+    log.close()
+    assert logged(path) == [
+        f"who > {at!r} + places: 'OK', 2 results, {len(body) + 2} bytes",
+        f"who > {at!r} + places: unreadable JSON, 12 bytes",
+    ]
+
+
+def test_a_full_log_is_rotated_keeping_the_newest_backups(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.log"
+    log = ServerLog(path, "Clark", max_bytes=1000, backups=2)
+    for n in range(100):  # about 50 bytes each: 5 files' worth
+        log.write(f"entry {n:03d}")
+    log.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["Clark.log", "Clark.log.1", "Clark.log.2"]
+    texts = [(tmp_path / name).read_text() for name in ("Clark.log.2", "Clark.log.1", "Clark.log")]
+    assert all(len(text) <= 1000 + 60 for text in texts)
+    entries = [line.rsplit(" ", 1)[1] for text in texts for line in text.splitlines()]
+    assert entries == [f"{n:03d}" for n in range(100 - len(entries), 100)]  # newest, in order
+    assert "099" in texts[2]
+
+
+def test_rotation_counts_what_the_file_held_already(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.log"
+    path.write_text("x" * 990 + "\n")
+    log = ServerLog(path, "Clark", max_bytes=1000, backups=1)
+    log.write("tips it over")
+    log.close()
+    assert (tmp_path / "Clark.log.1").read_text().startswith("x" * 990)
+    assert path.read_text() == ""
+
+
+def test_reopen_writes_to_a_fresh_file_after_logrotate_moved_it(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.log"
+    log = ServerLog(path, "Clark")
+    log.write("before")
+    path.rename(tmp_path / "Clark.log.1")
+    log.write("still buffered for the old file")
+    assert log.reopen()
+    log.write("after")
+    log.close()
+    assert logged(tmp_path / "Clark.log.1") == ["before", "still buffered for the old file"]
+    assert logged(path) == ["after"]
