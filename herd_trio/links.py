@@ -203,14 +203,13 @@ def _take(node: Node, peer: str, record: Record, counts: PeerStats) -> None:
 
 def _refuse_ahead(node: Node, peer: str, limiter: RateLimiter, line: bytes) -> None:
     """Log (at most once per RateLimiter.interval) a record dropped by max_future_skew."""
-    suppressed = limiter.allow("ahead")
-    if suppressed is not None:
-        more = f" ({suppressed} more since the last)" if suppressed else ""
-        skew = node.settings.max_future_skew
-        node.log.write(
-            f"peer {peer} sent a record more than {skew:g} s ahead of this server's clock,"
-            f" dropped: {line[:200]!r}{more}"
-        )
+    skew = node.settings.max_future_skew
+    limiter.write(
+        "ahead",
+        node.log.write,
+        f"peer {peer} sent a record more than {skew:g} s ahead of this server's clock,"
+        f" dropped: {line[:200]!r}",
+    )
 
 
 async def run_link(
@@ -387,16 +386,13 @@ class PeerPort:
         text = f"link from {peer} dropped: " + "; ".join(_describe(exc) for exc in errors)
         if not any(isinstance(exc, PeerMisbehaved) for exc in errors):
             self.node.log.write(text)
-        elif (suppressed := self._refusals.allow(f"{host_of(who)} misbehaved")) is not None:
-            more = f" ({suppressed} more since the last)" if suppressed else ""
-            self.node.log.write(f"{text}{more}")
+        else:
+            self._refusals.write(f"{host_of(who)} misbehaved", self.node.log.write, text)
 
     def _refuse(self, who: str, kind: str, reason: str) -> None:
         self.node.stats.refused(kind)
-        suppressed = self._refusals.allow(f"{host_of(who)} {kind}")
-        if suppressed is not None:
-            more = f" ({suppressed} more since the last)" if suppressed else ""
-            self.node.log.write(f"refused peer connection from {who}: {reason}{more}")
+        text = f"refused peer connection from {who}: {reason}"
+        self._refusals.write(f"{host_of(who)} {kind}", self.node.log.write, text)
 
 
 def drop_kind(group: BaseException) -> str:

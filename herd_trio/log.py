@@ -216,6 +216,12 @@ class RateLimiter:
 
     OVERFLOW = "(other addresses)"
 
+    def write(self, address: str, log: Callable[[str], None], text: str) -> None:
+        """Log `text` unless `address`'s line is suppressed now, saying how many were."""
+        suppressed = self.allow(address)
+        if suppressed is not None:
+            log(f"{text} ({suppressed} more since the last)" if suppressed else text)
+
     def allow(self, address: str) -> int | None:
         """None to suppress this address's line now; else how many were suppressed."""
         now = self.clock()
