@@ -411,3 +411,18 @@ def kill_pids(pids: Iterable[int]) -> None:
     for pid in pids:
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m herd_trio ARGS`, expected to exit by itself (within 30 s)."""
+    return subprocess.run(
+        [sys.executable, "-m", "herd_trio", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+        check=False,
+        env=env,
+    )

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.herd import Herd, connect
+from tests.e2e.herd import run_cli as run_herd_cli
 
 TWO = """
 [servers.A]
@@ -26,17 +27,13 @@ peer_port = 4
 """
 
 
+# No HERD_* or GOOGLE_* variables from the caller.
+CLEAN_ENV = {"PATH": "/usr/bin:/bin"}
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """`python -m herd_trio ARGS`, expected to exit by itself."""
-    return subprocess.run(
-        [sys.executable, "-m", "herd_trio", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=cwd,
-        check=False,
-        env={"PATH": "/usr/bin:/bin"},  # no HERD_* or GOOGLE_* variables from the caller
-    )
+    """`python -m herd_trio ARGS` with a clean environment, expected to exit by itself."""
+    return run_herd_cli(*args, cwd=cwd, env=CLEAN_ENV)
 
 
 def test_version_prints_the_package_version(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from tests.e2e.herd import (
     pids_listening,
     reachable,
     read_until_close,
+    run_cli,
     running,
 )
 
@@ -267,18 +267,6 @@ async def test_sigint_exits_zero_too(tmp_path: Path) -> None:
         assert herd.kill("Solo", signal.SIGINT) == 0
         assert process.stderr is not None
         assert process.stderr.read() == b""
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """`python -m herd_trio ARGS`, expected to exit by itself."""
-    return subprocess.run(
-        [sys.executable, "-m", "herd_trio", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=cwd,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize(
