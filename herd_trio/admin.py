@@ -232,14 +232,24 @@ def admin_token(herd: HerdConfig, name: str, environ: Mapping[str, str] = os.env
 
 
 def admin_app(
-    name: str, herd: HerdConfig, stats: Stats, store: Store, version: str, token: str | None
+    name: str,
+    herd: HerdConfig,
+    stats: Stats,
+    store: Store,
+    version: str,
+    token: str | None,
+    places: object = None,
 ) -> tuple[AdminApp, str, int] | None:
-    """The admin app of server `name` and where it listens, or None without admin_port."""
+    """The admin app of server `name` and where it listens, or None without admin_port.
+
+    `places` is the server's places source, for /readyz (see places.readiness).
+    """
     cfg = herd.servers[name]
     if cfg.admin_port is None:
         return None
     layout = tuple(herd_layout(herd))
-    view = ServerView(name, version, stats, store, tuple(herd.neighbours(name)), layout)
+    neighbours = tuple(herd.neighbours(name))
+    view = ServerView(name, version, stats, store, neighbours, layout, places)
     origins = frozenset(
         url
         for server in herd.servers.values()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from importlib import resources
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -19,6 +20,7 @@ from herd_trio.admin import AdminApp, admin_token
 from herd_trio.admin import serve as serve_admin
 from herd_trio.events import EventHub
 from herd_trio.metrics import metrics_registry, render_metrics
+from herd_trio.places.offline import OfflinePlaces
 from herd_trio.stats import Stats
 from herd_trio.store import Store
 from herd_trio.view import ServerView, store_digest
@@ -107,7 +109,7 @@ def test_collector_reads_live_counters_at_scrape_time() -> None:
     live = FakeLink(sent=3, depth=2)
     counts = stats.link_up("Bona", "in", live)
     counts.kept, counts.stale, counts.duplicate = 5, 1, 2
-    counts.digests_received, counts.resent = 4, 7
+    counts.digests_received, counts.resent, counts.rtt = 4, 7, 0.0015
     stats.link_dropped("Jaquez", "silent", "no word from Jaquez for 3 s")
     stats.iamat, stats.whatsat, stats.invalid = 10, 4, 1
     stats.requests.observe(0.0002)
@@ -117,6 +119,8 @@ def test_collector_reads_live_counters_at_scrape_time() -> None:
     assert samples["herd_link_up{peer=Bona}"] == 1
     assert samples["herd_link_up{peer=Jaquez}"] == 0
     assert samples["herd_link_drops_total{peer=Jaquez,reason=silent}"] == 1
+    assert samples["herd_link_rtt_seconds{peer=Bona}"] == 0.0015
+    assert "herd_link_rtt_seconds{peer=Jaquez}" not in samples  # never measured
     assert samples["herd_records_sent_total{peer=Bona}"] == 3
     assert samples["herd_records_received_total{peer=Bona,verdict=kept}"] == 5
     assert samples["herd_records_received_total{peer=Bona,verdict=stale}"] == 1
@@ -169,6 +173,21 @@ async def test_healthz_and_readyz(nursery: trio.Nursery, client: httpx.AsyncClie
     assert (await client.get(f"{base}/readyz?links=all")).status_code == 200
 
 
+async def test_readyz_waits_for_the_places_data(
+    nursery: trio.Nursery, client: httpx.AsyncClient
+) -> None:
+    places = OfflinePlaces(trio.Event())  # loading: no index delivered yet
+    view = attrs.evolve(make_view(), places=places)
+    view.stats.listening = True
+    base = await start(nursery, AdminApp(view, EventHub()))
+    loading = await client.get(f"{base}/readyz")
+    assert (loading.status_code, loading.json()["places_ready"]) == (503, False)
+    places._deliver(None, "index child exited with status 1")
+    failed = await client.get(f"{base}/readyz")
+    assert failed.status_code == 503
+    assert failed.json()["places_error"] == "index child exited with status 1"
+
+
 async def test_state_lists_links_records_and_digest(
     nursery: trio.Nursery, client: httpx.AsyncClient
 ) -> None:
@@ -184,6 +203,7 @@ async def test_state_lists_links_records_and_digest(
     assert (bona["peer"], bona["direction"], bona["up"], bona["outbox"]) == ("Bona", "in", True, 1)
     assert bona["records_out"] == 4
     assert bona["up_since"].endswith("Z")
+    assert (bona["rtt_ms"], jaquez["rtt_ms"]) == (None, None)  # no PING answered yet
     assert (jaquez["up"], jaquez["last_error"], jaquez["up_since"]) == (False, "timed out", None)
     assert state["herd"][0]["location"] == [34.07, -118.45]
     clients = (await client.get(f"{base}/clients")).json()

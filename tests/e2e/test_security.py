@@ -831,10 +831,10 @@ async def fuzz_once(herd: Herd, client: bytes, peer: bytes, half_close: bool) ->
         assert received.startswith((b"? ", b"AT ")), received[:100]
 
     answer = await throw_at(herd.peer_ports["Solo"], peer, half_close=True)
-    if opens_link(peer):  # a neighbour's HELLO is answered, then digests and pings
+    if opens_link(peer):  # a neighbour's HELLO is answered, then digests, pings, pongs
         assert answer.startswith(b"HELLO herd_trio/1 Solo Ghost\n"), answer[:200]
         for line in answer.splitlines()[1:]:
-            assert line.startswith((b"DIGEST ", b"PING", b"AT ")), line[:100]
+            assert line.startswith((b"DIGEST ", b"PING", b"PONG", b"AT ")), line[:100]
     else:  # anything else is refused without a word
         assert answer == b"", answer[:200]
 
