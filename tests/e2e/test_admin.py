@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +16,8 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.herd import DEFAULT_EDGES, Herd, poll, running
+from herd_trio.lines import LineReader
+from tests.e2e.herd import DEFAULT_EDGES, Herd, connect, poll, running
 
 
 @pytest.fixture
@@ -134,3 +138,38 @@ async def test_iamat_and_whatsat_commands(herd: Herd) -> None:
     bad = await trio.to_thread.run_sync(cli, herd, "iamat", "kiwi", "north", "west")
     assert bad.returncode == 2
     assert "expected decimal degrees" in bad.stderr
+
+
+async def test_an_events_reader_that_never_reads_does_not_delay_the_stop(tmp_path: Path) -> None:
+    """SIGTERM stops the server within PROTOCOL.md's 3 s though an /events write waits.
+
+    hypercorn's writes have no deadline; the admin listener shuts its connections down
+    when it stops, so a reader with a full socket cannot hold the process.
+    """
+    herd = Herd.create(tmp_path, names=["Solo"], edges=[]).with_admin()
+    with running(herd):
+        herd.start("Solo")
+        await (await connect(herd.ports["Solo"])).aclose()
+        port = herd.admin_ports["Solo"]
+        reader = trio.socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up sooner
+        await reader.connect(("127.0.0.1", port))
+        await reader.send(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
+        # Records with 250-byte client ids: each kept one is a ~330-byte event, and
+        # 30,000 of them (10 MB) are more than loopback's socket buffers hold.
+        stream = await connect(herd.ports["Solo"])
+        pad, count = b"x" * 245, 30_000
+        batch = b"".join(b"IAMAT %s%d +1+1 1700000000\n" % (pad, n) for n in range(count))
+        replies = LineReader(stream, 1 << 20)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.send_all, batch)
+            with trio.fail_after(60):
+                for _ in range(count):  # every IAMAT answered: every event was published
+                    reply = await replies.receive_line() or b""
+                    assert reply.startswith(b"AT Solo "), reply[:60] + reply[-60:]
+        await stream.aclose()
+        start = time.monotonic()
+        status = await trio.to_thread.run_sync(herd.kill, "Solo", signal.SIGTERM)
+        took = time.monotonic() - start
+        reader.close()
+    assert (status, took < 3.0) == (0, True), took
