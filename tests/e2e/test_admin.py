@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from herd_trio.lines import LineReader
 from tests.e2e.herd import DEFAULT_EDGES, Herd, connect, poll, running
 
+PLACES_LOAD = 60.0  # seconds: /readyz waits for the offline places index (built on first use)
+
 
 @pytest.fixture
 async def admin_herd(tmp_path: Path) -> AsyncIterator[Herd]:
@@ -42,8 +44,12 @@ async def test_status_reports_every_server_ready_then_a_stopped_one(admin_herd: 
     at_line = await admin_herd.iamat("Clark", b"kiwi", b"+34.068930-118.445127", b"1700000000.5")
     for name in admin_herd.names:
         await admin_herd.wait_for(name, b"kiwi", at_line)
-    result = await trio.to_thread.run_sync(status, admin_herd)
-    assert result.returncode == 0, result.stdout + result.stderr
+
+    async def all_ready() -> subprocess.CompletedProcess[str] | None:
+        done = await trio.to_thread.run_sync(status, admin_herd)
+        return done if done.returncode == 0 else None  # the places index may be loading
+
+    result = await poll("every server ready", all_ready, deadline=PLACES_LOAD)
     rows = [line.split() for line in result.stdout.splitlines()]
     assert rows[0] == ["SERVER", "UP", "READY", "LINKS", "RECORDS", "CLIENTS", "DIGEST"]
     degree = {n: sum(n in edge for edge in DEFAULT_EDGES) for n in admin_herd.names}
@@ -85,8 +91,12 @@ async def test_metrics_and_state_of_a_running_server(admin_herd: Herd) -> None:
             "Jaquez": True,
         }
         assert [s["name"] for s in state["herd"]] == admin_herd.names
-        ready = await client.get(f"{admin_herd.admin_url('Clark')}/readyz?links=all")
-        assert ready.status_code == 200
+
+        async def ready() -> bool | None:  # the offline places index may still be loading
+            answer = await client.get(f"{admin_herd.admin_url('Clark')}/readyz?links=all")
+            return True if answer.status_code == 200 else None
+
+        await poll("Clark ready with every link up", ready, deadline=PLACES_LOAD)
 
 
 def test_a_server_named_status_runs_after_a_double_dash(tmp_path: Path) -> None:
