@@ -78,11 +78,11 @@ class ServerView:
     def readiness(self, all_links: bool) -> tuple[bool, JSONObject]:
         """Whether the server is ready (and, with `all_links`, every link up), and why."""
         up, total = self.links_up(), len(self.neighbours)
-        listening = self.stats.listening
-        ready = listening and (up == total or not all_links)
+        listening, loaded = self.stats.listening, self.stats.state_loaded
+        ready = listening and loaded and (up == total or not all_links)
         body: JSONObject = {
             "ready": ready,
-            "state_loaded": listening,  # serve() loads state before it listens
+            "state_loaded": loaded,
             "places_ready": True,  # the places source is opened before any server starts
             "listeners_up": listening,
             "links_up": up,
