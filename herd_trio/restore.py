@@ -178,13 +178,21 @@ class Restore:
         """Open `path` for loading into `store` by `run()`; done at once if there is no
         file or no records table. PersistError if the file cannot be read.
 
-        Set `persister` (the one writing `path`) before `run()`.
+        `attach` the persister writing `path` before anything else offers to the store.
         """
         reader = StateReader(path)
         if not await trio.to_thread.run_sync(reader.open):
             reader.close()
             return cls(store, None, None, log, done=True)
         return cls(store, None, reader, log, done=False)
+
+    def attach(self, persister: Persister) -> None:
+        """The persister writing the file: from now until the load ends, it notes which
+        clients it is told about, so that records loaded later are written back only
+        for those (an older record of theirs may be on its way to disk)."""
+        self.persister = persister
+        if not self.done:
+            persister.track_clients(True)
 
     async def wait(self) -> None:
         """Return once the store holds everything the file held."""
@@ -204,7 +212,6 @@ class Restore:
             return
         self.log(f"loading records from {reader.path}")
         began = trio.current_time()
-        persister.track_clients(True)
         # A worker thread reads the next rows (SQLite releases the GIL while it steps
         # through the table) while the loop parses and offers these, a slice at a time.
         send, receive = trio.open_memory_channel[list[tuple[object, object]]](1)

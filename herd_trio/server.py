@@ -74,9 +74,10 @@ async def serve(
             try:
                 restore = await Restore.open(path, store, log.write)
                 stack.callback(restore.close)
-                restore.persister = await stack.enter_async_context(
+                persister = await stack.enter_async_context(
                     open_persister(path, store, log=log.write)
                 )
+                restore.attach(persister)
             except (OSError, PersistError) as exc:
                 message = f"{name}: cannot use state file {str(path)!r}: {exc}"
                 raise StartupError(message) from exc
