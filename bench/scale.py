@@ -286,15 +286,17 @@ class Scale:
         samples = self._samples()
         a = self.start("A")
         accept = procs.wait_accepting(a, deadline=60)
-        answered = self._answer_all(samples) - a.started
-        wait_until("A ready", lambda: self.ready("A"), 600)
-        ready = time.perf_counter() - a.started
+        with Probe(self.ports["A"], b"probe-restart", limit=600) as probe:
+            answered = self._answer_all(samples) - a.started
+            wait_until("A ready", lambda: self.ready("A"), 600)
+            ready = time.perf_counter() - a.started
         self.result["restart"] = {
             "accept_s": accept,
             "all_answered_s": answered,
             "ready_s": ready,
             "samples": len(samples),
             "peak_rss_mb": _hwm_kb(a.pid) / 1024,  # the load is the peak
+            "probe_while_loading": probe.summary(),
         }
 
     def _samples(self) -> dict[bytes, bytes]:

@@ -1,13 +1,17 @@
 """Filling the store from the state file while the server already serves.
 
 A server with `state_dir` opens its listeners first and loads its file in the
-background (`Restore.run`): a worker thread reads and parses the rows in chunks of
-CHUNK, and the event loop offers each chunk to the store in slices of SLICE records,
-with a checkpoint after each slice, so no client waits behind the load for more than
-a few milliseconds. Loading a million records takes a few seconds; until it is done:
+background (`Restore.run`): a worker thread reads the rows in chunks of CHUNK (SQLite
+releases the GIL while it steps through the table), and the event loop parses and
+offers them to the store SLICE at a time, with a checkpoint after each slice (about a
+millisecond of work), so no client waits behind the load for long. Parsing on the loop
+rather than in the thread keeps the loop from waiting for the GIL (up to the 5 ms
+switch interval each time). Loading a million records takes a few seconds; until it is
+done:
 
 - A client line that names a client the store does not hold yet looks that client up
-  in the file first (`Restore.ensure`, one indexed query per batch of lines), so a
+  in the file first (`Restore.ensure`: one indexed query per batch of lines, on the
+  loop, as a thread's round trip would cost more than the query), so a
   WHATSAT for a stored client is answered, never `?`, and an IAMAT older than the
   stored record gets the stored record's AT line, as it would after the load.
 - Records from peers are offered to the store as usual: last writer wins, so the order
@@ -59,9 +63,10 @@ def clients_named(lines: Iterable[bytes]) -> list[bytes]:
 
 @attrs.define(eq=False)
 class StateReader:
-    """Blocking reads of a state file, for worker threads: the rows in chunks, and
-    point lookups by client. Each has its own connection (the bulk read holds one
-    statement open for the whole load, a consistent snapshot), used under its own lock.
+    """Blocking reads of a state file: the rows in chunks (from a worker thread), and
+    lookups by client (indexed, quick). Each has its own connection (the bulk read holds
+    one statement open for the whole load, a consistent snapshot), used under its own
+    lock, so closing never races a thread abandoned on cancel.
     """
 
     path: Path
