@@ -129,8 +129,15 @@ def state_bytes(root: Path, name: str) -> int:
 
 
 class Probe:
-    """One connection sending IAMATs for one client, one at a time, every PROBE_GAP s:
-    the latency a client of a busy server sees. Bounded by `limit` seconds."""
+    """One connection sending the same IAMAT again and again, one at a time, every
+    PROBE_GAP s: the latency a client of a busy server sees. Bounded by `limit` seconds.
+
+    The same line each time: after the first, each is a repeat, answered from the store
+    and not flooded (the full IAMAT path otherwise: parse, offer, reply). New updates
+    every 2 ms would keep the link busy, and a link with records in flight postpones
+    its next anti-entropy round (linkwriter.Timers), so the probe would hold up the
+    very sync it measures.
+    """
 
     def __init__(self, port: int, client: bytes, limit: float) -> None:
         self.port, self.client, self.limit = port, client, limit
@@ -149,10 +156,10 @@ class Probe:
 
     def _run(self) -> None:
         end = time.perf_counter() + self.limit
+        line = b"IAMAT %s %s %s\n" % (self.client, COORDS, iamat_time())
         with connect(self.port, timeout=10) as sock:
             buffer = b""
             while not self._stop.is_set() and time.perf_counter() < end:
-                line = b"IAMAT %s %s %s\n" % (self.client, COORDS, iamat_time())
                 began = time.perf_counter_ns()
                 sock.sendall(line)
                 while b"\n" not in buffer:

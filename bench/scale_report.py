@@ -139,7 +139,8 @@ def markdown(result: Result) -> str:
         " `python -m herd_trio` processes, A and B, linked, with `state_dir` and admin ports,"
         " and reads everything from outside: TCP, /state and /readyz, the files, and the"
         " kernel's byte counts of the link's socket (`ss -ti`). The probe is one connection"
-        " sending an IAMAT every 2 ms to A and timing each reply. The machine is shared"
+        " sending the same IAMAT to A every 2 ms (a repeat after the first, so it does not"
+        " keep the link busy) and timing each reply. The machine is shared"
         " (2 cores, other work running), so times vary from run to run; counts do not.",
         "",
         "| figure | target | before issue 11 | measured |",
