@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from itertools import pairwise
 from pathlib import Path
 
 import attrs
@@ -13,7 +14,7 @@ import trio.testing
 from herd_trio.lines import LineReader
 from herd_trio.persist import Persister, PersistError, load_records, write_records
 from herd_trio.protocol import Record, parse_at
-from herd_trio.restore import Restore, clients_named
+from herd_trio.restore import SLICE, Restore, clients_named
 from herd_trio.store import Store
 from tests.helpers import herd_config, make_node, record
 from tests.test_links import EMPTY_DIGEST, PEER_MAX, carry_collecting
@@ -169,3 +170,26 @@ async def test_no_sync_before_the_store_is_loaded(
     assert digest.startswith(b"DIGEST ")
     assert trio.current_time() - start == 3.5
     assert errors == []
+
+
+async def test_the_load_lets_other_tasks_run_between_slices(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.sqlite3"
+    write_records(path, [rec(b"client-%d" % i, i) for i in range(10 * SLICE)])
+    store = Store()
+    restore, _ = await opened(path, store)
+    turns: list[int] = []  # how many records the store held at each turn of the other task
+
+    async def other_client() -> None:
+        while not restore.done:
+            turns.append(len(store))
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_client)
+        await restore.run()
+    assert len(store) == 10 * SLICE
+    steps = [b - a for a, b in pairwise(turns)]
+    # At most one slice per scheduler batch (trio may run the two tasks in either order
+    # within a batch, so two slices can fall between two turns of the other task).
+    assert max(steps) <= 2 * SLICE
+    assert len({n for n in turns if 0 < n < 10 * SLICE}) >= 4  # it ran during the load
