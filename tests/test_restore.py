@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 from itertools import pairwise
 from pathlib import Path
@@ -178,10 +179,13 @@ async def test_the_load_lets_other_tasks_run_between_slices(tmp_path: Path) -> N
     store = Store()
     restore, _ = await opened(path, store)
     turns: list[int] = []  # how many records the store held at each turn of the other task
+    collecting: list[bool] = []  # whether the cyclic collector ran meanwhile
 
     async def other_client() -> None:
         while not restore.done:
             turns.append(len(store))
+            if 0 < len(store) < 10 * SLICE:
+                collecting.append(gc.isenabled())
             await trio.lowlevel.checkpoint()
 
     async with trio.open_nursery() as nursery:
@@ -193,3 +197,6 @@ async def test_the_load_lets_other_tasks_run_between_slices(tmp_path: Path) -> N
     # within a batch, so two slices can fall between two turns of the other task).
     assert max(steps) <= 2 * SLICE
     assert len({n for n in turns if 0 < n < 10 * SLICE}) >= 4  # it ran during the load
+    assert collecting
+    assert not any(collecting)  # no full collections over what is being loaded...
+    assert gc.isenabled()  # ...and back on afterwards
