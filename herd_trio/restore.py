@@ -9,8 +9,8 @@ rather than in the thread keeps the loop from waiting for the GIL (up to the 5 m
 switch interval each time). Loading a million records takes a few seconds; until it is
 done:
 
-- A client line that names a client the store does not hold yet looks that client up
-  in the file first (`Restore.ensure`: one indexed query per batch of lines, on the
+- A client line looks up the clients it names in the file first (even one the store
+  holds: that may be an older record from a peer) (`Restore.ensure`: one indexed query per batch of lines, on the
   loop, as a thread's round trip would cost more than the query), so a
   WHATSAT for a stored client is answered, never `?`, and an IAMAT older than the
   stored record gets the stored record's AT line, as it would after the load.
@@ -285,18 +285,23 @@ class Restore:
         self._finished.set()
 
     async def ensure(self, lines: Iterable[bytes]) -> None:
-        """While loading: put in the store the stored records of the clients `lines`
-        name that it does not hold yet. Returns at once once loaded."""
+        """While loading: offer the store the file's records of the clients `lines` name,
+        so that they are answered as they would be after the load. Returns at once once
+        loaded.
+
+        Also for clients the store holds already: what it holds may be an older record
+        a peer sent before the load reached the file's newer one.
+        """
         store, persister, reader = self.store, self.persister, self.reader
         if self.done or store is None or persister is None or reader is None:
             return
-        missing = [client for client in clients_named(lines) if store.get(client) is None]
-        if not missing:
+        named = list(dict.fromkeys(clients_named(lines)))
+        if not named:
             return
-        self.lookups += len(missing)
+        self.lookups += len(named)
         try:
             # On the loop: an indexed read of a few rows costs less than a thread's round trip.
-            found = reader.lookup(missing)
+            found = reader.lookup(named)
         except PersistError as exc:
             self.log(f"{exc}; waiting for the load instead")
             await self.wait()

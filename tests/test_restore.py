@@ -121,10 +121,15 @@ async def test_ensure_fetches_named_clients_before_the_load_reaches_them(tmp_pat
     assert store.get(b"client-7") == rec(b"client-7", 107)
     assert persister.statistics().pending == 0  # looked-up records are not written back
     assert restore.lookups == 3
+    # A client held from a peer, older than the file's record: the file's record wins.
+    assert store.offer(peer := rec(b"client-9", 1, origin=b"Bona")) is peer
+    await restore.ensure([b"IAMAT client-9 +1+1 1", b"WHATSAT client-9 10 5"])
+    assert store.get(b"client-9") == rec(b"client-9", 109)
+    assert restore.lookups == 4
     await restore.run()
     assert len(store) == 2000
     await restore.ensure([b"IAMAT other +1+1 1"])  # loaded: no more lookups
-    assert restore.lookups == 3
+    assert restore.lookups == 4
 
 
 async def test_records_from_peers_during_the_load_win_or_lose_by_rank(
