@@ -9,11 +9,12 @@ rather than in the thread keeps the loop from waiting for the GIL (up to the 5 m
 switch interval each time). Loading a million records takes a few seconds; until it is
 done:
 
-- A client line looks up the clients it names in the file first (even one the store
-  holds: that may be an older record from a peer) (`Restore.ensure`: one indexed query per batch of lines, on the
-  loop, as a thread's round trip would cost more than the query), so a
-  WHATSAT for a stored client is answered, never `?`, and an IAMAT older than the
-  stored record gets the stored record's AT line, as it would after the load.
+- A batch of client lines first looks up the clients it names in the file
+  (`Restore.ensure`: one indexed query, on the loop, as a thread's round trip would
+  cost more than the query; also for clients the store holds, which may be an older
+  record from a peer), so a WHATSAT for a stored client is answered, never `?`, and an
+  IAMAT older than the stored record gets the stored record's AT line, as it would
+  after the load.
 - Records from peers are offered to the store as usual: last writer wins, so the order
   in which loaded and flooded records meet does not matter.
 - The server starts no anti-entropy sync and answers none (links.py): its store would
