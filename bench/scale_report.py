@@ -76,6 +76,12 @@ def rows(r: Result) -> list[tuple[str, str, str, str]]:
             _s(rst.get("all_answered_s")),
         ),
         ("restart: store loaded (/readyz ready)", "-", "7.8-9.0 s", _s(rst.get("ready_s"))),
+        (
+            "restart before issue 11, this run: imports, then the blocking load",
+            "-",
+            "7.8-9.0 s",
+            _s(rst.get("blocking_load_s")),
+        ),
         ("restart: peak RSS", "-", "733 MB", _f(rst.get("peak_rss_mb"), "{:,.0f}", " MB")),
         (
             "restart: A's IAMAT p50 / p99 / max while it loads",

@@ -32,6 +32,7 @@ def test_the_harness_runs_end_to_end_at_2000_records(tmp_path: Path) -> None:
     assert ingest["log_bytes_per_update"] > 0
     assert restart["samples"] > 0
     assert 0 < restart["accept_s"] <= restart["all_answered_s"]
+    assert restart["blocking_load_s"] > 0
     for phase in ("join", "catch_up"):
         sync = result[phase]
         assert sync["same_digest"], sync
