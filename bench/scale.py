@@ -107,9 +107,12 @@ def records_out(port: int) -> int:
     return sum(int(link["records_out"]) for link in state["links"]) if state else 0
 
 
-def link_bytes(peer_port: int) -> tuple[int, int]:
+def link_bytes(peer_port: int) -> tuple[int | None, int | None]:
     """(bytes sent, bytes received) by the server side of the link accepted on `peer_port`,
-    from the kernel's counters (`ss -ti`); (0, 0) if there is no such connection."""
+    from the kernel's counters (`ss -ti`); (0, 0) if there is no such connection, and
+    (None, None) without `ss` (iproute2)."""
+    if shutil.which("ss") is None:
+        return None, None
     out = subprocess.run(
         ["ss", "-tinH", "state", "established", f"( sport = :{peer_port} )"],
         capture_output=True,
