@@ -251,7 +251,7 @@ class Restore:
         # A worker thread reads the next rows (SQLite releases the GIL while it steps
         # through the table) while the loop parses and offers these, a slice at a time.
         send, receive = trio.open_memory_channel[list[tuple[object, object]]](1)
-        skipped = 0
+        loaded = skipped = 0
         try:
             with receive, _collector_paused():
                 async with trio.open_nursery() as nursery:
@@ -259,7 +259,7 @@ class Restore:
                     async for rows in receive:
                         for start in range(0, len(rows), SLICE):
                             records, bad = parse_rows(rows[start : start + SLICE])
-                            skipped += bad
+                            loaded, skipped = loaded + len(records), skipped + bad
                             with persister.from_file():
                                 for record in records:
                                     store.offer(record)
@@ -273,7 +273,10 @@ class Restore:
         if skipped:
             self.log(f"skipped {skipped} rows of {reader.path} that are not valid AT lines")
         took = trio.current_time() - began
-        self.log(f"{plural(len(store), 'record')} loaded from {reader.path} in {took:.3f} s")
+        self.log(
+            f"{plural(loaded, 'record')} loaded from {reader.path} in {took:.3f} s"
+            f" ({plural(len(store), 'client')} held)"
+        )
         self._finish()
 
     def close(self) -> None:

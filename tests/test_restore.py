@@ -76,6 +76,7 @@ async def test_the_load_fills_the_store_logs_and_writes_nothing_back(
     assert sorted(store, key=lambda r: r.client) == sorted(records, key=lambda r: r.client)
     assert log.lines[0] == f"loading records from {path}"
     assert log.lines[-1].startswith(f"3000 records loaded from {path} in ")
+    assert log.lines[-1].endswith(" s (3000 clients held)")
     assert persister.statistics().pending == 0  # loaded records are on disk already
     assert store.offer(newer := rec(b"client-5", 9999)) is newer  # a later record is written
     await wait_for_batches(persister, 1)
