@@ -3,11 +3,11 @@
 A server with `state_dir` opens its listeners first and loads its file in the
 background (`Restore.run`): a worker thread reads the rows in chunks of CHUNK (SQLite
 releases the GIL while it steps through the table), and the event loop parses and
-offers them to the store SLICE at a time, with a checkpoint after each slice (about a
-millisecond of work), so no client waits behind the load for long. Parsing on the loop
-rather than in the thread keeps the loop from waiting for the GIL (up to the 5 ms
-switch interval each time). Loading a million records takes a few seconds; until it is
-done:
+offers them to the store SLICE at a time, with a checkpoint after each slice (a few
+hundred microseconds of work), so no client waits behind the load for long. Parsing
+on the loop rather than in the thread keeps the loop from waiting for the GIL (up to
+the 5 ms switch interval each time). Loading a million records takes a few seconds;
+until it is done:
 
 - A batch of client lines first looks up the clients it names in the file
   (`Restore.ensure`: one indexed query, on the loop, as a thread's round trip would
@@ -48,7 +48,7 @@ from herd_trio.protocol import Record
 from herd_trio.store import Store
 
 CHUNK = 8192  # rows a worker thread reads per call
-SLICE = 256  # rows parsed and offered to the store between two checkpoints (about 1 ms)
+SLICE = 64  # rows parsed and offered to the store between two checkpoints (about 0.3 ms)
 LOOKUP_BATCH = 500  # clients per lookup query (SQLite's variable limit is far above)
 _COMMANDS = frozenset((b"IAMAT", b"WHATSAT", b"WHATISAT"))
 
