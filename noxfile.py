@@ -1,4 +1,5 @@
-"""Developer tasks: `nox` runs lint, typecheck and tests; `nox -s bench` benchmarks."""
+"""Developer tasks: `nox` runs lint, typecheck and tests; `nox -s bench` benchmarks;
+`nox -s scale` measures a million clients (a few minutes; not in the default run)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,10 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against a minimal trio server measured in the same run."""
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
     session.run("python", "-m", "bench", *session.posargs)
+
+
+@nox.session
+def scale(session: nox.Session) -> None:
+    """A million records on two real servers: ingest, restart, join, catch-up; docs/scale.md."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.run("python", "-m", "bench.scale", "--write-docs", *session.posargs)

@@ -302,6 +302,8 @@ class Session:
         # first, so a WHATSAT sent after an IAMAT's reply sees that IAMAT.
         if any(b"WHAT" in line for line in lines):
             await trio.lowlevel.cancel_shielded_checkpoint()
+        if not node.restore.done:  # the state file is still loading: fetch what they name
+            await node.restore.ensure(lines)
         for index, line in enumerate(lines, 1):
             if index % FAIR_SHARE == 0 and self._replies:
                 await self._flush()  # a pipelining client must not hold the loop for long

@@ -121,9 +121,11 @@ async def carry(node: Node, peer: str, stream: trio.abc.Stream, reader: LineRead
     """
     settings = node.settings
     writer = LinkWriter(stream, settings.write_deadline, node.bus.progress)
-    timers = Timers(
-        settings.heartbeat_interval, settings.sync_interval, next_sync=trio.current_time()
-    )
+    # No sync before the store holds the state file: it would look as if it lacked
+    # nearly everything (_sync_when_loaded starts it).
+    loaded = node.restore.done
+    first_sync = trio.current_time() if loaded else math.inf
+    timers = Timers(settings.heartbeat_interval, settings.sync_interval, next_sync=first_sync)
     counts = node.stats.link_up(peer, "out" if dials(node.name, peer) else "in", writer)
 
     def digest() -> bytes:
@@ -134,10 +136,18 @@ async def carry(node: Node, peer: str, stream: trio.abc.Stream, reader: LineRead
         with node.bus.subscribe(peer, writer):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(writer.run, timers, digest)
+                if not loaded:
+                    nursery.start_soon(_sync_when_loaded, node, timers, writer)
                 await read_peer(node, peer, reader, writer)
     finally:
         node.stats.link_down(peer, writer)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _sync_when_loaded(node: Node, timers: Timers, writer: LinkWriter) -> None:
+    await node.restore.wait()
+    timers.next_sync = trio.current_time()
+    writer.outbox.wake()
 
 
 async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWriter) -> NoReturn:
@@ -175,6 +185,8 @@ async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWrite
             if line.startswith(DIGEST):
                 theirs = _parse(peer, line, lambda ln: parse_digest(ln, BUCKETS))
                 counts.digests_received += 1
+                if not node.restore.done:  # loading: our answer would be most of the store
+                    continue
                 counts.resent += await digests.reply(theirs)
                 continue
             record = _parse(peer, line, parse_at)

@@ -15,6 +15,7 @@ import attrs
 from herd_trio.bus import Bus
 from herd_trio.config import Settings
 from herd_trio.log import ServerLog
+from herd_trio.restore import Restore
 from herd_trio.stats import Stats
 from herd_trio.store import Store
 
@@ -30,6 +31,7 @@ class Node:
     log: ServerLog
     now_ns: Callable[[], int] = time.time_ns  # wall clock for AT time differences
     stats: Stats = attrs.field(factory=Stats)  # counters for the admin port
+    restore: Restore = attrs.field(factory=Restore)  # loading the state file (done without)
     wire_name: bytes = attrs.field(init=False)
 
     @wire_name.default

@@ -1,10 +1,10 @@
 """One herd server: the owner of its nursery, and little else.
 
-`serve()` builds the server's `Node` (store, bus, log, settings), loads its state,
-opens its two listeners and runs, in one nursery: the client listener, the peer
-listener, one supervised link per neighbour this server dials, the log flusher and
-the absent-neighbour reporter. The rooms below it (client.py, links.py) get what they
-use and never see this module.
+`serve()` builds the server's `Node` (store, bus, log, settings), opens its two
+listeners and runs, in one nursery: the state file's load (herd_trio/restore.py), the
+client listener, the peer listener, one supervised link per neighbour this server
+dials, the log flusher and the absent-neighbour reporter. The rooms below it
+(client.py, links.py) get what they use and never see this module.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from herd_trio.bus import Bus
 from herd_trio.client import Admission, handle_client
 from herd_trio.config import HerdConfig
 from herd_trio.links import Peer, PeerPort, dials, run_link
-from herd_trio.log import ServerLog, plural
+from herd_trio.log import ServerLog
 from herd_trio.node import Node
 from herd_trio.persist import PersistError, open_persister, state_path
 from herd_trio.places import PlacesSource
+from herd_trio.restore import Restore
 from herd_trio.security import PeerSecurity
 from herd_trio.store import Store
 
@@ -60,21 +61,30 @@ async def serve(
 ) -> NoReturn:
     """Run server `name` until cancelled; report its Node once both ports accept.
 
-    With `state_dir`, the server's records are loaded before anything is served and
-    every record it keeps is written back; the persister closes last, after the
-    listeners and links that feed the store, so a clean stop loses nothing.
+    With `state_dir`, the server's records are loaded in the background once both
+    ports accept (the file is opened and checked before) and every record it keeps is
+    written back; the persister closes last, after the listeners and links that feed
+    the store, so a clean stop loses nothing. /readyz says ready once loaded.
     """
     cfg, settings = herd.servers[name], herd.herd
-    node = Node(name, settings, Store(), Bus(), log, now_ns)
+    store, restore = Store(), Restore()
     async with contextlib.AsyncExitStack() as stack:
         if settings.state_dir is not None:
             path = state_path(settings.state_dir, name)
             try:
-                await stack.enter_async_context(open_persister(path, node.store, log=log.write))
+                restore = await Restore.open(path, store, log.write)
+                stack.callback(restore.close)
+                persister = await stack.enter_async_context(
+                    open_persister(path, store, log=log.write)
+                )
+                restore.attach(persister)
             except (OSError, PersistError) as exc:
                 message = f"{name}: cannot use state file {str(path)!r}: {exc}"
                 raise StartupError(message) from exc
-            log.write(f"{plural(len(node.store), 'record')} loaded from {path}")
+            if restore.done:
+                log.write(f"0 records loaded from {path}")
+        node = Node(name, settings, store, Bus(), log, now_ns, restore=restore)
+        node.stats.state_loaded = restore.done
         clients = await open_listeners(name, "client", cfg.host, cfg.port)
         stack.push_async_callback(_close_all, clients)  # until serve_listeners owns them
         peers = await open_listeners(name, "peer", cfg.host, cfg.peer_port)
@@ -89,6 +99,8 @@ async def serve(
         )
         door = PeerPort(node, security, frozenset(n for n in neighbours if dials(n, name)))
         async with trio.open_nursery() as nursery:
+            if not restore.done:
+                nursery.start_soon(_load, node, name=f"{name} load")
             nursery.start_soon(log.run_flusher, name=f"{name} log flusher")
             nursery.start_soon(door.report_absent, name=f"{name} absent neighbours")
             handler = partial(handle_client, node, places, admission)
@@ -98,13 +110,18 @@ async def serve(
                 target = Peer(peer, herd.servers[peer].host, herd.servers[peer].peer_port)
                 link = partial(run_link, node, target, security)
                 nursery.start_soon(link, name=f"{name} link {peer}")
-            node.stats.listening = True  # /readyz: state loaded, both ports accept
+            node.stats.listening = True  # /readyz: both ports accept
             stats, store = node.stats, node.store
             if found := admin.admin_app(name, herd, stats, store, version, admin_token, places):
                 await nursery.start(partial(admin.serve, *found), name=f"{name} admin")
             task_status.started(node)
             await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _load(node: Node) -> None:
+    await node.restore.run()
+    node.stats.state_loaded = True
 
 
 async def _close_all(listeners: list[trio.SocketListener]) -> None:

@@ -96,6 +96,7 @@ class Stats:
 
     started_ns: int = attrs.field(factory=time.time_ns)
     listening: bool = False  # serve() set it once the client and peer ports accept
+    state_loaded: bool = True  # False while the state file is being loaded
     peers: dict[str, PeerStats] = attrs.field(factory=dict)
     clients_open: int = 0
     clients_total: int = 0

@@ -85,12 +85,12 @@ class ServerView:
     def readiness(self, all_links: bool) -> tuple[bool, JSONObject]:
         """Whether the server is ready (and, with `all_links`, every link up), and why."""
         up, total = self.links_up(), len(self.neighbours)
-        listening = self.stats.listening
+        listening, loaded = self.stats.listening, self.stats.state_loaded
         places_ready, places_error = readiness(self.places)
-        ready = listening and places_ready and (up == total or not all_links)
+        ready = listening and loaded and places_ready and (up == total or not all_links)
         body: JSONObject = {
             "ready": ready,
-            "state_loaded": listening,  # serve() loads state before it listens
+            "state_loaded": loaded,
             "places_ready": places_ready,  # offline: the index is loaded
             "listeners_up": listening,
             "links_up": up,

@@ -1,0 +1,208 @@
+"""Loading the state file in the background: lookups meanwhile, no write-back, no early sync."""
+
+from __future__ import annotations
+
+import gc
+import sqlite3
+from itertools import pairwise
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from herd_trio.lines import LineReader
+from herd_trio.persist import Persister, PersistError, load_records, write_records
+from herd_trio.protocol import Record, parse_at
+from herd_trio.restore import SLICE, Restore, clients_named
+from herd_trio.store import Store
+from tests.helpers import herd_config, make_node, record
+from tests.test_links import EMPTY_DIGEST, PEER_MAX, carry_collecting
+from tests.test_persist import Log, rows, wait_for_batches
+
+
+def rec(client: bytes, time: int, origin: bytes = b"Clark") -> Record:
+    return parse_at(b"AT %s +0.000000001 %s +34.068930-118.445127 %d" % (origin, client, time))
+
+
+async def opened(path: Path, store: Store, log: Log | None = None) -> tuple[Restore, Persister]:
+    """A Restore of `path` into `store` with its Persister attached, as serve() builds them."""
+    restore = await Restore.open(path, store, log or Log())
+    persister = Persister(path)
+    store.on_change(persister.note)
+    restore.attach(persister)
+    return restore, persister
+
+
+def test_clients_named_takes_client_lines_only() -> None:
+    lines = [
+        b"IAMAT kiwi +1+1 5",
+        b"WHATSAT pear 10 5",
+        b"WHATISAT plum 10 5",
+        b"IAMAT too few",
+        b"HELLO a b c",
+        b"",
+    ]
+    assert clients_named(lines) == [b"kiwi", b"pear", b"plum"]
+
+
+async def test_a_missing_file_is_loaded_at_once(tmp_path: Path) -> None:
+    restore = await Restore.open(tmp_path / "nobody.sqlite3", Store(), Log())
+    assert restore.done
+    await restore.wait()  # returns at once
+    assert not (tmp_path / "nobody.sqlite3").exists()
+
+
+async def test_a_file_that_is_not_a_database_fails_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.sqlite3"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(PersistError, match=r"cannot read records from .*Clark\.sqlite3"):
+        await Restore.open(path, Store(), Log())
+
+
+async def test_the_load_fills_the_store_logs_and_writes_nothing_back(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    path = tmp_path / "Clark.sqlite3"
+    records = [rec(b"client-%d" % i, i) for i in range(3000)]  # several slices and chunks
+    write_records(path, records)
+    store, log = Store(), Log()
+    restore, persister = await opened(path, store, log)
+    assert not restore.done
+    await nursery.start(persister.run)
+    await restore.run()
+    assert restore.done
+    assert sorted(store, key=lambda r: r.client) == sorted(records, key=lambda r: r.client)
+    assert log.lines[0] == f"loading records from {path}"
+    assert log.lines[-1].startswith(f"3000 records loaded from {path} in ")
+    assert log.lines[-1].endswith(" s (3000 clients held)")
+    assert persister.statistics().pending == 0  # loaded records are on disk already
+    assert store.offer(newer := rec(b"client-5", 9999)) is newer  # a later record is written
+    await wait_for_batches(persister, 1)
+    assert rows(path)[b"client-5"] == newer.at_line
+    assert persister.statistics().rows_written == 1
+
+
+async def test_bad_rows_are_skipped_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.sqlite3"
+    good = rec(b"kiwi", 7)
+    write_records(path, [good])
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO records VALUES (?, ?)",
+            [
+                (b"junk", b"AT garbage"),
+                (b"text", rec(b"text", 1).at_line.decode()),  # TEXT, not BLOB
+                (b"other", rec(b"pear", 1).at_line),  # key and line disagree
+                (b"spaced", b"AT  Clark +0.000000001 spaced +1+1 1"),  # not canonical
+                (b"nan", b"AT Clark +0.000000001 nan +1+1 nan"),  # not a time
+                (b"where", b"AT Clark +0.000000001 where 1+1 1"),  # not coordinates
+            ],
+        )
+    conn.close()
+    store, log = Store(), Log()
+    restore, _ = await opened(path, store, log)
+    await restore.run()
+    assert list(store) == [good]
+    assert f"skipped 6 rows of {path} that are not valid AT lines" in log.lines
+    assert load_records(path) == [good]  # the same rule for tools
+
+
+async def test_ensure_fetches_named_clients_before_the_load_reaches_them(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.sqlite3"
+    write_records(path, [rec(b"client-%d" % i, 100 + i) for i in range(2000)])
+    store = Store()
+    restore, persister = await opened(path, store)
+    await restore.ensure(
+        [b"WHATSAT client-1999 10 5", b"IAMAT client-7 +1+1 1", b"IAMAT new +1+1 1"]
+    )
+    assert {r.client for r in store} == {b"client-1999", b"client-7"}
+    assert store.get(b"client-7") == rec(b"client-7", 107)
+    assert persister.statistics().pending == 0  # looked-up records are not written back
+    assert restore.lookups == 3
+    # A client held from a peer, older than the file's record: the file's record wins.
+    assert store.offer(peer := rec(b"client-9", 1, origin=b"Bona")) is peer
+    await restore.ensure([b"IAMAT client-9 +1+1 1", b"WHATSAT client-9 10 5"])
+    assert store.get(b"client-9") == rec(b"client-9", 109)
+    assert restore.lookups == 4
+    await restore.run()
+    assert len(store) == 2000
+    await restore.ensure([b"IAMAT other +1+1 1"])  # loaded: no more lookups
+    assert restore.lookups == 4
+
+
+async def test_records_from_peers_during_the_load_win_or_lose_by_rank(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A peer's record newer than the file's is kept and written; a peer's record older
+    than the file's loses, and the file's record is what stays on disk."""
+    path = tmp_path / "Clark.sqlite3"
+    write_records(path, [rec(b"kiwi", 10), rec(b"pear", 10)])
+    store = Store()
+    restore, persister = await opened(path, store)
+    assert store.offer(newer := rec(b"kiwi", 20, origin=b"Bona")) is newer
+    assert store.offer(older := rec(b"pear", 5, origin=b"Bona")) is older  # not loaded yet
+    await nursery.start(persister.run)
+    await wait_for_batches(persister, 1)  # the older pear went to disk, over the newer row
+    await restore.run()
+    assert store.get(b"kiwi") == newer
+    assert store.get(b"pear") == rec(b"pear", 10)
+    await wait_for_batches(persister, 2)  # the loaded pear is written back: its client was
+    assert rows(path) == {b"kiwi": newer.at_line, b"pear": rec(b"pear", 10).at_line}
+
+
+async def test_no_sync_before_the_store_is_loaded(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """While loading, a link neither sends a DIGEST nor answers one; once loaded, it
+    sends its DIGEST at once."""
+    herd = herd_config(heartbeat_interval=2.0, sync_interval=100.0)
+    alpha = attrs.evolve(make_node("Alpha", herd), restore=Restore(done=False))
+    alpha.store.offer(record("Alpha", b"IAMAT kiwi +34-118 5"))
+    ours, theirs = trio.testing.memory_stream_pair()
+    errors: list[BaseException] = []
+    start = trio.current_time()
+    nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
+    reader = LineReader(theirs, PEER_MAX)
+    await theirs.send_all(EMPTY_DIGEST + b"\n")  # "send us everything": not while loading
+    with trio.fail_after(60):
+        assert await reader.receive_line() == b"PING"
+        assert trio.current_time() - start == 2.0
+        await trio.sleep(1.5)
+        await alpha.restore.run()  # nothing to read: done at once
+        digest = await reader.receive_line()
+    assert digest is not None
+    assert digest.startswith(b"DIGEST ")
+    assert trio.current_time() - start == 3.5
+    assert errors == []
+
+
+async def test_the_load_lets_other_tasks_run_between_slices(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.sqlite3"
+    write_records(path, [rec(b"client-%d" % i, i) for i in range(10 * SLICE)])
+    store = Store()
+    restore, _ = await opened(path, store)
+    turns: list[int] = []  # how many records the store held at each turn of the other task
+    collecting: list[bool] = []  # whether the cyclic collector ran meanwhile
+
+    async def other_client() -> None:
+        while not restore.done:
+            turns.append(len(store))
+            if 0 < len(store) < 10 * SLICE:
+                collecting.append(gc.isenabled())
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_client)
+        await restore.run()
+    assert len(store) == 10 * SLICE
+    steps = [b - a for a, b in pairwise(turns)]
+    # At most one slice per scheduler batch (trio may run the two tasks in either order
+    # within a batch, so two slices can fall between two turns of the other task).
+    assert max(steps) <= 2 * SLICE
+    assert len({n for n in turns if 0 < n < 10 * SLICE}) >= 4  # it ran during the load
+    assert collecting
+    assert not any(collecting)  # no full collections over what is being loaded...
+    assert gc.isenabled()  # ...and back on afterwards
