@@ -1,24 +1,67 @@
-"""The newest record per client: last writer wins, and that decision is the flood dedupe."""
+"""The newest record per client: last writer wins, and that decision is the flood dedupe.
+
+The store keeps, per client, only the AT line (it carries every field of a record:
+PROTOCOL.md §3) and builds a `Record` when asked. Beside it sits the index that
+range-based reconciliation needs (herd_trio/sync.py): every client has a 64-bit key
+(`key_of`, blake2b of its id), the key space is a tree of fan-out 16, and for the top
+five levels (root to 65,536 leaves, by the key's leading 16 bits) the store keeps the
+XOR of its records' fingerprints and how many records each node holds, updated on
+every change. Nodes below the leaves (down to one key per node at level 16) are
+computed from the leaf's members when asked; a leaf holds ~15 clients at 1M.
+"""
 
 from __future__ import annotations
 
-import zlib
+from array import array
 from collections.abc import Callable, Iterable, Iterator
+from decimal import Decimal
 from hashlib import blake2b
 
 from herd_trio.protocol import Record
 
-BUCKETS = 256  # digest granularity: a difference costs resending 1/256 of the store
+FANOUT = 16  # children per node: 4 bits of the key per level
+LEAF_LEVEL = 4  # the deepest level kept up to date: 16**4 leaves
+LEAVES = FANOUT**LEAF_LEVEL
+MAX_LEVEL = 16  # 64-bit keys: a level-16 node is one key
+KEY_BITS = 64
+_LEAF_SHIFT = KEY_BITS - 4 * LEAF_LEVEL
 
 
-def bucket_of(client: bytes) -> int:
-    """The digest bucket of a client: the same on every server."""
-    return zlib.crc32(client) % BUCKETS
+def key_of(client: bytes) -> int:
+    """A client's 64-bit key in the reconciliation tree: the same on every server."""
+    return int.from_bytes(blake2b(client, digest_size=8).digest(), "big")
+
+
+def fingerprint_line(at_line: bytes) -> int:
+    """64 bits that change whenever the record (its AT line) does; the same on every server."""
+    return int.from_bytes(blake2b(at_line, digest_size=8).digest(), "big")
 
 
 def fingerprint(record: Record) -> int:
-    """64 bits that change whenever the record does; the same on every server."""
-    return int.from_bytes(blake2b(record.at_line, digest_size=8).digest(), "big")
+    """The fingerprint of `record` (see fingerprint_line)."""
+    return fingerprint_line(record.at_line)
+
+
+def node_of(key: int, level: int) -> int:
+    """The index of the level-`level` node that holds `key`."""
+    return key >> (KEY_BITS - 4 * level)
+
+
+def leaves_under(level: int, index: int) -> range:
+    """The leaves of node (level, index), for level <= LEAF_LEVEL."""
+    width = FANOUT ** (LEAF_LEVEL - level)
+    return range(index * width, (index + 1) * width)
+
+
+def record_of(at_line: bytes) -> Record:
+    """The record of an AT line that a store holds (checked when it came in)."""
+    _, origin, _, client, coords, time = at_line.split()
+    return Record(client, coords, Decimal(time.decode()), origin, at_line)
+
+
+def _rank_of(at_line: bytes) -> tuple[Decimal, bytes, bytes]:
+    fields = at_line.split()
+    return (Decimal(fields[5].decode()), fields[1], fields[4])
 
 
 class Store:
@@ -31,36 +74,64 @@ class Store:
     """
 
     def __init__(self, records: Iterable[Record] = ()) -> None:
-        self._records: dict[bytes, Record] = {}
+        self._lines: dict[bytes, bytes] = {}  # client -> AT line, in first-arrival order
         self._listeners: list[Callable[[Record], None]] = []
-        # Per bucket, the XOR of the fingerprints of its records: kept up to date on
-        # every change, so a digest costs nothing to produce and two stores that hold
-        # the same records have the same digest whatever order they got them in.
-        self._digest = [0] * BUCKETS
+        # Per level 1..LEAF_LEVEL, per node: the XOR of the fingerprints of its records
+        # and their number. XOR makes the summary independent of arrival order and
+        # cheap to update: a replacement XORs out the old fingerprint and in the new.
+        self._root = 0
+        self._fps = [array("Q", bytes(8 * FANOUT**level)) for level in range(LEAF_LEVEL + 1)]
+        self._counts = [array("I", bytes(4 * FANOUT**level)) for level in range(LEAF_LEVEL + 1)]
+        self._members: list[list[bytes] | None] = [None] * LEAVES  # leaf -> its clients
         for record in records:
             self.offer(record)
 
     def get(self, client: bytes) -> Record | None:
-        """The newest record held for `client`, if any."""
-        return self._records.get(client)
+        """The newest record held for `client`, if any (built on each call)."""
+        line = self._lines.get(client)
+        return None if line is None else record_of(line)
+
+    def line(self, client: bytes) -> bytes | None:
+        """The AT line held for `client`, if any."""
+        return self._lines.get(client)
 
     def offer(self, record: Record, *, repeat: bool = False) -> Record:
         """Keep `record` if it supersedes what is held; the record that stands now.
 
         The result `is record` exactly when it was kept: that one answer is the flood
-        dedupe, the client's reply and the peer log's verdict. `repeat=True` is for a
-        client's own IAMAT: an equal rank is then a repeat (PROTOCOL.md §2), never a
+        dedupe, the client's reply and the peer log's verdict (a record that was not
+        kept comes back as a new Record built from the held line). `repeat=True` is for
+        a client's own IAMAT: an equal rank is then a repeat (PROTOCOL.md §2), never a
         replacement, even if its AT line (another time difference) sorts higher.
         """
-        held = self._records.get(record.client)
-        if held is not None:
-            if repeat and record.rank <= held.rank:
-                return held
-            if not record.supersedes(held):
-                return held
-        self._records[record.client] = record
-        change = fingerprint(record) ^ (0 if held is None else fingerprint(held))
-        self._digest[bucket_of(record.client)] ^= change
+        client, line = record.client, record.at_line
+        held = self._lines.get(client)
+        if held is None:
+            change = fingerprint_line(line)
+            leaf = key_of(client) >> _LEAF_SHIFT
+            members = self._members[leaf]
+            if members is None:
+                self._members[leaf] = [client]
+            else:
+                members.append(client)
+            counts = self._counts
+            counts[4][leaf] += 1
+            counts[3][leaf >> 4] += 1
+            counts[2][leaf >> 8] += 1
+            counts[1][leaf >> 12] += 1
+        else:
+            rank, held_rank = record.rank, _rank_of(held)
+            if rank < held_rank or (rank == held_rank and (repeat or line <= held)):
+                return record_of(held)
+            change = fingerprint_line(line) ^ fingerprint_line(held)
+            leaf = key_of(client) >> _LEAF_SHIFT
+        self._lines[client] = line
+        fps = self._fps
+        fps[4][leaf] ^= change
+        fps[3][leaf >> 4] ^= change
+        fps[2][leaf >> 8] ^= change
+        fps[1][leaf >> 12] ^= change
+        self._root ^= change
         for listener in self._listeners:
             listener(record)
         return record
@@ -70,34 +141,75 @@ class Store:
         self._listeners.append(listener)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._lines)
 
     def __iter__(self) -> Iterator[Record]:
-        return iter(self.snapshot())
-
-    def digest(self) -> list[int]:
-        """One 64-bit summary per bucket of what this store holds."""
-        return list(self._digest)
+        """Every record held when iteration began, in the order their clients first
+        arrived; built one at a time (the snapshot copies only references to the lines).
+        """
+        return (record_of(line) for line in list(self._lines.values()))
 
     def snapshot(self) -> list[Record]:
-        """Every record held, in the order their clients first arrived.
+        """Every record held, in the order their clients first arrived."""
+        return [record_of(line) for line in list(self._lines.values())]
 
-        Clients are never removed, so an index into one snapshot names the same
-        client in every later one (herd_trio/digests.py resumes answers by index).
+    def digest(self) -> list[int]:
+        """The fingerprints of the 16 top-level ranges: equal on stores that hold the same."""
+        return list(self._fps[1])
+
+    # --- the reconciliation tree (herd_trio/sync.py) -------------------------------------
+
+    def summary(self, level: int, index: int) -> tuple[int, int]:
+        """(fingerprint, record count) of node (level, index) of the key tree.
+
+        O(1) down to the leaves; below them, O(members of the leaf).
         """
-        return list(self._records.values())
+        if level == 0:
+            return self._root, len(self._lines)
+        if level <= LEAF_LEVEL:
+            return self._fps[level][index], self._counts[level][index]
+        fp = count = 0
+        for key, line in self.members(level, index):
+            fp ^= fingerprint_line(line)
+            count += 1
+        return fp, count
 
-    def differing_buckets(self, other: list[int]) -> frozenset[int]:
-        """The buckets whose summary differs from `other`'s (a peer's digest)."""
-        pairs = enumerate(zip(self._digest, other, strict=True))
-        return frozenset(bucket for bucket, (mine, theirs) in pairs if mine != theirs)
+    def leaf_size(self, level: int, index: int) -> int:
+        """Clients a scan of node (level, index) below the leaves looks at (its leaf's)."""
+        members = self._members[index >> (4 * (level - LEAF_LEVEL))]
+        return 0 if members is None else len(members)
 
-    def differing(self, other: list[int]) -> list[Record]:
-        """The records of every bucket whose summary differs from `other`'s, in one pass.
+    def members(self, level: int, index: int) -> Iterator[tuple[int, bytes]]:
+        """(key, AT line) of every record in node (level, index), skipping empty ranges.
 
-        For tests and small stores; a link answers in chunks (digests.answer_digest).
+        Work is proportional to the records listed times the depth, plus the members
+        of the one leaf when level > LEAF_LEVEL: for small nodes (sync lists them).
+        Large ranges are walked leaf by leaf with `leaf_lines`.
         """
-        buckets = self.differing_buckets(other)
-        if not buckets:
-            return []
-        return [r for client, r in self._records.items() if bucket_of(client) in buckets]
+        if level > LEAF_LEVEL:
+            leaf = index >> (4 * (level - LEAF_LEVEL))
+            shift = KEY_BITS - 4 * level
+            for client in self._members[leaf] or ():
+                key = key_of(client)
+                if key >> shift == index:
+                    yield key, self._lines[client]
+            return
+        if level < LEAF_LEVEL:
+            counts = self._counts[level + 1]
+            for child in range(index * FANOUT, (index + 1) * FANOUT):
+                if counts[child]:
+                    yield from self.members(level + 1, child)
+            return
+        for client in self._members[index] or ():
+            yield key_of(client), self._lines[client]
+
+    def leaf_clients(self, leaf: int) -> list[bytes]:
+        """The clients of one leaf (do not modify the list)."""
+        return self._members[leaf] or []
+
+    def find(self, key: int) -> bytes | None:
+        """The AT line of the client whose key is `key`, if held (a scan of its leaf)."""
+        for client in self._members[key >> _LEAF_SHIFT] or ():
+            if key_of(client) == key:
+                return self._lines[client]
+        return None
