@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from hashlib import blake2b
 
-from herd_trio.protocol import Record
+from herd_trio.protocol import TREE_LEVELS, Record
 
 FANOUT = 16  # children per node: 4 bits of the key per level
 LEAF_LEVEL = 4  # the deepest level kept up to date: 16**4 leaves
 LEAVES = FANOUT**LEAF_LEVEL
-MAX_LEVEL = 16  # 64-bit keys: a level-16 node is one key
+MAX_LEVEL = TREE_LEVELS  # 64-bit keys: a level-16 node is one key
 KEY_BITS = 64
 _LEAF_SHIFT = KEY_BITS - 4 * LEAF_LEVEL
 
@@ -45,12 +45,6 @@ def fingerprint(record: Record) -> int:
 def node_of(key: int, level: int) -> int:
     """The index of the level-`level` node that holds `key`."""
     return key >> (KEY_BITS - 4 * level)
-
-
-def leaves_under(level: int, index: int) -> range:
-    """The leaves of node (level, index), for level <= LEAF_LEVEL."""
-    width = FANOUT ** (LEAF_LEVEL - level)
-    return range(index * width, (index + 1) * width)
 
 
 def record_of(at_line: bytes) -> Record:
@@ -169,7 +163,7 @@ class Store:
         if level <= LEAF_LEVEL:
             return self._fps[level][index], self._counts[level][index]
         fp = count = 0
-        for key, line in self.members(level, index):
+        for _key, line in self.members(level, index):
             fp ^= fingerprint_line(line)
             count += 1
         return fp, count
@@ -202,6 +196,21 @@ class Store:
             return
         for client in self._members[index] or ():
             yield key_of(client), self._lines[client]
+
+    def leaves(self, level: int, index: int) -> Iterator[int]:
+        """The non-empty leaves under node (level, index), level <= LEAF_LEVEL, in order.
+
+        Empty subtrees are skipped by their counts, so a sparse store is walked in
+        time proportional to what it holds.
+        """
+        if level == LEAF_LEVEL:
+            if self._counts[LEAF_LEVEL][index]:
+                yield index
+            return
+        counts = self._counts[level + 1]
+        for child in range(index * FANOUT, (index + 1) * FANOUT):
+            if counts[child]:
+                yield from self.leaves(level + 1, child)
 
     def leaf_clients(self, leaf: int) -> list[bytes]:
         """The clients of one leaf (do not modify the list)."""
