@@ -27,7 +27,7 @@ def rec(
 def test_first_record_of_a_client_is_kept() -> None:
     store = Store()
     record = rec("10")
-    assert store.get(b"kiwi") == None
+    assert store.get(b"kiwi") is None
     assert store.offer(record) is record
     assert store.get(b"kiwi") == record
     assert len(store) == 1
@@ -218,9 +218,7 @@ def test_members_lists_exactly_the_records_of_a_node() -> None:
         index = node_of(key_of(b"c7"), level)
         listed = sorted(store.members(level, index))
         expected = sorted(
-            (key_of(r.client), r.at_line)
-            for r in held
-            if node_of(key_of(r.client), level) == index
+            (key_of(r.client), r.at_line) for r in held if node_of(key_of(r.client), level) == index
         )
         assert listed == expected
         assert store.summary(level, index)[1] == len(expected)
