@@ -25,6 +25,9 @@ LEAVES = FANOUT**LEAF_LEVEL
 MAX_LEVEL = TREE_LEVELS  # 64-bit keys: a level-16 node is one key
 KEY_BITS = 64
 _LEAF_SHIFT = KEY_BITS - 4 * LEAF_LEVEL
+_MID = 2  # the inner level kept up to date beside the root and the leaves
+_MID_SHIFT = 4 * (LEAF_LEVEL - _MID)  # leaf index -> its level-2 node
+CACHE = 4096  # records per cache generation: ~2 MB, the clients active right now
 
 
 def key_of(client: bytes) -> int:
@@ -53,11 +56,6 @@ def record_of(at_line: bytes) -> Record:
     return Record(client, coords, Decimal(time.decode()), origin, at_line)
 
 
-def _rank_of(at_line: bytes) -> tuple[Decimal, bytes, bytes]:
-    fields = at_line.split()
-    return (Decimal(fields[5].decode()), fields[1], fields[4])
-
-
 class Store:
     """One record per client; a record replaces another only if it supersedes it.
 
@@ -70,37 +68,63 @@ class Store:
     def __init__(self, records: Iterable[Record] = ()) -> None:
         self._lines: dict[bytes, bytes] = {}  # client -> AT line, in first-arrival order
         self._listeners: list[Callable[[Record], None]] = []
-        # Per level 1..LEAF_LEVEL, per node: the XOR of the fingerprints of its records
-        # and their number. XOR makes the summary independent of arrival order and
-        # cheap to update: a replacement XORs out the old fingerprint and in the new.
+        # The XOR of the fingerprints of the records under the root, under each level-2
+        # node and under each leaf, and how many records each level-2 node holds (a
+        # leaf's count is its member list's length); levels 1 and 3 are 16 of these
+        # summed. XOR makes a summary independent of arrival order and cheap to update:
+        # a replacement XORs out the old fingerprint and in the new.
         self._root = 0
-        self._fps = [array("Q", bytes(8 * FANOUT**level)) for level in range(LEAF_LEVEL + 1)]
-        self._counts = [array("I", bytes(4 * FANOUT**level)) for level in range(LEAF_LEVEL + 1)]
+        self._mid_fps = array("Q", bytes(8 * FANOUT**_MID))
+        self._mid_counts = array("I", bytes(4 * FANOUT**_MID))
+        self._leaf_fps = array("Q", bytes(8 * LEAVES))
         self._members: list[list[bytes] | None] = [None] * LEAVES  # leaf -> its clients
+        # Records recently kept or asked for, so the hot paths (a client's IAMAT and
+        # WHATSAT, a flood's duplicates) compare and answer without parsing the line:
+        # two generations of at most CACHE each, the older dropped when the newer fills.
+        self._young: dict[bytes, Record] = {}
+        self._old: dict[bytes, Record] = {}
         for record in records:
             self.offer(record)
 
     def get(self, client: bytes) -> Record | None:
-        """The newest record held for `client`, if any (built on each call)."""
+        """The newest record held for `client`, if any."""
         line = self._lines.get(client)
-        return None if line is None else record_of(line)
+        return None if line is None else self._record(client, line)
 
     def line(self, client: bytes) -> bytes | None:
         """The AT line held for `client`, if any."""
         return self._lines.get(client)
+
+    def _record(self, client: bytes, line: bytes) -> Record:
+        """The Record of the held `line`: from the cache, or parsed and cached."""
+        record = self._young.get(client)
+        if record is not None and record.at_line is line:
+            return record
+        record = self._old.get(client)
+        if record is None or record.at_line is not line:
+            record = record_of(line)
+        self._remember(client, record)
+        return record
+
+    def _remember(self, client: bytes, record: Record) -> None:
+        young = self._young
+        young[client] = record
+        if len(young) >= CACHE:
+            self._old, self._young = young, {}
 
     def offer(self, record: Record, *, repeat: bool = False) -> Record:
         """Keep `record` if it supersedes what is held; the record that stands now.
 
         The result `is record` exactly when it was kept: that one answer is the flood
         dedupe, the client's reply and the peer log's verdict (a record that was not
-        kept comes back as a new Record built from the held line). `repeat=True` is for
-        a client's own IAMAT: an equal rank is then a repeat (PROTOCOL.md §2), never a
-        replacement, even if its AT line (another time difference) sorts higher.
+        kept comes back as the held one, cached or built from the held line).
+        `repeat=True` is for a client's own IAMAT: an equal rank is then a repeat
+        (PROTOCOL.md §2), never a replacement, even if its AT line (another time
+        difference) sorts higher.
         """
         client, line = record.client, record.at_line
-        held = self._lines.get(client)
-        if held is None:
+        held_line = self._lines.get(client)
+        if held_line is None:
             change = fingerprint_line(line)
             leaf = key_of(client) >> _LEAF_SHIFT
             members = self._members[leaf]
@@ -108,23 +132,20 @@ class Store:
                 self._members[leaf] = [client]
             else:
                 members.append(client)
-            counts = self._counts
-            counts[4][leaf] += 1
-            counts[3][leaf >> 4] += 1
-            counts[2][leaf >> 8] += 1
-            counts[1][leaf >> 12] += 1
+            self._mid_counts[leaf >> _MID_SHIFT] += 1
         else:
-            rank, held_rank = record.rank, _rank_of(held)
-            if rank < held_rank or (rank == held_rank and (repeat or line <= held)):
-                return record_of(held)
-            change = fingerprint_line(line) ^ fingerprint_line(held)
+            held = self._record(client, held_line)
+            if (repeat and record.rank <= held.rank) or not record.supersedes(held):
+                return held
+            change = fingerprint_line(line) ^ fingerprint_line(held_line)
             leaf = key_of(client) >> _LEAF_SHIFT
         self._lines[client] = line
-        fps = self._fps
-        fps[4][leaf] ^= change
-        fps[3][leaf >> 4] ^= change
-        fps[2][leaf >> 8] ^= change
-        fps[1][leaf >> 12] ^= change
+        young = self._young
+        young[client] = record
+        if len(young) >= CACHE:
+            self._old, self._young = young, {}
+        self._leaf_fps[leaf] ^= change
+        self._mid_fps[leaf >> _MID_SHIFT] ^= change
         self._root ^= change
         for listener in self._listeners:
             listener(record)
@@ -149,7 +170,7 @@ class Store:
 
     def digest(self) -> list[int]:
         """The fingerprints of the 16 top-level ranges: equal on stores that hold the same."""
-        return list(self._fps[1])
+        return [self.summary(1, index)[0] for index in range(FANOUT)]
 
     # --- the reconciliation tree (herd_trio/sync.py) -------------------------------------
 
@@ -160,13 +181,30 @@ class Store:
         """
         if level == 0:
             return self._root, len(self._lines)
-        if level <= LEAF_LEVEL:
-            return self._fps[level][index], self._counts[level][index]
+        if level == _MID:
+            return self._mid_fps[index], self._mid_counts[index]
+        if level == LEAF_LEVEL:
+            return self._leaf_fps[index], len(self._members[index] or ())
+        if level < LEAF_LEVEL:  # 1 or 3: sum the 16 children kept up to date
+            fps = self._mid_fps if level < _MID else self._leaf_fps
+            first = index * FANOUT
+            fp = 0
+            for child_fp in fps[first : first + FANOUT]:
+                fp ^= child_fp
+            return fp, sum(self.count(level + 1, c) for c in range(first, first + FANOUT))
         fp = count = 0
         for _key, line in self.members(level, index):
             fp ^= fingerprint_line(line)
             count += 1
         return fp, count
+
+    def count(self, level: int, index: int) -> int:
+        """How many records node (level, index) holds, for level <= LEAF_LEVEL."""
+        if level == LEAF_LEVEL:
+            return len(self._members[index] or ())
+        if level == _MID:
+            return self._mid_counts[index]
+        return self.summary(level, index)[1]
 
     def leaf_size(self, level: int, index: int) -> int:
         """Clients a scan of node (level, index) below the leaves looks at (its leaf's)."""
@@ -189,9 +227,8 @@ class Store:
                     yield key, self._lines[client]
             return
         if level < LEAF_LEVEL:
-            counts = self._counts[level + 1]
             for child in range(index * FANOUT, (index + 1) * FANOUT):
-                if counts[child]:
+                if self.count(level + 1, child):
                     yield from self.members(level + 1, child)
             return
         for client in self._members[index] or ():
@@ -204,12 +241,11 @@ class Store:
         time proportional to what it holds.
         """
         if level == LEAF_LEVEL:
-            if self._counts[LEAF_LEVEL][index]:
+            if self._members[index]:
                 yield index
             return
-        counts = self._counts[level + 1]
         for child in range(index * FANOUT, (index + 1) * FANOUT):
-            if counts[child]:
+            if self.count(level + 1, child):
                 yield from self.leaves(level + 1, child)
 
     def leaf_clients(self, leaf: int) -> list[bytes]:
