@@ -50,6 +50,28 @@ def node_of(key: int, level: int) -> int:
     return key >> (KEY_BITS - 4 * level)
 
 
+def pack(line: bytes, client: bytes) -> bytes:
+    """`line` without its client field (two spaces mark the spot), as the store keeps it.
+
+    The client is the dict key already; keeping it twice would cost ~30 B a record.
+    A line whose fourth field is not `client` (never, for a checked AT line) is kept
+    whole.
+    """
+    start = line.find(b" ", line.find(b" ", 3) + 1) + 1  # after "AT origin skew "
+    end = start + len(client)
+    if start == 0 or line[start:end] != client or line[end : end + 1] != b" ":
+        return line
+    return line[:start] + line[end:]
+
+
+def unpack(packed: bytes, client: bytes) -> bytes:
+    """The AT line that pack() made `packed` from."""
+    spot = packed.find(b"  ")
+    if spot < 0:
+        return packed
+    return packed[: spot + 1] + client + packed[spot + 1 :]
+
+
 def record_of(at_line: bytes) -> Record:
     """The record of an AT line that a store holds (checked when it came in)."""
     _, origin, _, client, coords, time = at_line.split()
@@ -66,7 +88,7 @@ class Store:
     """
 
     def __init__(self, records: Iterable[Record] = ()) -> None:
-        self._lines: dict[bytes, bytes] = {}  # client -> AT line, in first-arrival order
+        self._lines: dict[bytes, bytes] = {}  # client -> packed AT line, first-arrival order
         self._listeners: list[Callable[[Record], None]] = []
         # The XOR of the fingerprints of the records under the root, under each level-2
         # node and under each leaf, and how many records each level-2 node holds (a
@@ -88,21 +110,27 @@ class Store:
 
     def get(self, client: bytes) -> Record | None:
         """The newest record held for `client`, if any."""
-        line = self._lines.get(client)
-        return None if line is None else self._record(client, line)
+        packed = self._lines.get(client)
+        return None if packed is None else self._record(client, packed)
 
     def line(self, client: bytes) -> bytes | None:
         """The AT line held for `client`, if any."""
-        return self._lines.get(client)
+        packed = self._lines.get(client)
+        return None if packed is None else unpack(packed, client)
 
-    def _record(self, client: bytes, line: bytes) -> Record:
-        """The Record of the held `line`: from the cache, or parsed and cached."""
+    def _record(self, client: bytes, packed: bytes) -> Record:
+        """The Record of the held line: from the cache, or parsed and cached.
+
+        A cached record is always the held one: offer() caches every record it keeps
+        in the young generation, which is looked at first, and an old generation is
+        dropped when the young one takes its place.
+        """
         record = self._young.get(client)
-        if record is not None and record.at_line is line:
+        if record is not None:
             return record
         record = self._old.get(client)
-        if record is None or record.at_line is not line:
-            record = record_of(line)
+        if record is None:
+            record = record_of(unpack(packed, client))
         self._remember(client, record)
         return record
 
@@ -137,9 +165,9 @@ class Store:
             held = self._record(client, held_line)
             if (repeat and record.rank <= held.rank) or not record.supersedes(held):
                 return held
-            change = fingerprint_line(line) ^ fingerprint_line(held_line)
+            change = fingerprint_line(line) ^ fingerprint_line(held.at_line)
             leaf = key_of(client) >> _LEAF_SHIFT
-        self._lines[client] = line
+        self._lines[client] = pack(line, client)
         young = self._young
         young[client] = record
         if len(young) >= CACHE:
@@ -162,11 +190,11 @@ class Store:
         """Every record held when iteration began, in the order their clients first
         arrived; built one at a time (the snapshot copies only references to the lines).
         """
-        return (record_of(line) for line in list(self._lines.values()))
+        return (record_of(unpack(line, c)) for c, line in list(self._lines.items()))
 
     def snapshot(self) -> list[Record]:
         """Every record held, in the order their clients first arrived."""
-        return [record_of(line) for line in list(self._lines.values())]
+        return [record_of(unpack(line, c)) for c, line in list(self._lines.items())]
 
     def digest(self) -> list[int]:
         """The fingerprints of the 16 top-level ranges: equal on stores that hold the same."""
@@ -216,7 +244,7 @@ class Store:
 
         Work is proportional to the records listed times the depth, plus the members
         of the one leaf when level > LEAF_LEVEL: for small nodes (sync lists them).
-        Large ranges are walked leaf by leaf with `leaf_lines`.
+        Large ranges are walked leaf by leaf (`leaves`, `leaf_clients`, `line`).
         """
         if level > LEAF_LEVEL:
             leaf = index >> (4 * (level - LEAF_LEVEL))
@@ -224,7 +252,7 @@ class Store:
             for client in self._members[leaf] or ():
                 key = key_of(client)
                 if key >> shift == index:
-                    yield key, self._lines[client]
+                    yield key, unpack(self._lines[client], client)
             return
         if level < LEAF_LEVEL:
             for child in range(index * FANOUT, (index + 1) * FANOUT):
@@ -232,7 +260,7 @@ class Store:
                     yield from self.members(level + 1, child)
             return
         for client in self._members[index] or ():
-            yield key_of(client), self._lines[client]
+            yield key_of(client), unpack(self._lines[client], client)
 
     def leaves(self, level: int, index: int) -> Iterator[int]:
         """The non-empty leaves under node (level, index), level <= LEAF_LEVEL, in order.
@@ -256,5 +284,5 @@ class Store:
         """The AT line of the client whose key is `key`, if held (a scan of its leaf)."""
         for client in self._members[key >> _LEAF_SHIFT] or ():
             if key_of(client) == key:
-                return self._lines[client]
+                return unpack(self._lines[client], client)
         return None

@@ -10,7 +10,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from herd_trio.protocol import Record
-from herd_trio.store import LEAF_LEVEL, MAX_LEVEL, Store, fingerprint_line, key_of, node_of
+from herd_trio.store import (
+    LEAF_LEVEL,
+    MAX_LEVEL,
+    Store,
+    fingerprint_line,
+    key_of,
+    node_of,
+    pack,
+    unpack,
+)
 
 
 def rec(
@@ -236,3 +245,26 @@ def test_the_same_records_in_any_order_give_the_same_summaries(
     assert one.digest() == two.digest()
     assert one.summary(0, 0) == two.summary(0, 0)
     assert one.summary(MAX_LEVEL, key_of(b"a")) == two.summary(MAX_LEVEL, key_of(b"a"))
+
+
+@given(
+    st.binary(min_size=1, max_size=30).filter(
+        lambda b: not any(c in b for c in b" \t\n\r\x0b\x0c")
+    ),
+    st.sampled_from([b"+0.000000001", b"-12.500000000"]),
+)
+def test_a_packed_line_unpacks_to_the_same_line(client: bytes, skew: bytes) -> None:
+    line = b"AT Clark %s %s +1+1 5" % (skew, client)
+    packed = pack(line, client)
+    assert len(packed) == len(line) - len(client)
+    assert unpack(packed, client) == line
+    assert pack(line, b"other") == line  # not its client: kept whole
+    assert unpack(line, b"other") == line
+
+
+def test_a_store_of_a_thousand_clients_gives_back_every_line() -> None:
+    held = [rec("1", client=b"c%d" % n, skew=b"+0.%09d" % n) for n in range(1000)]
+    store = Store(held)
+    assert store.snapshot() == held
+    assert all(store.line(r.client) == r.at_line for r in held)
+    assert all(store.get(r.client) == r for r in held)
