@@ -9,9 +9,13 @@ from collections.abc import Iterator
 
 import attrs
 import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from herd_trio.lines import LineReader
+from herd_trio.linkwriter import LinkWriter, Timers
 from herd_trio.protocol import (
     SYNC_PREFIXES,
     Items,
@@ -337,3 +341,35 @@ def test_need_is_answered_with_held_records_only() -> None:
     side.sync.handle(Need((key_of(b"x"), key_of(b"absent"))), 0.0)
     assert list(side.out) == [rec("x", 1).at_line]
     assert side.sync.counts.sync_records_sent == 1
+
+
+# --- streaming through the link writer -----------------------------------------------------
+
+
+async def test_the_writer_pulls_each_chunk_only_after_writing_the_previous_one(
+    nursery: trio.Nursery,
+) -> None:
+    ours, theirs = trio.testing.lockstep_stream_pair()  # a send waits for the reader
+    writer = LinkWriter(ours, 10.0, lambda: None)
+    pulled: list[int] = []
+
+    def chunks() -> Iterator[bytes]:
+        for number in range(5):
+            pulled.append(number)
+            yield b"AT chunk %d\n" % number
+
+    timers = Timers(heartbeat=100.0, sync=1000.0, next_sync=math.inf)
+    nursery.start_soon(writer.run, timers, lambda: b"SUMS 0 0 0000000000000000")
+    writer.send_line(b"NEED 0000000000000001")
+    writer.send_stream(chunks())
+    reader = LineReader(theirs, 1000)
+    heard: list[bytes | None] = []
+    with trio.fail_after(5):
+        for number in range(5):
+            await trio.testing.wait_all_tasks_blocked()
+            # Chunk `number` is being written (blocked on us); the next is not pulled.
+            assert pulled == list(range(number + 1))
+            heard.append(await reader.receive_line())
+            if number == 0:
+                heard.append(await reader.receive_line())
+    assert heard == [b"NEED 0000000000000001", *(b"AT chunk %d" % n for n in range(5))]
