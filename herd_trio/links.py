@@ -51,6 +51,7 @@ HANDSHAKE_DEADLINE = 2.0  # seconds, as NATS gives a route to authenticate
 SILENT_BEATS = 3  # a link whose peer says nothing for this many heartbeats is dead
 FAILURE_LOG_EVERY = 20  # while a neighbour stays down, log every 20th failed dial
 PEER_LINE_SLACK = 512  # bytes an AT line adds to the client line it came from
+SYNC_LINES_PER_CHECKPOINT = 16  # clients get the loop between runs of sync lines
 PEER_MIN_LINE = 8192  # bytes: the longest sync line (ITEMS, NEED) is about 1.1 KB
 BACKOFF = Backoff()
 ABSENT_NOTICE = 5.0  # seconds a dialling neighbour may be absent before the log says so
@@ -157,6 +158,7 @@ async def read_peer(
     silence = SILENT_BEATS * node.settings.heartbeat_interval
     counts = node.stats.peer(peer)
     ahead = RateLimiter()
+    handled = 0  # sync lines since the last checkpoint
     while True:
         lines: list[bytes] = []
         with trio.move_on_after(silence) as scope:
@@ -172,6 +174,10 @@ async def read_peer(
                 continue
             if line.startswith(SYNC_PREFIXES):
                 sync.handle(_parse(peer, line, parse_sync), trio.current_time())
+                handled += 1
+                if handled >= SYNC_LINES_PER_CHECKPOINT:  # up to ~1 ms of work each
+                    handled = 0
+                    await trio.lowlevel.checkpoint()
                 continue
             record = _parse(peer, line, parse_at)
             if too_far_ahead(record.sent, node.now_ns(), node.settings.max_future_skew):

@@ -212,8 +212,13 @@ class Reconciler:
     def _items(self, message: Items, now: float) -> None:
         store, theirs = self.store, dict(message.pairs)
         need: list[int] = []
+        mine: dict[int, bytes] = {}  # key -> client, for the leaves the list touches
+        for leaf in {key >> (64 - 4 * LEAF_LEVEL) for key in theirs}:
+            for member in store.leaf_clients(leaf):
+                mine[key_of(member)] = member
         for key, fp in theirs.items():
-            line = store.find(key)
+            client = mine.get(key)
+            line = None if client is None else store.line(client)
             if line is None or fingerprint_line(line) != fp:
                 need.append(key)
         self.budget.spent += SCAN_COST * len(theirs)
