@@ -7,10 +7,13 @@ files written beforehand (so no time goes into feeding the records through IAMAT
   that Alpha holds in a newer version (Beta missed them while it was down).
 * join: Alpha holds N records; Beta starts empty.
 
-Each starts Alpha, waits until it answers, starts Beta, and measures the seconds
-from Beta's start until both report the same store digest on their admin ports, the
-records and bytes Alpha sent on the link, and the IAMAT round trips of a client
-talking to Alpha the whole time (one request at a time). Prints one JSON object.
+Each starts Alpha, waits until it answers, measures a client's IAMAT round trips to
+Alpha (one request at a time) for BASELINE seconds, starts Beta, and measures the
+seconds from the link coming up until both report the same store digest on their
+admin ports, the records Alpha sent by reconciliation, and the same client's round
+trips while Beta loads its state (before the link is up) and while the two
+reconcile. Prints one JSON object; compare each phase's latencies with the baseline
+of the same run (the machine is shared).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import trio
 from tests.e2e.herd import Herd, connect, poll, running
 
 NAMES = ["Alpha", "Beta"]
+BASELINE = 5.0  # seconds of IAMATs to an idle Alpha
 
 
 def line_of(number: int, version: int) -> tuple[bytes, bytes]:
@@ -66,8 +70,8 @@ async def state(client: httpx.AsyncClient, herd: Herd, name: str) -> dict[str, A
     return result
 
 
-async def probe(herd: Herd, done: trio.Event, out: list[float]) -> None:
-    """IAMATs to Alpha, one at a time, until `done`; each round trip's seconds."""
+async def probe(herd: Herd, done: trio.Event, out: list[tuple[float, float]]) -> None:
+    """IAMATs to Alpha, one at a time, until `done`; (when it ended, seconds) of each."""
     session = await herd.session("Alpha")
     async with session.stream:
         number = 0
@@ -75,13 +79,24 @@ async def probe(herd: Herd, done: trio.Event, out: list[float]) -> None:
             number += 1
             start = time.perf_counter()
             reply = await session.line(b"IAMAT probe +2+2 %d" % (1_800_000_000 + number))
-            out.append(time.perf_counter() - start)
+            out.append((time.perf_counter(), time.perf_counter() - start))
             assert reply.startswith(b"AT Alpha "), reply
 
 
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0
+
+
+def phase(samples: list[tuple[float, float]], start: float, end: float) -> dict[str, float]:
+    """Round-trip figures (ms) of the IAMATs that ended between `start` and `end`."""
+    values = [took for at, took in samples if start <= at < end]
+    return {
+        "count": len(values),
+        "p50_ms": round(percentile(values, 0.5) * 1000, 2),
+        "p99_ms": round(percentile(values, 0.99) * 1000, 2),
+        "max_ms": round(max(values, default=0) * 1000, 2),
+    }
 
 
 async def scenario(root: Path, records: int, differing: int, join: bool) -> dict[str, Any]:
@@ -98,13 +113,22 @@ async def scenario(root: Path, records: int, differing: int, join: bool) -> dict
         started = time.perf_counter()
         await (await connect(herd.ports["Alpha"], deadline=120)).aclose()
         alpha_ready = time.perf_counter() - started
-        latencies: list[float] = []
+        latencies: list[tuple[float, float]] = []
         done = trio.Event()
         async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
             await poll("Alpha's admin port", lambda: state(client, herd, "Alpha"), deadline=60)
             nursery.start_soon(probe, herd, done, latencies)
+            baseline_start = time.perf_counter()
+            await trio.sleep(BASELINE)  # the baseline phase: measure, not synchronise
             herd.start("Beta")
             beta_started = time.perf_counter()
+
+            async def linked() -> bool | None:
+                one = await state(client, herd, "Alpha")
+                return any(link["up"] for link in one["links"]) or None if one else None
+
+            await poll("Alpha linked to Beta", linked, deadline=300)
+            link_up = time.perf_counter()
 
             async def converged() -> bool | None:
                 one, two = await state(client, herd, "Alpha"), await state(client, herd, "Beta")
@@ -113,7 +137,7 @@ async def scenario(root: Path, records: int, differing: int, join: bool) -> dict
                 return (one["digest"] == two["digest"] and two["records"] >= records) or None
 
             await poll("Alpha and Beta agree", converged, deadline=600)
-            took = time.perf_counter() - beta_started
+            converged_at = time.perf_counter()
             done.set()
             metrics = (await client.get(f"{herd.admin_url('Alpha')}/metrics")).text
     sent = [
@@ -125,12 +149,12 @@ async def scenario(root: Path, records: int, differing: int, join: bool) -> dict
         "records": records,
         "differing": records if join else len(newer),
         "alpha_ready_s": round(alpha_ready, 2),
-        "converged_after_beta_start_s": round(took, 2),
+        "beta_linked_after_start_s": round(link_up - beta_started, 2),
+        "converged_after_link_up_s": round(converged_at - link_up, 2),
         "alpha_sync_records_sent": int(sum(sent)),
-        "iamat_round_trips": len(latencies),
-        "iamat_p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
-        "iamat_p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
-        "iamat_max_ms": round(max(latencies, default=0) * 1000, 2),
+        "iamat_baseline": phase(latencies, baseline_start, beta_started),
+        "iamat_beta_loading": phase(latencies, beta_started, link_up),
+        "iamat_reconciling": phase(latencies, link_up, converged_at),
     }
 
 
