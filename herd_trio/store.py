@@ -72,6 +72,9 @@ def unpack(packed: bytes, client: bytes) -> bytes:
     return packed[: spot + 1] + client + packed[spot + 1 :]
 
 
+_Cached = tuple[Record, int, int]  # a record, its leaf and its fingerprint (-1: not known)
+
+
 def record_of(at_line: bytes) -> Record:
     """The record of an AT line that a store holds (checked when it came in)."""
     _, origin, _, client, coords, time = at_line.split()
@@ -100,43 +103,45 @@ class Store:
         self._mid_counts = array("I", bytes(4 * FANOUT**_MID))
         self._leaf_fps = array("Q", bytes(8 * LEAVES))
         self._members: list[list[bytes] | None] = [None] * LEAVES  # leaf -> its clients
-        # Records recently kept or asked for, so the hot paths (a client's IAMAT and
-        # WHATSAT, a flood's duplicates) compare and answer without parsing the line:
+        # Records recently kept or asked for, with their leaf and fingerprint (-1 if
+        # not known yet), so the hot paths (a client's IAMAT and WHATSAT, a flood's
+        # duplicates, a client's next update) neither parse the line nor hash again:
         # two generations of at most CACHE each, the older dropped when the newer fills.
-        self._young: dict[bytes, Record] = {}
-        self._old: dict[bytes, Record] = {}
+        self._young: dict[bytes, _Cached] = {}
+        self._old: dict[bytes, _Cached] = {}
         for record in records:
             self.offer(record)
 
     def get(self, client: bytes) -> Record | None:
         """The newest record held for `client`, if any."""
         packed = self._lines.get(client)
-        return None if packed is None else self._record(client, packed)
+        return None if packed is None else self._cached(client, packed)[0]
 
     def line(self, client: bytes) -> bytes | None:
         """The AT line held for `client`, if any."""
         packed = self._lines.get(client)
         return None if packed is None else unpack(packed, client)
 
-    def _record(self, client: bytes, packed: bytes) -> Record:
-        """The Record of the held line: from the cache, or parsed and cached.
+    def _cached(self, client: bytes, packed: bytes) -> _Cached:
+        """The held line's Record (leaf, fingerprint): from the cache, or parsed and cached.
 
-        A cached record is always the held one: offer() caches every record it keeps
-        in the young generation, which is looked at first, and an old generation is
-        dropped when the young one takes its place.
+        A cached record is always the held one: offer() caches every record that
+        replaces another in the young generation, which is looked at first (a new
+        client's record cannot be cached yet), and an old generation is dropped when
+        the young one takes its place.
         """
-        record = self._young.get(client)
-        if record is not None:
-            return record
-        record = self._old.get(client)
-        if record is None:
-            record = record_of(unpack(packed, client))
-        self._remember(client, record)
-        return record
+        entry = self._young.get(client)
+        if entry is not None:
+            return entry
+        entry = self._old.get(client)
+        if entry is None:
+            entry = (record_of(unpack(packed, client)), -1, -1)
+        self._remember(client, entry)
+        return entry
 
-    def _remember(self, client: bytes, record: Record) -> None:
+    def _remember(self, client: bytes, entry: _Cached) -> None:
         young = self._young
-        young[client] = record
+        young[client] = entry
         if len(young) >= CACHE:
             self._old, self._young = young, {}
 
@@ -152,8 +157,9 @@ class Store:
         """
         client, line = record.client, record.at_line
         held_line = self._lines.get(client)
+        fp = fingerprint_line(line) if held_line is None else -1
         if held_line is None:
-            change = fingerprint_line(line)
+            change = fp
             leaf = key_of(client) >> _LEAF_SHIFT
             members = self._members[leaf]
             if members is None:
@@ -162,16 +168,19 @@ class Store:
                 members.append(client)
             self._mid_counts[leaf >> _MID_SHIFT] += 1
         else:
-            held = self._record(client, held_line)
+            held, leaf, held_fp = self._cached(client, held_line)
             if (repeat and record.rank <= held.rank) or not record.supersedes(held):
                 return held
-            change = fingerprint_line(line) ^ fingerprint_line(held.at_line)
-            leaf = key_of(client) >> _LEAF_SHIFT
+            fp = fingerprint_line(line)
+            change = fp ^ (held_fp if held_fp >= 0 else fingerprint_line(held.at_line))
+            if leaf < 0:
+                leaf = key_of(client) >> _LEAF_SHIFT
         self._lines[client] = pack(line, client)
-        young = self._young
-        young[client] = record
-        if len(young) >= CACHE:
-            self._old, self._young = young, {}
+        if held_line is not None:  # a client seen before: likely to be asked for again
+            young = self._young
+            young[client] = (record, leaf, fp)
+            if len(young) >= CACHE:
+                self._old, self._young = young, {}
         self._leaf_fps[leaf] ^= change
         self._mid_fps[leaf >> _MID_SHIFT] ^= change
         self._root ^= change
