@@ -361,6 +361,28 @@ async def test_a_sync_round_from_the_peer_is_answered_with_what_differs(
     assert errors == []
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"SUMS 17 0 0000000000000000",  # below the 64-bit keys
+        b"SUMS 1 0 " + b" ".join([b"0" * 16] * 17),  # more than one parent's children
+        b"ITEMS 0 0 " + b" ".join([b"0" * 32] * 33),  # more than 32 records listed
+        b"NEED 00",
+        b"SUMS 0 0 0000000000000000 extra",
+    ],
+)
+async def test_a_malformed_sync_line_drops_the_link(
+    autojump_clock: trio.testing.MockClock, line: bytes
+) -> None:
+    alpha = make_server("Alpha", heartbeat_interval=2.0, sync_interval=100.0)
+    alpha.store.offer(record("Alpha", b"IAMAT kiwi +34-118 5"))
+    ours, theirs = trio.testing.memory_stream_pair()
+    await theirs.send_all(line + b"\n")
+    with pytest.RaisesGroup(pytest.RaisesExc(LinkError, match="Beta sent a bad line")):
+        await carry(alpha, "Beta", ours, LineReader(ours, PEER_MAX))
+    assert trio.current_time() == 0  # at once, not after a silence
+
+
 # --- run_link: dial, handshake, backoff ----------------------------------------------------
 
 Peer = Callable[[trio.abc.Stream], Awaitable[None]]
