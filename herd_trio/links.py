@@ -51,7 +51,7 @@ HANDSHAKE_DEADLINE = 2.0  # seconds, as NATS gives a route to authenticate
 SILENT_BEATS = 3  # a link whose peer says nothing for this many heartbeats is dead
 FAILURE_LOG_EVERY = 20  # while a neighbour stays down, log every 20th failed dial
 PEER_LINE_SLACK = 512  # bytes an AT line adds to the client line it came from
-SYNC_LINES_PER_CHECKPOINT = 16  # clients get the loop between runs of sync lines
+LINES_PER_CHECKPOINT = 32  # peer lines handled between checkpoints: ~1-2 ms of work
 PEER_MIN_LINE = 8192  # bytes: the longest sync line (ITEMS, NEED) is about 1.1 KB
 BACKOFF = Backoff()
 ABSENT_NOTICE = 5.0  # seconds a dialling neighbour may be absent before the log says so
@@ -158,7 +158,7 @@ async def read_peer(
     silence = SILENT_BEATS * node.settings.heartbeat_interval
     counts = node.stats.peer(peer)
     ahead = RateLimiter()
-    handled = 0  # sync lines since the last checkpoint
+    handled = 0  # lines since the last checkpoint: a sync stream's batch is thousands
     while True:
         lines: list[bytes] = []
         with trio.move_on_after(silence) as scope:
@@ -172,12 +172,12 @@ async def read_peer(
         for line in lines:
             if line == PING:
                 continue
+            handled += 1
+            if handled >= LINES_PER_CHECKPOINT:  # clients get the loop meanwhile
+                handled = 0
+                await trio.lowlevel.checkpoint()
             if line.startswith(SYNC_PREFIXES):
                 sync.handle(_parse(peer, line, parse_sync), trio.current_time())
-                handled += 1
-                if handled >= SYNC_LINES_PER_CHECKPOINT:  # up to ~1 ms of work each
-                    handled = 0
-                    await trio.lowlevel.checkpoint()
                 continue
             record = _parse(peer, line, parse_at)
             if too_far_ahead(record.sent, node.now_ns(), node.settings.max_future_skew):

@@ -214,7 +214,7 @@ class Store:
     def summary(self, level: int, index: int) -> tuple[int, int]:
         """(fingerprint, record count) of node (level, index) of the key tree.
 
-        O(1) down to the leaves; below them, O(members of the leaf).
+        At most 16 array reads down to the leaves; below them, O(members of the leaf).
         """
         if level == 0:
             return self._root, len(self._lines)
@@ -222,13 +222,13 @@ class Store:
             return self._mid_fps[index], self._mid_counts[index]
         if level == LEAF_LEVEL:
             return self._leaf_fps[index], len(self._members[index] or ())
-        if level < LEAF_LEVEL:  # 1 or 3: sum the 16 children kept up to date
+        if level < LEAF_LEVEL:  # 1 or 3: combine the 16 children kept up to date
             fps = self._mid_fps if level < _MID else self._leaf_fps
             first = index * FANOUT
             fp = 0
             for child_fp in fps[first : first + FANOUT]:
                 fp ^= child_fp
-            return fp, sum(self.count(level + 1, c) for c in range(first, first + FANOUT))
+            return fp, self.count(level, index)
         fp = count = 0
         for _key, line in self.members(level, index):
             fp ^= fingerprint_line(line)
@@ -237,11 +237,16 @@ class Store:
 
     def count(self, level: int, index: int) -> int:
         """How many records node (level, index) holds, for level <= LEAF_LEVEL."""
-        if level == LEAF_LEVEL:
-            return len(self._members[index] or ())
+        if level == 0:
+            return len(self._lines)
         if level == _MID:
             return self._mid_counts[index]
-        return self.summary(level, index)[1]
+        if level == LEAF_LEVEL:
+            return len(self._members[index] or ())
+        first = index * FANOUT
+        if level < _MID:
+            return sum(self._mid_counts[first : first + FANOUT])
+        return sum(len(members) for members in self._members[first : first + FANOUT] if members)
 
     def leaf_size(self, level: int, index: int) -> int:
         """Clients a scan of node (level, index) below the leaves looks at (its leaf's)."""
@@ -251,39 +256,42 @@ class Store:
     def members(self, level: int, index: int) -> Iterator[tuple[int, bytes]]:
         """(key, AT line) of every record in node (level, index), skipping empty ranges.
 
-        Work is proportional to the records listed times the depth, plus the members
-        of the one leaf when level > LEAF_LEVEL: for small nodes (sync lists them).
-        Large ranges are walked leaf by leaf (`leaves`, `leaf_clients`, `line`).
+        For small nodes (sync lists them): work is proportional to the records listed
+        plus the leaves under the node (at most 256 per non-empty level-2 node), or
+        the members of the one leaf when level > LEAF_LEVEL. Large ranges are walked
+        leaf by leaf (`leaves`, `leaf_clients`, `line`).
         """
+        lines = self._lines
         if level > LEAF_LEVEL:
             leaf = index >> (4 * (level - LEAF_LEVEL))
             shift = KEY_BITS - 4 * level
             for client in self._members[leaf] or ():
                 key = key_of(client)
                 if key >> shift == index:
-                    yield key, unpack(self._lines[client], client)
+                    yield key, unpack(lines[client], client)
             return
-        if level < LEAF_LEVEL:
-            for child in range(index * FANOUT, (index + 1) * FANOUT):
-                if self.count(level + 1, child):
-                    yield from self.members(level + 1, child)
-            return
-        for client in self._members[index] or ():
-            yield key_of(client), unpack(self._lines[client], client)
+        for leaf in self.leaves(level, index):
+            for client in self._members[leaf] or ():
+                yield key_of(client), unpack(lines[client], client)
 
     def leaves(self, level: int, index: int) -> Iterator[int]:
         """The non-empty leaves under node (level, index), level <= LEAF_LEVEL, in order.
 
-        Empty subtrees are skipped by their counts, so a sparse store is walked in
-        time proportional to what it holds.
+        Empty level-2 nodes are skipped by their counts; inside the others every leaf
+        slot is looked at (256 list reads), so a sparse store is walked quickly.
         """
-        if level == LEAF_LEVEL:
-            if self._members[index]:
-                yield index
+        members = self._members
+        if level < _MID:
+            width = FANOUT ** (_MID - level)
+            counts = self._mid_counts
+            for mid in range(index * width, (index + 1) * width):
+                if counts[mid]:
+                    yield from self.leaves(_MID, mid)
             return
-        for child in range(index * FANOUT, (index + 1) * FANOUT):
-            if self.count(level + 1, child):
-                yield from self.leaves(level + 1, child)
+        width = FANOUT ** (LEAF_LEVEL - level)
+        for leaf in range(index * width, (index + 1) * width):
+            if members[leaf]:
+                yield leaf
 
     def leaf_clients(self, leaf: int) -> list[bytes]:
         """The clients of one leaf (do not modify the list)."""
