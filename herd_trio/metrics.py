@@ -69,6 +69,11 @@ class HerdCollector(Collector):
             "A peer's reconciliation lines ignored once its reply budget was spent",
             labels=["peer"],
         )
+        rtt = GaugeMetricFamily(
+            "herd_link_rtt_seconds",
+            "Round-trip time of the latest heartbeat (PING to PONG) on the link",
+            labels=["peer"],
+        )
         for peer in view.neighbours:
             link = peers.get(peer)
             up.add_metric([peer], 1.0 if link is not None and link.live is not None else 0.0)
@@ -84,7 +89,9 @@ class HerdCollector(Collector):
             rounds.add_metric([peer, "sent"], link.rounds_sent)
             resent.add_metric([peer], link.sync_records_sent)
             ignored.add_metric([peer], link.sync_ignored)
-        yield from (up, drops, sent, received, depth, rounds, resent, ignored)
+            if link.rtt is not None:
+                rtt.add_metric([peer], link.rtt)
+        yield from (up, drops, sent, received, depth, rounds, resent, ignored, rtt)
 
     def _server(self) -> Iterator[Metric]:
         view, stats = self.view, self.view.stats

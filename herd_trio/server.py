@@ -99,7 +99,8 @@ async def serve(
                 link = partial(run_link, node, target, security)
                 nursery.start_soon(link, name=f"{name} link {peer}")
             node.stats.listening = True  # /readyz: state loaded, both ports accept
-            if found := admin.admin_app(name, herd, node.stats, node.store, version, admin_token):
+            stats, store = node.stats, node.store
+            if found := admin.admin_app(name, herd, stats, store, version, admin_token, places):
                 await nursery.start(partial(admin.serve, *found), name=f"{name} admin")
             task_status.started(node)
             await trio.sleep_forever()

@@ -77,6 +77,7 @@ class PeerStats:
     sync_records_sent: int = 0  # records sent by reconciliation (not by the flood)
     sync_ignored: int = 0  # the peer's sync lines ignored (reply budget spent)
     sent_before: int = 0  # records sent on connections that ended
+    rtt: float | None = None  # seconds, PING to PONG, the latest measured (kept while down)
     live: LiveLink | None = None
 
     @property
