@@ -391,7 +391,7 @@ def observe(spec: Spec) -> Result:
     its AT line from server X bounds from above the moment X stored it (X stores, then
     its link writer sends: one loopback hop later). Unlike polling with WHATSAT, this
     puts no load on the servers beyond one more link each. The observer never sends a
-    record or a DIGEST, only PINGs, so it takes no part in the flood.
+    record or a sync line, only PINGs, so it takes no part in the flood.
     """
     name = str(spec["name"]).encode()
     expect = {str(x).encode() for x in spec["expect"]}
@@ -480,7 +480,7 @@ def observe(spec: Spec) -> Result:
                 lost[server] += 1
         read_reply(origin, line_done)
         pause_until = time.perf_counter() + gap
-        while time.perf_counter() < pause_until:  # keep reading (PINGs, DIGESTs) meanwhile
+        while time.perf_counter() < pause_until:  # keep reading (PINGs, sync lines) meanwhile
             pump(max(0.0, pause_until - time.perf_counter()))
     origin.close()
     for sock in links.values():

@@ -17,7 +17,7 @@ what docs/design.md describes, with the same rules as the product:
   once the batch in hand is done (trio's single thread), so the records of a batch
   published behind a direct send leave together, coalesced, in the writer's next write.
 
-Not modelled: DIGEST anti-entropy (with no loss there is nothing to repair), PINGs,
+Not modelled: anti-entropy (with no loss there is nothing to repair), PINGs,
 link failures, the client's reply and its flood-first wait, the AT-line tie-break for
 equal ranks (the simulated ranks are distinct), TCP congestion.
 

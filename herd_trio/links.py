@@ -6,10 +6,11 @@ connection per edge means each record crosses an edge at most once each way.
 
 On the wire, after the handshake (herd_trio/auth.py, inside TLS if configured), a link
 carries AT lines exactly as the origin server produced them (the AT line holds every
-field of a record), PING lines when idle, and DIGEST lines (anti-entropy, as
-memberlist's push/pull): each side answers a DIGEST with the records of every bucket
-where the two stores differ. The receiver keeps only records newer than its own, so
-replays and duplicates are harmless and floods terminate on any graph. Writing is
+field of a record), PING lines when idle, and SUMS/ITEMS/NEED lines (anti-entropy by
+range-based reconciliation, herd_trio/sync.py): the two sides find the records that
+differ, with traffic proportional to the differences, and send each other those.
+The receiver keeps only records newer than its own, so replays and duplicates are
+harmless and floods terminate on any graph. Writing is
 the `LinkWriter`'s job (herd_trio/linkwriter.py); this module dials, accepts,
 authenticates and reads.
 """
@@ -26,7 +27,6 @@ import trio
 from herd_trio.auth import HandshakeError, accept_handshake, dial_handshake
 from herd_trio.backoff import Backoff
 from herd_trio.bus import OutboxClosed
-from herd_trio.digests import DigestGate, DigestReplies, PeerMisbehaved
 from herd_trio.errors import leaves
 from herd_trio.lines import LineReader, LineTooLong
 from herd_trio.linkwriter import HEARTBEATS, PING, PONG, LinkWriter, Timers
@@ -34,17 +34,16 @@ from herd_trio.log import RateLimiter
 from herd_trio.net import describe, host_of, is_loopback
 from herd_trio.node import Node
 from herd_trio.protocol import (
-    DIGEST,
+    SYNC_PREFIXES,
     ProtocolError,
     Record,
-    format_digest,
     parse_at,
-    parse_digest,
+    parse_sync,
     too_far_ahead,
 )
 from herd_trio.security import PeerSecurity
 from herd_trio.stats import PeerStats
-from herd_trio.store import BUCKETS
+from herd_trio.sync import PeerMisbehaved, Reconciler
 from herd_trio.tls import certificate_matches, wrap_accepted, wrap_dialled
 
 DIAL_DEADLINE = 3.0  # seconds: loopback and LAN dials take milliseconds
@@ -52,7 +51,8 @@ HANDSHAKE_DEADLINE = 2.0  # seconds, as NATS gives a route to authenticate
 SILENT_BEATS = 3  # a link whose peer says nothing for this many heartbeats is dead
 FAILURE_LOG_EVERY = 20  # while a neighbour stays down, log every 20th failed dial
 PEER_LINE_SLACK = 512  # bytes an AT line adds to the client line it came from
-PEER_MIN_LINE = 8192  # bytes: a DIGEST line is 16 hex digits per bucket
+LINES_PER_CHECKPOINT = 32  # peer lines handled between checkpoints: ~1-2 ms of work
+PEER_MIN_LINE = 8192  # bytes: the longest sync line (ITEMS, NEED) is about 1.1 KB
 BACKOFF = Backoff()
 ABSENT_NOTICE = 5.0  # seconds a dialling neighbour may be absent before the log says so
 ABSENT_REPEAT = 60.0  # seconds between reminders while it stays absent
@@ -97,11 +97,11 @@ def dials(me: str, peer: str) -> bool:
 
 
 def peer_max_line(max_line: int) -> int:
-    """The longest line a peer may send: an AT line built from a max_line IAMAT, or a DIGEST.
+    """The longest line a peer may send: an AT line built from a max_line IAMAT, or a sync line.
 
     An AT line holds the IAMAT's fields plus the time difference, which repeats the
     client time's integer digits: up to twice the IAMAT. A record the peer cannot take
-    would drop the link on every digest exchange, forever.
+    would drop the link on every sync round, forever.
     """
     return max(2 * max_line + PEER_LINE_SLACK, PEER_MIN_LINE)
 
@@ -127,18 +127,22 @@ async def carry(node: Node, peer: str, stream: trio.abc.Stream, reader: LineRead
     first_sync = trio.current_time() if loaded else math.inf
     timers = Timers(settings.heartbeat_interval, settings.sync_interval, next_sync=first_sync)
     counts = node.stats.link_up(peer, "out" if dials(node.name, peer) else "in", writer)
-
-    def digest() -> bytes:
-        counts.digests_sent += 1
-        return format_digest(node.store.digest())
-
+    sync = Reconciler(
+        node.store,
+        writer.send_line,
+        writer.send_stream,
+        node.log.write,
+        peer,
+        counts,
+        settings.sync_interval / 2,
+    )
     try:
         with node.bus.subscribe(peer, writer):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(writer.run, timers, digest)
+                nursery.start_soon(writer.run, timers, sync.start)
                 if not loaded:
                     nursery.start_soon(_sync_when_loaded, node, timers, writer)
-                await read_peer(node, peer, reader, writer)
+                await read_peer(node, peer, reader, writer, sync)
     finally:
         node.stats.link_down(peer, writer)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -150,20 +154,21 @@ async def _sync_when_loaded(node: Node, timers: Timers, writer: LinkWriter) -> N
     writer.outbox.wake()
 
 
-async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWriter) -> NoReturn:
+async def read_peer(
+    node: Node, peer: str, reader: LineReader, writer: LinkWriter, sync: Reconciler
+) -> NoReturn:
     """Take records from `peer`, keep the newer ones and flood those on.
 
-    A DIGEST from the peer is answered by queueing, for this link's writer, every
-    record of each bucket where the two stores differ; the peer does the same with
-    ours, and each side keeps what is newer, so the pair converges without resending
-    what both already hold. At most one DIGEST is answered per half sync_interval
-    (herd_trio/digests.py); a peer that keeps asking loses the link (PeerMisbehaved).
+    Sync lines go to `sync` (herd_trio/sync.py), which answers them through the
+    link's writer: each side sends the records the other lacks or holds in an older
+    version, and each keeps what is newer, so the pair converges without resending
+    what both already hold. A peer that keeps starting rounds loses the link
+    (PeerMisbehaved).
     """
     silence = SILENT_BEATS * node.settings.heartbeat_interval
     counts = node.stats.peer(peer)
-    gate = DigestGate(node.settings.sync_interval / 2)
-    digests = DigestReplies(node.store, writer.queue, node.log.write, peer, gate)
     ahead = RateLimiter()
+    handled = 0  # lines since the last checkpoint: a sync stream's batch is thousands
     while True:
         lines: list[bytes] = []
         with trio.move_on_after(silence) as scope:
@@ -182,12 +187,14 @@ async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWrite
                 if (rtt := writer.ponged()) is not None:
                     counts.rtt = rtt
                 continue
-            if line.startswith(DIGEST):
-                theirs = _parse(peer, line, lambda ln: parse_digest(ln, BUCKETS))
-                counts.digests_received += 1
-                if not node.restore.done:  # loading: our answer would be most of the store
-                    continue
-                counts.resent += await digests.reply(theirs)
+            handled += 1
+            if handled >= LINES_PER_CHECKPOINT:  # clients get the loop meanwhile
+                handled = 0
+                await trio.lowlevel.checkpoint()
+            if line.startswith(SYNC_PREFIXES):
+                parsed = _parse(peer, line, parse_sync)
+                if node.restore.done:  # loading: we would ask for most of the store
+                    sync.handle(parsed, trio.current_time())
                 continue
             record = _parse(peer, line, parse_at)
             if too_far_ahead(record.sent, node.now_ns(), node.settings.max_future_skew):

@@ -1,4 +1,4 @@
-"""The one writer of a peer link's socket: records, digests and heartbeats.
+"""The one writer of a peer link's socket: records, reconciliation and heartbeats.
 
 Every byte that goes into a link's socket is written here, by the `LinkWriter` that
 owns the send side of that link (trio-websocket's rule: one writer per stream). That
@@ -7,12 +7,17 @@ the bus goes straight to the socket without waking the writer task, which saves 
 scheduling round per hop (2-hop propagation p50 1.32 -> 0.47 ms on loopback); what
 the kernel does not take at once is left for the writer task, which sends it first.
 
-What to send next is decided by `Timers`, a plain object with no I/O: a DIGEST first
-and then after every sync_interval in which the link carried no record (in-flight
-records make the stores differ for no lasting reason), and a PING whenever the link
-was otherwise idle for a heartbeat. The peer answers each PING with a PONG, which gives
-the link's round-trip time (`LinkWriter.ponged`); at most one PONG waits to be sent, so
-a peer that sends PINGs back to back gets no more bytes than it sends.
+What to send next is decided by `Timers`, a plain object with no I/O: a sync round
+start (herd_trio/sync.py) first and then after every sync_interval in which the link
+carried no record (in-flight records make the stores differ for no lasting reason),
+and a PING whenever the link was otherwise idle for a heartbeat. The peer answers each
+PING with a PONG, which gives the link's round-trip time (`LinkWriter.ponged`); at most
+one PONG waits to be sent, so a peer that sends PINGs back to back gets no more bytes
+than it sends.
+
+Reconciliation's lines (`send_line`) go out with the next write; its record streams
+(`send_stream`) are pulled one chunk per write, after the previous write completed,
+so a sync of a large store is paced by the socket and never copied into memory.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import NoReturn
@@ -40,20 +46,19 @@ _PONG_LINE = PONG + b"\n"
 
 @attrs.define
 class Timers:
-    """When a link's writer sends its next DIGEST or PING, given the time; no I/O."""
+    """When a link's writer starts its next sync round or sends a PING, given the time; no I/O."""
 
     heartbeat: float  # seconds of silence before a PING
-    sync: float  # seconds of quiet between DIGESTs
-    next_sync: float  # when the next DIGEST is due (the first is due at once)
+    sync: float  # seconds of quiet between sync rounds
+    next_sync: float  # when the next round is due (the first is due at once)
     first: bool = True
 
-    def digest_due(self, now: float, traffic_at: float) -> bool:
-        """True if a DIGEST goes out now (and the next one is scheduled).
+    def sync_due(self, now: float, traffic_at: float) -> bool:
+        """True if a sync round starts now (and the next one is scheduled).
 
-        The first DIGEST goes out as soon as the link is up. Later ones wait for a
-        whole sync interval without records in either direction: with records in
-        flight the stores differ in many buckets for no lasting reason, and answering
-        such a digest would resend most of the store while the flood is doing the work.
+        The first round starts as soon as the link is up. Later ones wait for a
+        whole sync interval without traffic in either direction: with records in
+        flight the stores differ for no lasting reason, and the flood is doing the work.
         """
         if now < self.next_sync:
             return False
@@ -64,11 +69,11 @@ class Timers:
         return True
 
     def wake_at(self, now: float) -> float:
-        """The latest time the writer may sleep until: the next PING or DIGEST."""
+        """The latest time the writer may sleep until: the next PING or sync round."""
         return min(now + self.heartbeat, self.next_sync)
 
     def ping_due(self, now: float) -> bool:
-        """After a quiet wait that ended at `now`: True for a PING, False if a DIGEST is due."""
+        """After a quiet wait that ended at `now`: True for a PING, False if a round is due."""
         return now < self.next_sync
 
 
@@ -93,7 +98,7 @@ def direct_sender(stream: trio.abc.SendStream) -> Iterator[Callable[[bytes], int
 
 @attrs.define(eq=False)
 class LinkWriter:
-    """Writes one link's outbox, digests and heartbeats to its stream; the bus's subscriber."""
+    """Writes one link's outbox, sync lines and heartbeats to its stream; the bus's subscriber."""
 
     stream: trio.abc.SendStream
     write_deadline: float  # seconds a send may stall before the link is dropped
@@ -109,6 +114,8 @@ class LinkWriter:
     _residue: bytes = attrs.field(default=b"", init=False)  # a direct send's unsent tail
     _written: int = attrs.field(default=0, init=False)  # outbox numbers up to here are sent
     _traffic_at: float = attrs.field(default=-math.inf, init=False)  # last record either way
+    _lines: deque[bytes] = attrs.field(factory=deque, init=False)  # sync lines, with LFs
+    _streams: deque[Iterator[bytes]] = attrs.field(factory=deque, init=False)  # sync records
     records_sent: int = attrs.field(default=0, init=False)  # records taken for the socket
     _pong: bool = attrs.field(default=False, init=False)  # the peer's PING awaits its PONG
     _ping_at: float | None = attrs.field(default=None, init=False)  # our unanswered PING
@@ -144,8 +151,22 @@ class LinkWriter:
         self.outbox.put(record)
 
     def queue(self, record: Record) -> None:
-        """Queue `record` behind what is pending (a digest's answer: no direct send)."""
+        """Queue `record` behind what is pending (no direct send)."""
         self.outbox.put(record)
+
+    def send_line(self, line: bytes) -> None:
+        """Send a reconciliation line (without LF) with the next write; never blocks."""
+        self._lines.append(line + b"\n")
+        self.outbox.wake()
+
+    def send_stream(self, chunks: Iterator[bytes]) -> None:
+        """Write `chunks` one per write, each pulled after the previous one was written.
+
+        Each chunk is a run of complete lines; the generator does a bounded amount of
+        work per chunk (it runs on the event loop, inside this writer's task).
+        """
+        self._streams.append(chunks)
+        self.outbox.wake()
 
     def pong(self) -> None:
         """The peer sent a PING: answer it with a PONG soon (one pending at most)."""
@@ -184,15 +205,15 @@ class LinkWriter:
         """Stop the writer task (it raises OutboxClosed)."""
         self.outbox.close()
 
-    async def run(self, timers: Timers, digest: Callable[[], bytes]) -> NoReturn:
+    async def run(self, timers: Timers, start_round: Callable[[], bytes]) -> NoReturn:
         """Write until the link fails: raises TooSlowError, OutboxClosed or the stream's error."""
         with self.sender(self.stream) as send:
             self._send = send
             try:
                 while True:
                     now = trio.current_time()
-                    if timers.digest_due(now, self._traffic_at):
-                        await self._write(digest() + b"\n")
+                    if timers.sync_due(now, self._traffic_at):
+                        await self._write(start_round() + b"\n")
                         continue
                     with trio.move_on_at(timers.wake_at(now)) as quiet:
                         await self._wait_for_work()
@@ -205,7 +226,7 @@ class LinkWriter:
                 self._send = None  # the duplicate descriptor closes with the block
 
     async def _wait_for_work(self) -> None:
-        if self.outbox or self._residue or self._pong:
+        if self.outbox or self._residue or self._pong or self._lines or self._streams:
             await trio.lowlevel.checkpoint()
             return
         self._idle = True
@@ -215,16 +236,28 @@ class LinkWriter:
             self._idle = False
 
     def _take(self) -> bytes:
-        """The residue of a direct send, a PONG, then the pending records, as one write."""
+        """The residue of a direct send, a PONG, the pending records, the sync lines and
+        the next chunk of a sync stream, as one write."""
         batch = self.outbox.take_nowait()
         residue, self._residue = self._residue, b""
         if self._pong:
             residue, self._pong = residue + _PONG_LINE, False
-        if not batch:
-            return residue
-        self.records_sent += len(batch)
-        self._traffic_at = trio.current_time()
-        return residue + b"".join([record.at_line + b"\n" for record in batch])
+        parts = [residue]
+        if batch:
+            self.records_sent += len(batch)
+            self._traffic_at = trio.current_time()
+            parts.extend([record.at_line + b"\n" for record in batch])
+        if self._lines:
+            parts.extend(self._lines)
+            self._lines.clear()
+        if self._streams:
+            chunk = next(self._streams[0], None)
+            if chunk is None:
+                self._streams.popleft()
+            elif chunk:
+                self._traffic_at = trio.current_time()
+                parts.append(chunk)
+        return b"".join(parts)
 
     async def _write(self, data: bytes) -> None:
         mark = self.outbox.taken  # everything taken so far is in `data` or was sent before

@@ -54,12 +54,19 @@ class HerdCollector(Collector):
         depth = GaugeMetricFamily(
             "herd_link_outbox_records", "Records waiting to be sent to a peer", labels=["peer"]
         )
-        digests = CounterMetricFamily(
-            "herd_digests", "Anti-entropy digests, by direction", labels=["peer", "direction"]
+        rounds = CounterMetricFamily(
+            "herd_sync_rounds",
+            "Reconciliation rounds, by who started them (sent: this server)",
+            labels=["peer", "direction"],
         )
         resent = CounterMetricFamily(
-            "herd_antientropy_records_resent",
-            "Records queued to answer a peer's digest",
+            "herd_sync_records_sent",
+            "Records sent to a peer by reconciliation (not by the flood)",
+            labels=["peer"],
+        )
+        ignored = CounterMetricFamily(
+            "herd_sync_lines_ignored",
+            "A peer's reconciliation lines ignored once its reply budget was spent",
             labels=["peer"],
         )
         rtt = GaugeMetricFamily(
@@ -78,12 +85,13 @@ class HerdCollector(Collector):
             for verdict in ("kept", "stale", "duplicate"):
                 received.add_metric([peer, verdict], getattr(link, verdict))
             depth.add_metric([peer], link.depth)
-            digests.add_metric([peer, "received"], link.digests_received)
-            digests.add_metric([peer, "sent"], link.digests_sent)
-            resent.add_metric([peer], link.resent)
+            rounds.add_metric([peer, "received"], link.rounds_received)
+            rounds.add_metric([peer, "sent"], link.rounds_sent)
+            resent.add_metric([peer], link.sync_records_sent)
+            ignored.add_metric([peer], link.sync_ignored)
             if link.rtt is not None:
                 rtt.add_metric([peer], link.rtt)
-        yield from (up, drops, sent, received, depth, digests, resent, rtt)
+        yield from (up, drops, sent, received, depth, rounds, resent, ignored, rtt)
 
     def _server(self) -> Iterator[Metric]:
         view, stats = self.view, self.view.stats

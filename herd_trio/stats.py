@@ -72,9 +72,10 @@ class PeerStats:
     kept: int = 0
     stale: int = 0
     duplicate: int = 0
-    digests_received: int = 0
-    digests_sent: int = 0
-    resent: int = 0  # records queued to answer the peer's digest (anti-entropy)
+    rounds_received: int = 0  # sync rounds the peer started that were answered
+    rounds_sent: int = 0  # sync rounds this server started
+    sync_records_sent: int = 0  # records sent by reconciliation (not by the flood)
+    sync_ignored: int = 0  # the peer's sync lines ignored (reply budget spent)
     sent_before: int = 0  # records sent on connections that ended
     rtt: float | None = None  # seconds, PING to PONG, the latest measured (kept while down)
     live: LiveLink | None = None

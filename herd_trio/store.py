@@ -1,24 +1,84 @@
-"""The newest record per client: last writer wins, and that decision is the flood dedupe."""
+"""The newest record per client: last writer wins, and that decision is the flood dedupe.
+
+The store keeps, per client, only the AT line (it carries every field of a record:
+PROTOCOL.md §3) and builds a `Record` when asked. Beside it sits the index that
+range-based reconciliation needs (herd_trio/sync.py): every client has a 64-bit key
+(`key_of`, blake2b of its id), the key space is a tree of fan-out 16, and for the top
+five levels (root to 65,536 leaves, by the key's leading 16 bits) the store keeps the
+XOR of its records' fingerprints and how many records each node holds, updated on
+every change. Nodes below the leaves (down to one key per node at level 16) are
+computed from the leaf's members when asked; a leaf holds ~15 clients at 1M.
+"""
 
 from __future__ import annotations
 
-import zlib
+from array import array
 from collections.abc import Callable, Iterable, Iterator
+from decimal import Decimal
 from hashlib import blake2b
 
-from herd_trio.protocol import Record
+from herd_trio.protocol import TREE_LEVELS, Record
 
-BUCKETS = 256  # digest granularity: a difference costs resending 1/256 of the store
+FANOUT = 16  # children per node: 4 bits of the key per level
+LEAF_LEVEL = 4  # the deepest level kept up to date: 16**4 leaves
+LEAVES = FANOUT**LEAF_LEVEL
+MAX_LEVEL = TREE_LEVELS  # 64-bit keys: a level-16 node is one key
+KEY_BITS = 64
+_LEAF_SHIFT = KEY_BITS - 4 * LEAF_LEVEL
+_MID = 2  # the inner level kept up to date beside the root and the leaves
+_MID_SHIFT = 4 * (LEAF_LEVEL - _MID)  # leaf index -> its level-2 node
+CACHE = 4096  # records per cache generation: ~2 MB, the clients active right now
 
 
-def bucket_of(client: bytes) -> int:
-    """The digest bucket of a client: the same on every server."""
-    return zlib.crc32(client) % BUCKETS
+def key_of(client: bytes) -> int:
+    """A client's 64-bit key in the reconciliation tree: the same on every server."""
+    return int.from_bytes(blake2b(client, digest_size=8).digest(), "big")
+
+
+def fingerprint_line(at_line: bytes) -> int:
+    """64 bits that change whenever the record (its AT line) does; the same on every server."""
+    return int.from_bytes(blake2b(at_line, digest_size=8).digest(), "big")
 
 
 def fingerprint(record: Record) -> int:
-    """64 bits that change whenever the record does; the same on every server."""
-    return int.from_bytes(blake2b(record.at_line, digest_size=8).digest(), "big")
+    """The fingerprint of `record` (see fingerprint_line)."""
+    return fingerprint_line(record.at_line)
+
+
+def node_of(key: int, level: int) -> int:
+    """The index of the level-`level` node that holds `key`."""
+    return key >> (KEY_BITS - 4 * level)
+
+
+def pack(line: bytes, client: bytes) -> bytes:
+    """`line` without its client field (two spaces mark the spot), as the store keeps it.
+
+    The client is the dict key already; keeping it twice would cost ~30 B a record.
+    A line whose fourth field is not `client` (never, for a checked AT line) is kept
+    whole.
+    """
+    start = line.find(b" ", line.find(b" ", 3) + 1) + 1  # after "AT origin skew "
+    end = start + len(client)
+    if start == 0 or line[start:end] != client or line[end : end + 1] != b" ":
+        return line
+    return line[:start] + line[end:]
+
+
+def unpack(packed: bytes, client: bytes) -> bytes:
+    """The AT line that pack() made `packed` from."""
+    spot = packed.find(b"  ")
+    if spot < 0:
+        return packed
+    return packed[: spot + 1] + client + packed[spot + 1 :]
+
+
+_Cached = tuple[Record, int, int]  # a record, its leaf and its fingerprint (-1: not known)
+
+
+def record_of(at_line: bytes) -> Record:
+    """The record of an AT line that a store holds (checked when it came in)."""
+    _, origin, _, client, coords, time = at_line.split()
+    return Record(client, coords, Decimal(time.decode()), origin, at_line)
 
 
 class Store:
@@ -31,36 +91,99 @@ class Store:
     """
 
     def __init__(self, records: Iterable[Record] = ()) -> None:
-        self._records: dict[bytes, Record] = {}
+        self._lines: dict[bytes, bytes] = {}  # client -> packed AT line, first-arrival order
         self._listeners: list[Callable[[Record], None]] = []
-        # Per bucket, the XOR of the fingerprints of its records: kept up to date on
-        # every change, so a digest costs nothing to produce and two stores that hold
-        # the same records have the same digest whatever order they got them in.
-        self._digest = [0] * BUCKETS
+        # The XOR of the fingerprints of the records under the root, under each level-2
+        # node and under each leaf, and how many records each level-2 node holds (a
+        # leaf's count is its member list's length); levels 1 and 3 are 16 of these
+        # summed. XOR makes a summary independent of arrival order and cheap to update:
+        # a replacement XORs out the old fingerprint and in the new.
+        self._root = 0
+        self._mid_fps = array("Q", bytes(8 * FANOUT**_MID))
+        self._mid_counts = array("I", bytes(4 * FANOUT**_MID))
+        self._leaf_fps = array("Q", bytes(8 * LEAVES))
+        self._members: list[list[bytes] | None] = [None] * LEAVES  # leaf -> its clients
+        # Records recently kept or asked for, with their leaf and fingerprint (-1 if
+        # not known yet), so the hot paths (a client's IAMAT and WHATSAT, a flood's
+        # duplicates, a client's next update) neither parse the line nor hash again:
+        # two generations of at most CACHE each, the older dropped when the newer fills.
+        self._young: dict[bytes, _Cached] = {}
+        self._old: dict[bytes, _Cached] = {}
         for record in records:
             self.offer(record)
 
     def get(self, client: bytes) -> Record | None:
         """The newest record held for `client`, if any."""
-        return self._records.get(client)
+        packed = self._lines.get(client)
+        return None if packed is None else self._cached(client, packed)[0]
+
+    def line(self, client: bytes) -> bytes | None:
+        """The AT line held for `client`, if any."""
+        packed = self._lines.get(client)
+        return None if packed is None else unpack(packed, client)
+
+    def _cached(self, client: bytes, packed: bytes) -> _Cached:
+        """The held line's Record (leaf, fingerprint): from the cache, or parsed and cached.
+
+        A cached record is always the held one: offer() caches every record that
+        replaces another in the young generation, which is looked at first (a new
+        client's record cannot be cached yet), and an old generation is dropped when
+        the young one takes its place.
+        """
+        entry = self._young.get(client)
+        if entry is not None:
+            return entry
+        entry = self._old.get(client)
+        if entry is None:
+            entry = (record_of(unpack(packed, client)), -1, -1)
+        self._remember(client, entry)
+        return entry
+
+    def _remember(self, client: bytes, entry: _Cached) -> None:
+        young = self._young
+        young[client] = entry
+        if len(young) >= CACHE:
+            self._old, self._young = young, {}
 
     def offer(self, record: Record, *, repeat: bool = False) -> Record:
         """Keep `record` if it supersedes what is held; the record that stands now.
 
         The result `is record` exactly when it was kept: that one answer is the flood
-        dedupe, the client's reply and the peer log's verdict. `repeat=True` is for a
-        client's own IAMAT: an equal rank is then a repeat (PROTOCOL.md §2), never a
-        replacement, even if its AT line (another time difference) sorts higher.
+        dedupe, the client's reply and the peer log's verdict (a record that was not
+        kept comes back as the held one, cached or built from the held line).
+        `repeat=True` is for a client's own IAMAT: an equal rank is then a repeat
+        (PROTOCOL.md §2), never a replacement, even if its AT line (another time
+        difference) sorts higher.
         """
-        held = self._records.get(record.client)
-        if held is not None:
-            if repeat and record.rank <= held.rank:
+        client, line = record.client, record.at_line
+        held_line = self._lines.get(client)
+        fp = fingerprint_line(line) if held_line is None else -1
+        if held_line is None:
+            change = fp
+            leaf = key_of(client) >> _LEAF_SHIFT
+            members = self._members[leaf]
+            if members is None:
+                self._members[leaf] = [client]
+            else:
+                members.append(client)
+            self._mid_counts[leaf >> _MID_SHIFT] += 1
+        else:
+            held, leaf, held_fp = self._cached(client, held_line)
+            if (repeat and record.rank <= held.rank) or not record.supersedes(held):
                 return held
-            if not record.supersedes(held):
-                return held
-        self._records[record.client] = record
-        change = fingerprint(record) ^ (0 if held is None else fingerprint(held))
-        self._digest[bucket_of(record.client)] ^= change
+            fp = fingerprint_line(line)
+            change = fp ^ (held_fp if held_fp >= 0 else fingerprint_line(held.at_line))
+            if leaf < 0:
+                leaf = key_of(client) >> _LEAF_SHIFT
+        self._lines[client] = pack(line, client)
+        if held_line is not None:  # a client seen before: likely to be asked for again
+            young = self._young
+            young[client] = (record, leaf, fp)
+            if len(young) >= CACHE:
+                self._old, self._young = young, {}
+        self._leaf_fps[leaf] ^= change
+        self._mid_fps[leaf >> _MID_SHIFT] ^= change
+        self._root ^= change
         for listener in self._listeners:
             listener(record)
         return record
@@ -70,34 +193,113 @@ class Store:
         self._listeners.append(listener)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._lines)
 
     def __iter__(self) -> Iterator[Record]:
-        return iter(self.snapshot())
-
-    def digest(self) -> list[int]:
-        """One 64-bit summary per bucket of what this store holds."""
-        return list(self._digest)
+        """Every record held when iteration began, in the order their clients first
+        arrived; built one at a time (the snapshot copies only references to the lines).
+        """
+        return (record_of(unpack(line, c)) for c, line in list(self._lines.items()))
 
     def snapshot(self) -> list[Record]:
-        """Every record held, in the order their clients first arrived.
+        """Every record held, in the order their clients first arrived."""
+        return [record_of(unpack(line, c)) for c, line in list(self._lines.items())]
 
-        Clients are never removed, so an index into one snapshot names the same
-        client in every later one (herd_trio/digests.py resumes answers by index).
+    def digest(self) -> list[int]:
+        """The fingerprints of the 16 top-level ranges: equal on stores that hold the same."""
+        return [self.summary(1, index)[0] for index in range(FANOUT)]
+
+    # --- the reconciliation tree (herd_trio/sync.py) -------------------------------------
+
+    def summary(self, level: int, index: int) -> tuple[int, int]:
+        """(fingerprint, record count) of node (level, index) of the key tree.
+
+        At most 16 array reads down to the leaves; below them, O(members of the leaf).
         """
-        return list(self._records.values())
+        if level == 0:
+            return self._root, len(self._lines)
+        if level == _MID:
+            return self._mid_fps[index], self._mid_counts[index]
+        if level == LEAF_LEVEL:
+            return self._leaf_fps[index], len(self._members[index] or ())
+        if level < LEAF_LEVEL:  # 1 or 3: combine the 16 children kept up to date
+            fps = self._mid_fps if level < _MID else self._leaf_fps
+            first = index * FANOUT
+            fp = 0
+            for child_fp in fps[first : first + FANOUT]:
+                fp ^= child_fp
+            return fp, self.count(level, index)
+        fp = count = 0
+        for _key, line in self.members(level, index):
+            fp ^= fingerprint_line(line)
+            count += 1
+        return fp, count
 
-    def differing_buckets(self, other: list[int]) -> frozenset[int]:
-        """The buckets whose summary differs from `other`'s (a peer's digest)."""
-        pairs = enumerate(zip(self._digest, other, strict=True))
-        return frozenset(bucket for bucket, (mine, theirs) in pairs if mine != theirs)
+    def count(self, level: int, index: int) -> int:
+        """How many records node (level, index) holds, for level <= LEAF_LEVEL."""
+        if level == 0:
+            return len(self._lines)
+        if level == _MID:
+            return self._mid_counts[index]
+        if level == LEAF_LEVEL:
+            return len(self._members[index] or ())
+        first = index * FANOUT
+        if level < _MID:
+            return sum(self._mid_counts[first : first + FANOUT])
+        return sum(len(members) for members in self._members[first : first + FANOUT] if members)
 
-    def differing(self, other: list[int]) -> list[Record]:
-        """The records of every bucket whose summary differs from `other`'s, in one pass.
+    def leaf_size(self, level: int, index: int) -> int:
+        """Clients a scan of node (level, index) below the leaves looks at (its leaf's)."""
+        members = self._members[index >> (4 * (level - LEAF_LEVEL))]
+        return 0 if members is None else len(members)
 
-        For tests and small stores; a link answers in chunks (digests.answer_digest).
+    def members(self, level: int, index: int) -> Iterator[tuple[int, bytes]]:
+        """(key, AT line) of every record in node (level, index), skipping empty ranges.
+
+        For small nodes (sync lists them): work is proportional to the records listed
+        plus the leaves under the node (at most 256 per non-empty level-2 node), or
+        the members of the one leaf when level > LEAF_LEVEL. Large ranges are walked
+        leaf by leaf (`leaves`, `leaf_clients`, `line`).
         """
-        buckets = self.differing_buckets(other)
-        if not buckets:
-            return []
-        return [r for client, r in self._records.items() if bucket_of(client) in buckets]
+        lines = self._lines
+        if level > LEAF_LEVEL:
+            leaf = index >> (4 * (level - LEAF_LEVEL))
+            shift = KEY_BITS - 4 * level
+            for client in self._members[leaf] or ():
+                key = key_of(client)
+                if key >> shift == index:
+                    yield key, unpack(lines[client], client)
+            return
+        for leaf in self.leaves(level, index):
+            for client in self._members[leaf] or ():
+                yield key_of(client), unpack(lines[client], client)
+
+    def leaves(self, level: int, index: int) -> Iterator[int]:
+        """The non-empty leaves under node (level, index), level <= LEAF_LEVEL, in order.
+
+        Empty level-2 nodes are skipped by their counts; inside the others every leaf
+        slot is looked at (256 list reads), so a sparse store is walked quickly.
+        """
+        members = self._members
+        if level < _MID:
+            width = FANOUT ** (_MID - level)
+            counts = self._mid_counts
+            for mid in range(index * width, (index + 1) * width):
+                if counts[mid]:
+                    yield from self.leaves(_MID, mid)
+            return
+        width = FANOUT ** (LEAF_LEVEL - level)
+        for leaf in range(index * width, (index + 1) * width):
+            if members[leaf]:
+                yield leaf
+
+    def leaf_clients(self, leaf: int) -> list[bytes]:
+        """The clients of one leaf (do not modify the list)."""
+        return self._members[leaf] or []
+
+    def find(self, key: int) -> bytes | None:
+        """The AT line of the client whose key is `key`, if held (a scan of its leaf)."""
+        for client in self._members[key >> _LEAF_SHIFT] or ():
+            if key_of(client) == key:
+                return unpack(self._lines[client], client)
+        return None

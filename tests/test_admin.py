@@ -113,7 +113,7 @@ def test_collector_reads_live_counters_at_scrape_time() -> None:
     live = FakeLink(sent=3, depth=2)
     counts = stats.link_up("Bona", "in", live)
     counts.kept, counts.stale, counts.duplicate = 5, 1, 2
-    counts.digests_received, counts.resent, counts.rtt = 4, 7, 0.0015
+    counts.rounds_received, counts.sync_records_sent, counts.rtt = 4, 7, 0.0015
     stats.link_dropped("Jaquez", "silent", "no word from Jaquez for 3 s")
     stats.iamat, stats.whatsat, stats.invalid = 10, 4, 1
     stats.requests.observe(0.0002)
@@ -130,8 +130,8 @@ def test_collector_reads_live_counters_at_scrape_time() -> None:
     assert samples["herd_records_received_total{peer=Bona,verdict=stale}"] == 1
     assert samples["herd_records_received_total{peer=Bona,verdict=duplicate}"] == 2
     assert samples["herd_link_outbox_records{peer=Bona}"] == 2
-    assert samples["herd_digests_total{direction=received,peer=Bona}"] == 4
-    assert samples["herd_antientropy_records_resent_total{peer=Bona}"] == 7
+    assert samples["herd_sync_rounds_total{direction=received,peer=Bona}"] == 4
+    assert samples["herd_sync_records_sent_total{peer=Bona}"] == 7
     assert samples["herd_store_records{}"] == 1
     assert samples["herd_commands_total{kind=iamat}"] == 10
     assert samples["herd_request_duration_seconds_bucket{le=0.0005}"] == 1

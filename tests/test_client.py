@@ -495,7 +495,7 @@ async def test_an_update_is_written_to_the_links_before_the_reply(nursery: trio.
 
     nursery.start_soon(run_link)
     await trio.testing.wait_all_tasks_blocked()
-    events.clear()  # the link-up digest
+    events.clear()  # the link-up sync round
     session = Session(nursery, server, events)
     await session.client.send_all(KIWI + b"\r\n")
     assert await session.read(len(KIWI_AT) + 1) == KIWI_AT + b"\n"

@@ -28,7 +28,7 @@ from herd_trio.links import (
     run_link,
 )
 from herd_trio.node import Node
-from herd_trio.protocol import Record
+from herd_trio.protocol import SYNC_PREFIXES, Record
 from herd_trio.store import Store
 from tests.helpers import (
     TRIANGLE,
@@ -42,8 +42,9 @@ from tests.helpers import (
     security_of,
 )
 
-PEER_MAX = 8192  # what a peer may send with the default max_line: a DIGEST fits
-EMPTY_DIGEST = b"DIGEST " + b"0" * 16 * 256
+PEER_MAX = 8192  # what a peer may send with the default max_line: any sync line fits
+EMPTY_ROUND = b"SUMS 0 0 " + b"0" * 16  # a sync round started by an empty store
+EVERYTHING = b"ITEMS 0 0\n"  # "I hold nothing at all": send me every record
 
 
 def herd(**settings: object) -> HerdConfig:
@@ -226,7 +227,7 @@ async def test_a_record_from_any_valid_client_line_crosses_a_link(
 ) -> None:
     # The AT line repeats the client time's integer digits in the time difference, so
     # it can be almost twice as long as the IAMAT. If it does not fit the peer's line
-    # limit, the peer drops the link, redials, gets it again in the digest exchange and
+    # limit, the peer drops the link, redials, gets it again in the next sync round and
     # drops the link again, forever.
     alpha = make_server("Alpha", max_line=max_line)
     beta = make_server("Beta", max_line=max_line)
@@ -305,7 +306,7 @@ async def test_pings_keep_a_link_alive(autojump_clock: trio.testing.MockClock) -
     assert trio.current_time() - start == 56.0
 
 
-async def test_an_idle_link_sends_a_digest_then_ping_every_heartbeat(
+async def test_an_idle_link_starts_a_sync_round_then_pings_every_heartbeat(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     alpha = make_server("Alpha", heartbeat_interval=2.0, sync_interval=5.0)
@@ -324,10 +325,10 @@ async def test_an_idle_link_sends_a_digest_then_ping_every_heartbeat(
                 await trio.sleep(0.25)  # the round trip Alpha measures
                 await theirs.send_all(b"PONG\n")
     assert heard == [
-        (0.0, EMPTY_DIGEST),  # a digest first on a new link
+        (0.0, EMPTY_ROUND),  # a sync round first on a new link
         (2.0, b"PING"),
         (4.0, b"PING"),
-        (5.0, EMPTY_DIGEST),  # and every sync_interval
+        (5.0, EMPTY_ROUND),  # and every sync_interval
         (7.0, b"PING"),
         (9.0, b"PING"),
     ]
@@ -343,7 +344,7 @@ async def test_a_ping_is_answered_with_one_pong(
     errors: list[BaseException] = []
     nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
     reader = LineReader(theirs, PEER_MAX)
-    assert await reader.receive_line() == EMPTY_DIGEST
+    assert await reader.receive_line() == EMPTY_ROUND
     await theirs.send_all(b"PING\n")
     assert await reader.receive_line() == b"PONG"
     # PINGs back to back while the writer is busy: at most one PONG waits, so a peer
@@ -363,7 +364,7 @@ async def test_a_ping_is_answered_with_one_pong(
     assert errors == []
 
 
-async def test_a_digest_from_the_peer_is_answered_with_what_differs(
+async def test_a_sync_round_from_the_peer_is_answered_with_what_differs(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     alpha = make_server("Alpha", heartbeat_interval=2.0, sync_interval=100.0)
@@ -376,19 +377,41 @@ async def test_a_digest_from_the_peer_is_answered_with_what_differs(
 
     nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
     reader = LineReader(theirs, PEER_MAX)
-    digest = await reader.receive_line()
-    assert digest is not None
-    assert digest.startswith(b"DIGEST ")
-    assert len(digest) == len(EMPTY_DIGEST)
-    await theirs.send_all(EMPTY_DIGEST + b"\n")  # we hold nothing: send us everything
+    start_line = await reader.receive_line()
+    assert start_line is not None
+    assert start_line.startswith(b"SUMS 0 0 ")
+    assert start_line != EMPTY_ROUND
+    await theirs.send_all(EVERYTHING)  # 3 records: Alpha's root is listed; we hold none
     heard = [await reader.receive_line() for _ in range(3)]
     assert sorted(heard) == sorted(r.at_line for r in held)  # type: ignore[type-var]
     assert trio.current_time() - start == 0
-    await theirs.send_all(digest + b"\n")  # we hold the same: nothing to send
+    await theirs.send_all(start_line + b"\n")  # a round from a store holding the same: done
     with trio.fail_after(60):
         assert await reader.receive_line() == b"PING"
     assert trio.current_time() - start == 2.0
     assert errors == []
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"SUMS 17 0 0000000000000000",  # below the 64-bit keys
+        b"SUMS 1 0 " + b" ".join([b"0" * 16] * 17),  # more than one parent's children
+        b"ITEMS 0 0 " + b" ".join([b"0" * 32] * 33),  # more than 32 records listed
+        b"NEED 00",
+        b"SUMS 0 0 0000000000000000 extra",
+    ],
+)
+async def test_a_malformed_sync_line_drops_the_link(
+    autojump_clock: trio.testing.MockClock, line: bytes
+) -> None:
+    alpha = make_server("Alpha", heartbeat_interval=2.0, sync_interval=100.0)
+    alpha.store.offer(record("Alpha", b"IAMAT kiwi +34-118 5"))
+    ours, theirs = trio.testing.memory_stream_pair()
+    await theirs.send_all(line + b"\n")
+    with pytest.RaisesGroup(pytest.RaisesExc(LinkError, match="Beta sent a bad line")):
+        await carry(alpha, "Beta", ours, LineReader(ours, PEER_MAX))
+    assert trio.current_time() == 0  # at once, not after a silence
 
 
 # --- run_link: dial, handshake, backoff ----------------------------------------------------
@@ -577,7 +600,7 @@ async def serve_peer_port(nursery: trio.Nursery, port: PeerPort) -> trio.SocketL
 async def lines_until_eof(reader: LineReader) -> list[bytes]:
     lines: list[bytes] = []
     while (line := await reader.receive_line()) is not None:
-        if line != b"PING" and not line.startswith(b"DIGEST "):
+        if line != b"PING" and not line.startswith(SYNC_PREFIXES):
             lines.append(line)
     return lines
 
@@ -593,10 +616,10 @@ async def test_handle_peer_accepts_a_neighbour_on_loopback(nursery: trio.Nursery
             await stream.send_all(hello(b"Alpha", b"Beta"))
             reader = LineReader(stream, PEER_MAX)
             assert await reader.receive_line() == b"HELLO herd_trio/1 Beta Alpha"
-            digest = await reader.receive_line()
-            assert digest is not None
-            assert digest.startswith(b"DIGEST ")
-            await stream.send_all(EMPTY_DIGEST + b"\n")
+            start_line = await reader.receive_line()
+            assert start_line is not None
+            assert start_line.startswith(b"SUMS 0 0 ")
+            await stream.send_all(EVERYTHING)
             assert await reader.receive_line() == held.at_line
             kiwi = record("Alpha", b"IAMAT kiwi +34-118 5")
             await stream.send_all(kiwi.at_line + b"\n")
@@ -642,7 +665,7 @@ async def test_a_reconnecting_neighbour_replaces_its_old_link(nursery: trio.Nurs
                 assert await lines_until_eof(old_reader) == []  # the old one is closed
                 answer_line(beta, b"IAMAT kiwi +34-118 5", 5_000_000_000)
                 line = await new_reader.receive_line()
-                while line == b"PING" or line.startswith(b"DIGEST "):  # type: ignore[union-attr]
+                while line == b"PING" or line.startswith(SYNC_PREFIXES):  # type: ignore[union-attr]
                     line = await new_reader.receive_line()
                 assert line == b"AT Beta +0.000000000 kiwi +34-118 5"
                 assert port.linked == {"Alpha"}
@@ -713,7 +736,7 @@ async def test_a_record_from_a_peer_is_flooded_on_but_not_sent_back(
     with alpha.bus.subscribe("Gamma", gamma):
         nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
         reader = LineReader(theirs, PEER_MAX)
-        assert await reader.receive_line() == EMPTY_DIGEST
+        assert await reader.receive_line() == EMPTY_ROUND
         kiwi = record("Beta", b"IAMAT kiwi +34-118 5")
         await theirs.send_all(kiwi.at_line + b"\n")
         with trio.fail_after(60):

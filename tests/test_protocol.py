@@ -18,13 +18,11 @@ from herd_trio.protocol import (
     Record,
     Whatsat,
     check_coords,
-    format_digest,
     format_skew,
     make_record,
     parse_at,
     parse_command,
     parse_coords,
-    parse_digest,
     parse_time,
     question,
     time_ns,
@@ -637,48 +635,6 @@ def test_valid_iamat_round_trips_through_the_at_line(
     assert fields == [b"AT", server, skew_of(received_ns, when.decode()), client, where, when]
     assert parse_at(record.at_line) == record
     assert record.rank == (Decimal(when.decode()), server, where)
-
-
-# --- DIGEST lines between servers ---------------------------------------------------------
-
-
-def test_digest_line_is_sixteen_lowercase_hex_digits_per_bucket() -> None:
-    line = format_digest([0, 1, 2**64 - 1, 0xABC])
-    assert line == b"DIGEST " + b"0" * 16 + b"0" * 15 + b"1" + b"f" * 16 + b"0" * 13 + b"abc"
-    assert parse_digest(line, 4) == [0, 1, 2**64 - 1, 0xABC]
-
-
-@pytest.mark.parametrize(
-    "line",
-    [
-        b"DIGEST " + b"0" * 63,
-        b"DIGEST " + b"0" * 65,
-        b"DIGEST " + b"0" * 32 + b" " + b"0" * 32,
-        b"DIGEST " + b"A" * 64,  # not lowercase
-        b"DIGEST " + b"g" * 64,
-        b"DIGEST",
-        b"DIGEST -" + b"0" * 63,
-        b"digest " + b"0" * 64,
-        b"DIGESTS " + b"0" * 64,
-    ],
-)
-def test_malformed_digest_lines_are_refused(line: bytes) -> None:
-    with pytest.raises(ProtocolError):
-        parse_digest(line, 4)
-
-
-@given(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=8))
-def test_digest_round_trips(values: list[int]) -> None:
-    assert parse_digest(format_digest(values), len(values)) == values
-
-
-@given(any_bytes)
-def test_parse_digest_gives_summaries_or_protocol_error(line: bytes) -> None:
-    try:
-        values = parse_digest(line, 1)
-    except ProtocolError:
-        return
-    assert len(values) == 1
 
 
 _COORD_TEXT = st.builds(

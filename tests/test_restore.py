@@ -18,7 +18,7 @@ from herd_trio.protocol import Record, parse_at
 from herd_trio.restore import SLICE, Restore, clients_named
 from herd_trio.store import Store
 from tests.helpers import herd_config, make_node, record
-from tests.test_links import EMPTY_DIGEST, PEER_MAX, carry_collecting
+from tests.test_links import EMPTY_ROUND, PEER_MAX, carry_collecting
 from tests.test_persist import Log, rows, wait_for_batches
 
 
@@ -156,8 +156,8 @@ async def test_records_from_peers_during_the_load_win_or_lose_by_rank(
 async def test_no_sync_before_the_store_is_loaded(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    """While loading, a link neither sends a DIGEST nor answers one; once loaded, it
-    sends its DIGEST at once."""
+    """While loading, a link neither starts a sync round nor answers one; once loaded,
+    it starts its round at once."""
     herd = herd_config(heartbeat_interval=2.0, sync_interval=100.0)
     alpha = attrs.evolve(make_node("Alpha", herd), restore=Restore(done=False))
     alpha.store.offer(record("Alpha", b"IAMAT kiwi +34-118 5"))
@@ -166,15 +166,15 @@ async def test_no_sync_before_the_store_is_loaded(
     start = trio.current_time()
     nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
     reader = LineReader(theirs, PEER_MAX)
-    await theirs.send_all(EMPTY_DIGEST + b"\n")  # "send us everything": not while loading
+    await theirs.send_all(EMPTY_ROUND + b"\n")  # "I hold nothing": not answered while loading
     with trio.fail_after(60):
         assert await reader.receive_line() == b"PING"
         assert trio.current_time() - start == 2.0
         await trio.sleep(1.5)
         await alpha.restore.run()  # nothing to read: done at once
-        digest = await reader.receive_line()
-    assert digest is not None
-    assert digest.startswith(b"DIGEST ")
+        round_start = await reader.receive_line()
+    assert round_start is not None
+    assert round_start.startswith(b"SUMS 0 0 ")
     assert trio.current_time() - start == 3.5
     assert errors == []
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from decimal import Decimal
 from hashlib import blake2b
 from random import Random
@@ -11,7 +10,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from herd_trio.protocol import Record
-from herd_trio.store import Store
+from herd_trio.store import (
+    LEAF_LEVEL,
+    MAX_LEVEL,
+    Store,
+    fingerprint_line,
+    key_of,
+    node_of,
+    pack,
+    unpack,
+)
 
 
 def rec(
@@ -30,7 +38,7 @@ def test_first_record_of_a_client_is_kept() -> None:
     record = rec("10")
     assert store.get(b"kiwi") is None
     assert store.offer(record) is record
-    assert store.get(b"kiwi") is record
+    assert store.get(b"kiwi") == record
     assert len(store) == 1
 
 
@@ -39,11 +47,11 @@ def test_newer_client_time_wins_compared_as_numbers() -> None:
     assert store.offer(rec("9.5", origin=b"Zed", coords=b"+9-9"))
     newer = rec("10", origin=b"Alpha", coords=b"+1-1")  # "10" < "9.5" as bytes
     assert store.offer(newer) is newer
-    assert store.get(b"kiwi") is newer
+    assert store.get(b"kiwi") == newer
     assert (
         store.offer(offered := rec("9.99999999999", origin=b"Zed", coords=b"+9-9")) is not offered
     )
-    assert store.get(b"kiwi") is newer
+    assert store.get(b"kiwi") == newer
 
 
 def test_older_record_is_refused_and_the_stored_one_kept() -> None:
@@ -51,7 +59,7 @@ def test_older_record_is_refused_and_the_stored_one_kept() -> None:
     held = rec("1621464827.959498503")
     store.offer(held)
     assert store.offer(offered := rec("1621464827.959498502", origin=b"Zed")) is not offered
-    assert store.get(b"kiwi") is held
+    assert store.get(b"kiwi") == held
 
 
 def test_equal_time_tie_breaks_on_origin_then_coords() -> None:
@@ -62,7 +70,7 @@ def test_equal_time_tie_breaks_on_origin_then_coords() -> None:
     assert store.offer(offered := rec("5", origin=b"Bona", coords=b"+9.9-9")) is not offered
     by_coords = rec("5", origin=b"Clark", coords=b"+2-1")
     assert store.offer(by_coords) is by_coords
-    assert store.get(b"kiwi") is by_coords
+    assert store.get(b"kiwi") == by_coords
     assert (
         store.offer(offered := rec("5", origin=b"Clark", coords=b"+10-1")) is not offered
     )  # b"+1" < b"+2"
@@ -86,7 +94,7 @@ def test_a_repeated_record_is_refused() -> None:
     assert (
         store.offer(offered := rec("5")) is not offered
     )  # the same record again, e.g. flooded back
-    assert store.get(b"kiwi") is first
+    assert store.get(b"kiwi") == first
     assert heard == [first]
 
 
@@ -150,7 +158,7 @@ def test_iteration_is_a_snapshot() -> None:
 def test_constructor_keeps_the_newest_of_the_records_given() -> None:
     newest = rec("3")
     store = Store(iter([rec("1"), newest, rec("2"), rec("1", client=b"x")]))
-    assert store.get(b"kiwi") is newest
+    assert store.get(b"kiwi") == newest
     assert len(store) == 2
 
 
@@ -179,62 +187,84 @@ def test_any_arrival_order_converges_on_the_same_winner(batch: list[Record], rng
         assert (held_two and held_two.rank) == best
 
 
-# --- digests for anti-entropy -------------------------------------------------------------
+# --- the reconciliation tree --------------------------------------------------------------
 
 
-def oracle_digest(held: list[Record]) -> list[int]:
-    """Independent digest: per crc32 bucket, the XOR of 8-byte blake2b of the AT lines."""
-    buckets = [0] * 256
+def oracle_summary(held: list[Record], level: int, index: int) -> tuple[int, int]:
+    """Independent: XOR of 8-byte blake2b of the AT lines whose client key is in the node."""
+    fp = count = 0
     for one in held:
-        fingerprint = blake2b(one.at_line, digest_size=8).digest()
-        buckets[zlib.crc32(one.client) % 256] ^= int.from_bytes(fingerprint, "big")
-    return buckets
+        key = int.from_bytes(blake2b(one.client, digest_size=8).digest(), "big")
+        if key >> (64 - 4 * level) == index:
+            fp ^= int.from_bytes(blake2b(one.at_line, digest_size=8).digest(), "big")
+            count += 1
+    return fp, count
 
 
-def test_digest_summarises_what_the_store_holds() -> None:
+def test_node_summaries_follow_every_change_at_every_level() -> None:
     store = Store()
-    assert store.digest() == [0] * 256
+    assert store.summary(0, 0) == (0, 0)
     kiwi, apple = rec("1"), rec("1", client=b"apple")
     store.offer(kiwi)
     store.offer(apple)
-    assert store.digest() == oracle_digest([kiwi, apple])
     newer = rec("2")
     store.offer(newer)
-    assert store.digest() == oracle_digest([newer, apple])  # the replaced one is gone
     store.offer(rec("0"))  # refused: no change
-    assert store.digest() == oracle_digest([newer, apple])
+    held = [newer, apple]
+    for level in (0, 1, 2, LEAF_LEVEL, LEAF_LEVEL + 1, 9, MAX_LEVEL):
+        for client in (b"kiwi", b"apple", b"absent"):
+            index = node_of(key_of(client), level)
+            assert store.summary(level, index) == oracle_summary(held, level, index)
+    assert store.summary(0, 0)[1] == 2
+    assert store.find(key_of(b"kiwi")) == newer.at_line
+    assert store.find(key_of(b"absent")) is None
 
 
-def test_differing_gives_every_record_of_the_differing_buckets() -> None:
-    mine, theirs = Store(), Store()
-    shared = [rec("1", client=b"c%d" % n) for n in range(50)]
-    for one in shared:
-        mine.offer(one)
-        theirs.offer(one)
-    assert mine.differing(theirs.digest()) == []
-    extra = rec("1", client=b"extra")
-    mine.offer(extra)
-    newer = rec("9", client=b"c7")
-    theirs.offer(newer)
-    sent = mine.differing(theirs.digest())
-    buckets = {zlib.crc32(b"extra") % 256, zlib.crc32(b"c7") % 256}
-    assert sorted(r.client for r in sent) == sorted(
-        r.client for r in mine if zlib.crc32(r.client) % 256 in buckets
-    )
-    assert extra in sent
-    for one in sent:  # the receiver keeps what is newer: the pair converges
-        theirs.offer(one)
-    for one in theirs.differing(mine.digest()):
-        mine.offer(one)
-    assert mine.digest() == theirs.digest()
-    assert mine.get(b"c7") == newer
-    assert theirs.get(b"extra") == extra
+def test_members_lists_exactly_the_records_of_a_node() -> None:
+    held = [rec("1", client=b"c%d" % n) for n in range(300)]
+    store = Store(held)
+    for level in (0, 1, 3, LEAF_LEVEL, LEAF_LEVEL + 2):
+        index = node_of(key_of(b"c7"), level)
+        listed = sorted(store.members(level, index))
+        expected = sorted(
+            (key_of(r.client), r.at_line) for r in held if node_of(key_of(r.client), level) == index
+        )
+        assert listed == expected
+        assert store.summary(level, index)[1] == len(expected)
+    assert {line for _, line in store.members(0, 0)} == {r.at_line for r in held}
+    assert fingerprint_line(held[0].at_line) != fingerprint_line(held[1].at_line)
 
 
 @given(st.lists(records, max_size=12), st.randoms(use_true_random=False))
-def test_the_same_records_in_any_order_give_the_same_digest(
+def test_the_same_records_in_any_order_give_the_same_summaries(
     batch: list[Record], rng: Random
 ) -> None:
     shuffled = list(batch)
     rng.shuffle(shuffled)
-    assert Store(batch).digest() == Store(shuffled).digest()
+    one, two = Store(batch), Store(shuffled)
+    assert one.digest() == two.digest()
+    assert one.summary(0, 0) == two.summary(0, 0)
+    assert one.summary(MAX_LEVEL, key_of(b"a")) == two.summary(MAX_LEVEL, key_of(b"a"))
+
+
+@given(
+    st.binary(min_size=1, max_size=30).filter(
+        lambda b: not any(c in b for c in b" \t\n\r\x0b\x0c")
+    ),
+    st.sampled_from([b"+0.000000001", b"-12.500000000"]),
+)
+def test_a_packed_line_unpacks_to_the_same_line(client: bytes, skew: bytes) -> None:
+    line = b"AT Clark %s %s +1+1 5" % (skew, client)
+    packed = pack(line, client)
+    assert len(packed) == len(line) - len(client)
+    assert unpack(packed, client) == line
+    assert pack(line, b"other") == line  # not its client: kept whole
+    assert unpack(line, b"other") == line
+
+
+def test_a_store_of_a_thousand_clients_gives_back_every_line() -> None:
+    held = [rec("1", client=b"c%d" % n, skew=b"+0.%09d" % n) for n in range(1000)]
+    store = Store(held)
+    assert store.snapshot() == held
+    assert all(store.line(r.client) == r.at_line for r in held)
+    assert all(store.get(r.client) == r for r in held)

@@ -99,7 +99,7 @@ async def test_restarted_server_answers_every_update_within_1s_of_link_up(
     tmp_path: Path, figures: Figures
 ) -> None:
     """(1) Kill Bona, send 200 updates to the others, restart it: within 1 s of its
-    first link coming up it answers WHATSAT for all 200 (digest catch-up, no state_dir)."""
+    first link coming up it answers WHATSAT for all 200 (reconciliation, no state_dir)."""
     with running(make_herd(tmp_path)) as herd:
         await herd.start_all()
         checker = Checker()

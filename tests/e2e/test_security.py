@@ -45,7 +45,6 @@ from herd_trio.auth import (
     parse_dial_hello,
     transcript_mac,
 )
-from herd_trio.store import BUCKETS
 from herd_trio.tls import certificate_names
 from tests.e2e.herd import (
     Herd,
@@ -417,7 +416,7 @@ async def test_attacks_on_peer_and_client_ports_change_no_record(
             forged = forged_at(case.target.encode(), number)
             sent = await case.attack(herd, address, forged, secret, recorded)
             # A refused peer gets nothing (beyond the acceptor's own HELLO, read above):
-            # no DIGEST, no record, no PING.
+            # no sync line, no record, no PING.
             assert sent == b"", f"{case.name}: {case.target} sent {sent!r}"
             await refused_line(herd, case.target, address, case.reason)
             await assert_victim_unchanged(herd, victim_line, case.target, case.name)
@@ -723,7 +722,9 @@ TOKENS = [
     b"Ghost",
     b"Solo",
     b"AUTH",
-    b"DIGEST",
+    b"SUMS",
+    b"ITEMS",
+    b"NEED",
     b"PING",
     b"kiwi",
     b"+34.068930-118.445127",
@@ -766,9 +767,14 @@ OVERLONG = st.binary(min_size=1, max_size=16).map(lambda b: b * (10000 // len(b)
 CLIENT_PAYLOADS = st.one_of(
     RAW, protocol_lines([b"IAMAT", b"WHATSAT", b"WHATISAT", b"AT"]), OVERLONG
 )
-PEER_VERBS = [b"AT", b"DIGEST", b"PING", b"HELLO", b"AUTH"]
-DIGESTS = st.binary(min_size=8 * BUCKETS, max_size=8 * BUCKETS).map(
-    lambda b: b"DIGEST " + b.hex().encode() + b"\n"
+LINK_LINES = (b"SUMS ", b"ITEMS ", b"NEED ", b"PING", b"PONG", b"AT ")  # what a link carries
+PEER_VERBS = [b"AT", b"SUMS", b"ITEMS", b"NEED", b"PING", b"HELLO", b"AUTH"]
+HEX16 = st.integers(0, 2**64 - 1).map(lambda v: b"%016x" % v)
+SYNC_LINES = st.one_of(
+    HEX16.map(lambda h: b"SUMS 0 0 " + h + b"\n"),
+    st.lists(HEX16, min_size=1, max_size=17).map(lambda hs: b"SUMS 1 0 %s\n" % b" ".join(hs)),
+    st.lists(HEX16, max_size=3).map(lambda hs: b"ITEMS 0 0 %s\n" % b" ".join(h * 2 for h in hs)),
+    st.lists(HEX16, min_size=1, max_size=65).map(lambda hs: b"NEED %s\n" % b" ".join(hs)),
 )
 PEER_PAYLOADS = st.one_of(
     RAW,
@@ -776,7 +782,7 @@ PEER_PAYLOADS = st.one_of(
     OVERLONG,
     # Past the handshake: what a neighbour's link may carry.
     st.tuples(
-        st.just(LEGACY_HELLO), st.one_of(protocol_lines(PEER_VERBS), DIGESTS, RAW, OVERLONG)
+        st.just(LEGACY_HELLO), st.one_of(protocol_lines(PEER_VERBS), SYNC_LINES, RAW, OVERLONG)
     ).map(b"".join),
 )
 
@@ -831,10 +837,10 @@ async def fuzz_once(herd: Herd, client: bytes, peer: bytes, half_close: bool) ->
         assert received.startswith((b"? ", b"AT ")), received[:100]
 
     answer = await throw_at(herd.peer_ports["Solo"], peer, half_close=True)
-    if opens_link(peer):  # a neighbour's HELLO is answered, then digests, pings, pongs
+    if opens_link(peer):  # a neighbour's HELLO is answered, then sync lines pings and pongs
         assert answer.startswith(b"HELLO herd_trio/1 Solo Ghost\n"), answer[:200]
         for line in answer.splitlines()[1:]:
-            assert line.startswith((b"DIGEST ", b"PING", b"PONG", b"AT ")), line[:100]
+            assert line.startswith(LINK_LINES), line[:100]
     else:  # anything else is refused without a word
         assert answer == b"", answer[:200]
 
@@ -857,9 +863,9 @@ def test_fuzzed_bytes_on_both_ports_leave_the_server_answering(tmp_path: Path) -
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
         @given(client=CLIENT_PAYLOADS, peer=PEER_PAYLOADS, half_close=st.booleans())
-        @example(b"", LEGACY_HELLO + b"DIGEST\n", True)
-        @example(b"", LEGACY_HELLO + b"DIGEST " + b"0" * 16 * BUCKETS + b"\n", True)
-        @example(b"", LEGACY_HELLO + b"DIGEST " + b"f" * 16 * BUCKETS + b"\n", True)
+        @example(b"", LEGACY_HELLO + b"SUMS\n", True)
+        @example(b"", LEGACY_HELLO + b"ITEMS 0 0\n", True)
+        @example(b"", LEGACY_HELLO + b"SUMS 0 0 " + b"f" * 16 + b"\n", True)
         @example(b"", LEGACY_HELLO + b"AT Ghost +0.000000000 fuzzed +1+1 1\nPING\n", True)
         @example(b"", LEGACY_HELLO + b"AT Ghost +0.0 fuzzed +1+1 1\nAT x\n", True)
         @example(b"", LEGACY_HELLO + b"\n" * 3 + b"x" * 9000, True)
