@@ -110,15 +110,15 @@ class Links:
         wanted = dialled(herd, name)
         accepting = dialling(herd, name)
         unlinked = sorted(self.door.allow(accepting) | (self.dialled - wanted.keys()))
-        for peer in self.dialled - wanted.keys():
-            self._hang_up(peer)
+        for gone in self.dialled - wanted.keys():
+            self._hang_up(gone)
         redialled = [
             peer.name
             for peer in wanted.values()
             if peer.name in self._scopes and self._scopes[peer.name][0] != peer
         ]
-        for peer in redialled:
-            self._hang_up(peer)
+        for moved in redialled:
+            self._hang_up(moved)
         linked = sorted((wanted.keys() - self.dialled) - set(redialled))
         linked += sorted(accepting - dialling(self.herd, name))
         for peer in wanted.values():
