@@ -68,7 +68,7 @@ def test_a_wildcard_listen_clashes_with_any_host_on_the_port(tmp_path: Path) -> 
     )
     path = tmp_path / "herd.toml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match="servers.Beta.port: 12000 is already used"):
+    with pytest.raises(ConfigError, match=r"servers\.Beta\.port: 12000 is already used"):
         load(path)
 
 
@@ -87,7 +87,8 @@ def test_dialled_and_dialling_split_the_neighbours_by_name_order() -> None:
     assert set(dialled(herd, "Beta")) == {"Gamma"}
     assert dialled(herd, "Beta")["Gamma"] == Peer("Gamma", "127.0.0.1", 12102)
     assert dialling(herd, "Beta") == {"Alpha"}
-    assert dialled(herd, "Delta") == {} and dialling(herd, "Delta") == frozenset()
+    assert dialled(herd, "Delta") == {}
+    assert dialling(herd, "Delta") == frozenset()
 
 
 def test_fixed_changes_lists_only_what_cannot_change_live() -> None:
