@@ -241,7 +241,9 @@ def check(herd: HerdConfig, environ: Mapping[str, str] = os.environ) -> None:
 
 
 def _check_servers(herd: HerdConfig) -> None:
-    taken: dict[tuple[str, int], str] = {}
+    # (machine, address, port): a server with `listen` runs on the machine its `host`
+    # names, so servers of a multi-host herd may share ports; without it, all share one.
+    taken: dict[tuple[str, str, int], str] = {}
     for name, server in herd.servers.items():
         if not _NAME.fullmatch(name):
             raise ConfigError(
@@ -259,6 +261,7 @@ def _check_servers(herd: HerdConfig) -> None:
                     field=f"servers.{name}.host",
                 )
         _check_admin(name, server)
+        machine = "" if server.listen is None else server.host
         for key in ("port", "peer_port", "admin_port"):
             port: int | None = getattr(server, key)
             if port is None:
@@ -266,12 +269,13 @@ def _check_servers(herd: HerdConfig) -> None:
             field = f"servers.{name}.{key}"
             bound = server.admin_host if key == "admin_port" else server.bind
             host = "*" if bound in _WILDCARDS else bound
-            clashes = [(host, port)] if host != "*" else [k for k in taken if k[1] == port]
-            clashes += [("*", port)]
+            clashes = [(machine, host, port), (machine, "*", port)]
+            if host == "*":
+                clashes += [k for k in taken if k[0] == machine and k[2] == port]
             for clash in clashes:
                 if clash in taken:
                     raise ConfigError(f"{port} is already used by {taken[clash]}", field=field)
-            taken[host, port] = field
+            taken[machine, host, port] = field
         for neighbour in server.neighbours:
             if neighbour not in herd.servers:
                 raise ConfigError(

@@ -61,10 +61,23 @@ def test_bad_addresses_name_the_field(
     assert problem in str(caught.value)
 
 
-def test_a_wildcard_listen_clashes_with_any_host_on_the_port(tmp_path: Path) -> None:
+def test_servers_on_other_machines_may_share_ports(tmp_path: Path) -> None:
+    """With listen set, `host` says which machine: the same ports on two are fine."""
+    text = "".join(
+        f"[servers.S{i}]\nport = 12000\npeer_port = 12100\nadmin_port = 12200\n"
+        f'host = "10.77.0.{i}"\nlisten = "0.0.0.0"\n'
+        for i in (1, 2)
+    )
+    path = tmp_path / "herd.toml"
+    path.write_text(text)
+    assert set(load(path).servers) == {"S1", "S2"}
+
+
+def test_a_wildcard_listen_clashes_on_its_own_machine(tmp_path: Path) -> None:
     text = (
         '[servers.Alpha]\nport = 12000\npeer_port = 12100\nhost = "10.77.0.1"\nlisten = "::"\n'
-        '[servers.Beta]\nport = 12000\npeer_port = 12101\nhost = "10.77.0.2"\n'
+        '[servers.Beta]\nport = 12000\npeer_port = 12101\nhost = "10.77.0.1"\n'
+        'listen = "10.77.0.1"\n'
     )
     path = tmp_path / "herd.toml"
     path.write_text(text)
