@@ -52,8 +52,12 @@ async def test_nft_numgen_loss_drops_the_share_it_says() -> None:
             await receiver.bind((f"{SUBNET4}.2", 0))
             target = receiver.getsockname()
             made.loss(1, 50)
+            refused = 0
             for _ in range(500):
-                await sender.sendto(b"x", target)
+                try:
+                    await sender.sendto(b"x", target)
+                except PermissionError:  # an output-hook drop says EPERM to the sender
+                    refused += 1
             arrived = 0
             while True:
                 with trio.move_on_after(0.5) as quiet:
@@ -62,3 +66,4 @@ async def test_nft_numgen_loss_drops_the_share_it_says() -> None:
                     break
                 arrived += 1
         assert 150 <= arrived <= 350, arrived
+        assert arrived + refused == 500
