@@ -51,6 +51,8 @@ async def test_nft_numgen_loss_drops_the_share_it_says() -> None:
         with receiver, sender:
             await receiver.bind((f"{SUBNET4}.2", 0))
             target = receiver.getsockname()
+            await sender.sendto(b"warm", target)  # resolves the neighbour (ARP) first
+            assert await receiver.recv(16) == b"warm"
             made.loss(1, 50)
             refused = 0
             for _ in range(500):
