@@ -49,6 +49,8 @@ async def test_nft_numgen_loss_drops_the_share_it_says() -> None:
         with inside(made.ns(1)):
             sender = trio.socket.socket(type=socket.SOCK_DGRAM)
         with receiver, sender:
+            # room for all 500 (as root, past rmem_max): a full buffer is loss we did not make
+            receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 4 << 20)
             await receiver.bind((f"{SUBNET4}.2", 0))
             target = receiver.getsockname()
             await sender.sendto(b"warm", target)  # resolves the neighbour (ARP) first
