@@ -9,6 +9,8 @@ import trio
 
 from tests.hosts.lab import SUBNET4, inside, lab, open_stream, sh
 
+SO_RCVBUFFORCE = 33  # Linux <asm-generic/socket.h>; the socket module lacks the name
+
 
 async def reaches(ns: str, host: str, port: int) -> bool:
     with trio.move_on_after(1.0):
@@ -50,7 +52,7 @@ async def test_nft_numgen_loss_drops_the_share_it_says() -> None:
             sender = trio.socket.socket(type=socket.SOCK_DGRAM)
         with receiver, sender:
             # room for all 500 (as root, past rmem_max): a full buffer is loss we did not make
-            receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 4 << 20)
+            receiver.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
             await receiver.bind((f"{SUBNET4}.2", 0))
             target = receiver.getsockname()
             await sender.sendto(b"warm", target)  # resolves the neighbour (ARP) first
