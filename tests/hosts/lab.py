@@ -42,7 +42,6 @@ from tests.e2e.herd import REQUIRE_ALL, poll, read_until_close
 CLONE_NEWNET = 0x40000000
 SUBNET4, SUBNET6 = "10.77.0", "fd77::"
 CLIENT_PORT, PEER_PORT, ADMIN_PORT = 12000, 12100, 12200  # the same on every host
-DELAY_PORT = 12300  # where a host's delay forwarder takes its neighbours' dials
 DEADLINE = 30.0  # seconds any one step may take on a busy 2-core machine
 DELAY_SCRIPT = Path(__file__).with_name("delay.py")
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -162,7 +161,9 @@ class Lab:
 
     def loss(self, index: int, percent: int) -> None:
         """Drop `percent`% of the packets host `index` sends on its link, at random."""
-        self.nft(index, f'add rule inet lab out oifname "eth0" numgen random mod 100 < {percent} drop')
+        self.nft(
+            index, f'add rule inet lab out oifname "eth0" numgen random mod 100 < {percent} drop'
+        )
 
     def cut(self, index: int) -> None:
         """Drop everything host `index` sends or receives on its link."""
@@ -235,8 +236,9 @@ class HostHerd:
     def write_config(self) -> None:
         """The config file, certificates and keyring for the herd as it is now.
 
-        Each server listens on `::`/`0.0.0.0` and is dialled at its host's address, or,
-        with a delay, at its host's forwarder (which passes to the real peer port).
+        Each server listens on `::`/`0.0.0.0` and is dialled at its host's address; with
+        a delay, it listens on its host's address and is dialled at a second address of
+        its host where the delay forwarder takes the dial (the same port number).
         """
         tls = self.root / "tls"
         tls.mkdir(parents=True, exist_ok=True)
@@ -252,14 +254,14 @@ class HostHerd:
                 cert.cert_chain_pems[0].write_to_path(tls / f"{name}.pem")
                 cert.private_key_pem.write_to_path(tls / f"{name}.key")
             listed = [b for a, b in self.edges if a == name]
-            dialled = self.front(name)
+            listen = self.host(name) if self.delay else "::" if self.ipv6 else "0.0.0.0"
             lines += [
                 "",
                 f"[servers.{name}]",
-                f'host = "{dialled[0]}"',
-                f'listen = "{"::" if self.ipv6 else "0.0.0.0"}"',
+                f'host = "{self.front(name)}"',
+                f'listen = "{listen}"',
                 f"port = {CLIENT_PORT}",
-                f"peer_port = {dialled[1]}",
+                f"peer_port = {PEER_PORT}",
                 f"admin_port = {ADMIN_PORT}",
                 f"neighbours = {json.dumps(listed)}",
                 f'tls_cert = "tls/{name}.pem"',
@@ -267,11 +269,9 @@ class HostHerd:
             ]
         self.config.write_text("\n".join(lines) + "\n")
 
-    def front(self, name: str) -> tuple[str, int]:
-        """Where neighbours dial server `name`: its address, or its delay forwarder."""
-        if self.delay:
-            return f"{SUBNET4}.{100 + self.index(name)}", DELAY_PORT
-        return self.host(name), PEER_PORT
+    def front(self, name: str) -> str:
+        """Where neighbours dial server `name`: its address, or its delay forwarder's."""
+        return f"{SUBNET4}.{100 + self.index(name)}" if self.delay else self.host(name)
 
     def start(self, name: str) -> None:
         """Start server `name` in its host's namespace (and its forwarder, with a delay)."""
@@ -289,7 +289,7 @@ class HostHerd:
 
     def _forwarder(self, index: int) -> None:
         ready = self.root / f"forwarder-{index}.ready"
-        argv = [sys.executable, str(DELAY_SCRIPT), f"{SUBNET4}.{100 + index}", str(DELAY_PORT)]
+        argv = [sys.executable, str(DELAY_SCRIPT), f"{SUBNET4}.{100 + index}", str(PEER_PORT)]
         argv += [address(index), str(PEER_PORT), str(self.delay), str(ready)]
         process = subprocess.Popen(self.lab.exec(index, *argv), stdin=subprocess.DEVNULL)
         self.forwarders.append(process)
@@ -325,6 +325,13 @@ class HostHerd:
             if self.log(name).exists():
                 assert "internal error" not in self.log(name).read_text(), name
 
+    def check_alive(self, name: str) -> None:
+        """Fail with its stderr if server `name` has exited."""
+        process = self.processes[name]
+        if process.poll() is not None:
+            said = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            raise AssertionError(f"{name} exited ({process.returncode}): {said.strip()}")
+
     def running(self, name: str) -> bool:
         """True if server `name` was started and has not exited."""
         process = self.processes.get(name)
@@ -345,6 +352,17 @@ class HostHerd:
             await stream.send_all(payload)
             await stream.send_eof()
             return await read_until_close(stream, deadline=DEADLINE)
+
+    async def iamat_once(self, name: str, client: bytes, sent: float) -> bytes:
+        """One try of `iamat` (OSError if `name` does not accept): for loads that go on
+        while servers stop and start."""
+        stream = await open_stream(self.lab.ns(self.index(name)), self.host(name), CLIENT_PORT)
+        async with stream:
+            await stream.send_all(b"IAMAT %s +34.07-118.44 %.9f\n" % (client, sent))
+            await stream.send_eof()
+            reply = await read_until_close(stream, deadline=DEADLINE)
+        assert reply.startswith(b"AT "), reply
+        return reply
 
     async def iamat(self, name: str, client: bytes, sent: float) -> bytes:
         """An IAMAT for `client` at `name`, stamped `sent`; the AT line."""
@@ -372,6 +390,7 @@ class HostHerd:
         for name in names or self.names:
 
             async def linked(name: str = name) -> bool | None:
+                self.check_alive(name)
                 state = await self.state(name)
                 links = state["links"] if state else None
                 assert links is None or isinstance(links, list)
