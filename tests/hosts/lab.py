@@ -215,10 +215,13 @@ class HostHerd:
     processes: dict[str, subprocess.Popen[bytes]] = attrs.field(factory=dict)
     forwarders: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
     ca: trustme.CA = attrs.field(factory=trustme.CA)
+    placed: dict[str, int] = attrs.field(factory=dict)  # a server keeps its host
 
     def index(self, name: str) -> int:
-        """The host number of server `name`."""
-        return self.names.index(name) + 1
+        """The host number of server `name`: the next free one when first named."""
+        if name not in self.placed:
+            self.placed[name] = len(self.placed) + 1
+        return self.placed[name]
 
     def host(self, name: str) -> str:
         """Where server `name` takes clients (its host's own address)."""
@@ -248,6 +251,8 @@ class HostHerd:
             keyring.write_text(secrets.token_hex(32) + "\n")
         lines = ["[herd]", 'log_dir = "logs"', 'keyring_file = "keyring"', 'tls_ca = "tls/ca.pem"']
         lines += [f"{key} = {json.dumps(value)}" for key, value in self.settings.items()]
+        for name in self.names:
+            self.index(name)
         for name in self.names:
             if not (tls / f"{name}.pem").exists():
                 cert = self.ca.issue_cert(name)
@@ -321,7 +326,7 @@ class HostHerd:
                 process.wait()
             if process.stderr is not None:
                 process.stderr.close()
-        for name in self.names:
+        for name in self.placed:
             if self.log(name).exists():
                 assert "internal error" not in self.log(name).read_text(), name
 

@@ -219,14 +219,16 @@ async def test_one_way_loss_link_detected_dead_and_rebuilt(lab5: Lab, tmp_path: 
         healed = trio.current_time()
         await herd.wait_up(["Clark", "Jaquez"])
         rebuilt = trio.current_time() - healed
-        ups = herd.log("Clark").read_text().count("link to Jaquez up")
+        # the first link, then the rebuilt one (the log flushes in batches)
+        await poll(
+            "Clark logs the link up twice", lambda: _logged(herd, "Clark", "link to Jaquez up", 2)
+        )
     record_figures(
         "one-way loss (Clark to Jaquez)",
         detected_dead_s=round(detected, 2),
         rebuilt_after_heal_s=round(rebuilt, 2),
         updates_during=len(acked),
     )
-    assert ups >= 2  # the first link, then the rebuilt one
     assert detected <= 3 * 0.5 + 3.0  # SILENT_BEATS heartbeats, plus slack for a busy box
 
 
@@ -252,7 +254,7 @@ async def test_sixth_server_added_and_removed_by_sighup(tmp_path: Path) -> None:
         await load(herd, b"later", 1.0, later, skip={"Extra"})
         total = len(early) + len(later)
         await poll("Extra gets later updates", lambda: converged(herd, total), deadline=DEADLINE)
-        assert "reloaded: linked Extra" in herd.log("Clark").read_text()
+        await poll("Clark says it linked Extra", lambda: _logged(herd, "Clark", "linked Extra"))
 
         herd.names.remove("Extra")
         herd.edges.remove(("Clark", "Extra"))
@@ -272,9 +274,9 @@ async def test_sixth_server_added_and_removed_by_sighup(tmp_path: Path) -> None:
     )
 
 
-async def _logged(herd: HostHerd, name: str, text: str) -> bool | None:
+async def _logged(herd: HostHerd, name: str, text: str, times: int = 1) -> bool | None:
     await trio.lowlevel.checkpoint()
-    return True if text in herd.log(name).read_text() else None
+    return True if herd.log(name).read_text().count(text) >= times else None
 
 
 async def _state_of(herd: HostHerd, name: str) -> dict[str, object]:
