@@ -375,20 +375,33 @@ class HostHerd:
         assert reply.startswith(b"AT "), reply
         return reply
 
-    async def state(self, name: str) -> dict[str, object] | None:
-        """Server `name`'s GET /state (admin port, its host's loopback), or None if down."""
+    async def get(self, name: str, path: str) -> tuple[int, bytes] | None:
+        """GET `path` from server `name`'s admin port on its host's loopback, as curl
+        on that host would: (status, body), or None if it does not accept."""
         try:
             stream = await open_stream(self.lab.ns(self.index(name)), "127.0.0.1", ADMIN_PORT)
         except OSError:
             return None
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         async with stream:
-            await stream.send_all(b"GET /state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            await stream.send_all(request.encode())
             answer = await read_until_close(stream, deadline=DEADLINE)
         head, _, body = answer.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
+        return int(head.split(b" ", 2)[1]), body
+
+    async def state(self, name: str) -> dict[str, object] | None:
+        """Server `name`'s GET /state, or None if it does not answer 200."""
+        answer = await self.get(name, "/state")
+        if answer is None or answer[0] != 200:
             return None
-        result: dict[str, object] = json.loads(body)
+        result: dict[str, object] = json.loads(answer[1])
         return result
+
+    async def ready(self, name: str) -> bool | None:
+        """True once `GET /readyz?links=all` answers 200 (the rolling upgrade's check)."""
+        self.check_alive(name)
+        answer = await self.get(name, "/readyz?links=all")
+        return True if answer is not None and answer[0] == 200 else None
 
     async def wait_up(self, names: list[str] | None = None) -> None:
         """Wait until each server answers /state with every configured link up."""
