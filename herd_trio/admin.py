@@ -272,6 +272,12 @@ def admin_app(
     return AdminApp(view, EventHub(), token, origins, reload), cfg.admin_host, cfg.admin_port
 
 
+def reconfigured(app: AdminApp, name: str, herd: HerdConfig) -> None:
+    """After a reload: /state, /readyz and the metrics count server `name`'s new links."""
+    app.view.neighbours = tuple(herd.neighbours(name))
+    app.view.layout = tuple(herd_layout(herd))
+
+
 def _asgi(app: AdminApp) -> ASGIFramework:
     # The app takes plain mappings; hypercorn's types name a TypedDict per message.
     return cast("ASGIFramework", app)

@@ -87,6 +87,8 @@ class Links:
     door: PeerPort
     nursery: trio.Nursery
     _scopes: dict[str, tuple[Peer, trio.CancelScope]] = attrs.field(factory=dict, init=False)
+    # called with the new config after each reload (the admin view follows the links)
+    watchers: list[Callable[[HerdConfig], None]] = attrs.field(factory=list, init=False)
 
     @property
     def dialled(self) -> frozenset[str]:
@@ -125,6 +127,8 @@ class Links:
             if peer.name not in self._scopes:
                 self._dial(peer)
         self.herd = herd
+        for watcher in self.watchers:
+            watcher(herd)
         return Changes(tuple(sorted(linked)), tuple(unlinked), tuple(redialled), tuple(kept))
 
     def _dial(self, peer: Peer) -> None:

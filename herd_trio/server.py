@@ -109,6 +109,7 @@ async def serve(
                 name, herd, node.stats, node.store, version, admin_token, reload=reload
             )
             if found:
+                links.watchers.append(partial(admin.reconfigured, found[0], name))
                 await nursery.start(partial(admin.serve, *found), name=f"{name} admin")
             task_status.started(node)
             await trio.sleep_forever()

@@ -90,6 +90,15 @@ async def test_post_reload_answers_what_changed(tmp_path: Path) -> None:
             assert answer.json()["servers"]["Alpha"]["linked"] == ["Beta"]
             reload(herd, "Beta")
             await herd.wait_linked()
+            ready_url = herd.admin_url("Alpha") + "/readyz?links=all"
+
+            async def ready() -> bool | None:
+                answer = await client.get(ready_url)
+                return True if answer.status_code == 200 else None
+
+            await poll("Alpha ready with its new link", ready, deadline=DEADLINE)
+            state = (await client.get(herd.admin_url("Alpha") + "/state")).json()
+            assert [link["peer"] for link in state["links"]] == ["Beta"]
             herd.config.write_text("not toml [")
             answer = await client.post(url)
             assert answer.status_code == 400
