@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -160,7 +159,7 @@ async def test_accepted_link_of_a_removed_neighbour_is_closed(tmp_path: Path) ->
     door = peer_port(node, herd)
     held = trio.Event()
 
-    async def fake_link(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
             door._accepted["Alpha"] = scope
             task_status.started()
@@ -168,7 +167,7 @@ async def test_accepted_link_of_a_removed_neighbour_is_closed(tmp_path: Path) ->
         held.set()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(fake_link))
+        await nursery.start(run)  # a stand-in for an accepted link
         assert door.allow(frozenset()) == {"Alpha"}
         await held.wait()
     node.log.close()
