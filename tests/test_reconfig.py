@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import msgspec
 import pytest
 import trio
 
-from herd_trio.config import ConfigError, load
+from herd_trio.config import ConfigError, HerdConfig, load
 from herd_trio.links import Peer
 from herd_trio.net import host_of, hostport
-from herd_trio.reconfig import Changes, Links, dialled, dialling, fixed_changes
+from herd_trio.reconfig import Changes, Links, Reloader, dialled, dialling, fixed_changes
 from herd_trio.reconfig import describe as describe_changes
+from herd_trio.security import PeerSecurity
 from tests.helpers import herd_config, make_node, peer_port
 
 
@@ -172,3 +174,44 @@ async def test_accepted_link_of_a_removed_neighbour_is_closed(tmp_path: Path) ->
         await held.wait()
     node.log.close()
     assert "link from Alpha closed: no longer a neighbour" in (tmp_path / "Beta.log").read_text()
+
+
+async def test_reloader_keeps_everything_on_a_bad_config(tmp_path: Path) -> None:
+    """A read that fails, or a config without this server, changes nothing and says why
+    in the server's log; a good one reopens the log and reports per server."""
+    herd = herd_config()
+    node = make_node("Beta", herd, log=tmp_path / "Beta.log")
+    door = peer_port(node, herd)
+    answers: list[HerdConfig | ConfigError] = [
+        ConfigError("invalid TOML: boom", file="herd.toml"),
+        herd_config({"Alpha": {"port": 12000, "peer_port": 12100}}),
+        herd,
+    ]
+
+    def read(names: Iterable[str]) -> tuple[HerdConfig, dict[str, PeerSecurity]]:
+        answer = answers.pop(0)
+        if isinstance(answer, ConfigError):
+            raise answer
+        return answer, {name: door.security for name in names}
+
+    reloader = Reloader(read, {"Beta": node.log})
+    async with trio.open_nursery() as nursery:
+        links = Links(node, herd, door, nursery)
+        links.start()
+        reloader.servers["Beta"] = links
+        assert reloader.reload("SIGHUP received") == {
+            "ok": False,
+            "error": "herd.toml: invalid TOML: boom",
+        }
+        missing = reloader.reload("SIGHUP received")
+        assert missing["error"] == "Beta missing from the new config"
+        assert links.dialled == {"Gamma"}
+        done = reloader.reload("SIGHUP received")
+        assert done["ok"] is True
+        assert done["servers"]["Beta"] == Changes().as_json()
+        nursery.cancel_scope.cancel()
+    node.log.close()
+    log = (tmp_path / "Beta.log").read_text()
+    assert "reload failed, the running config stays: herd.toml: invalid TOML: boom" in log
+    assert "SIGHUP received: log file reopened; reloading the config" in log
+    assert "reloaded: no link changes" in log
