@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -183,3 +185,30 @@ async def test_ipv6_herd_links_and_logs_bracketed_addresses(tmp_path: Path) -> N
             return True if reply.startswith(at) else None
 
         await poll("Beta holds the record", arrived, deadline=DEADLINE)
+
+
+async def test_sighup_under_all_reloads_every_server_with_the_process_secret(
+    tmp_path: Path,
+) -> None:
+    """`--all` with no secret configured makes one random secret; a reload keeps it, so
+    a link added by the reload authenticates, and one SIGHUP reaches every server."""
+    with running(Herd.create(tmp_path, ["Alpha", "Beta"], [])) as herd:
+        process = herd.processes["all"] = launch_all(herd)
+        for name in herd.names:
+            await (await connect(herd.ports[name], deadline=DEADLINE)).aclose()
+        herd.edges.append(("Alpha", "Beta"))
+        herd.write_config()
+        process.send_signal(signal.SIGHUP)
+        await herd.wait_logged("Alpha", "reloaded: linked Beta", deadline=DEADLINE)
+        await herd.wait_logged("Beta", "reloaded: linked Alpha", deadline=DEADLINE)
+        await herd.wait_linked()
+        at = await herd.iamat("Alpha", b"all", b"+1+1", now())
+        await herd.wait_for("Beta", b"all", at, deadline=DEADLINE)
+
+
+def launch_all(herd: Herd) -> subprocess.Popen[bytes]:
+    """`python -m herd_trio --all` for `herd`'s config."""
+    command = [sys.executable, "-m", "herd_trio", "--all", "--config", str(herd.config)]
+    return subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
