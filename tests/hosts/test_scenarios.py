@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from tests.hosts.lab import (
 )
 
 DELAY = 0.040  # seconds each way on every link
+Sent = dict[bytes, tuple[str, float]]  # client: the server its IAMAT went to, and when
 FIGURES: dict[str, dict[str, object]] = {}
 
 
@@ -46,6 +47,32 @@ def record_figures(scenario: str, **figures: object) -> None:
         path = Path(folder) / "hosts-figures.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**old, **FIGURES}, indent=1) + "\n")
+
+
+async def spread(herd: HostHerd, sent: Sent, names: list[str]) -> dict[str, float]:
+    """Messages per update (records taken in from peers, any verdict, over every update
+    of the run) and propagation p50/p99 (ms, from the client's send to each other
+    server's `kept` log line) of the updates in `sent`, over servers `names`."""
+
+    async def logged() -> dict[str, dict[bytes, float]] | None:  # logs flush in batches
+        await trio.lowlevel.checkpoint()
+        taken = {name: log_times(herd.log(name), b"") for name in names}
+        every = all(c in taken[n] for n in names for c, (o, _) in sent.items() if o != n)
+        return taken if every else None
+
+    taken = await poll("every server logs every update it took", logged, deadline=DEADLINE)
+    times = [
+        taken[name][client] - when
+        for name in names
+        for client, (origin, when) in sent.items()
+        if origin != name
+    ]
+    lines = sum(peer_lines(herd.log(name), b"") for name in names)  # a fresh herd: all ours
+    return {
+        "messages_per_update": round(lines / len(sent), 2),
+        "propagation_p50_ms": round(1000 * percentile(times, 0.5), 1),
+        "propagation_p99_ms": round(1000 * percentile(times, 0.99), 1),
+    }
 
 
 def hops(edges: list[tuple[str, str]], origin: str, target: str) -> int:
@@ -122,13 +149,13 @@ async def test_delay_and_loss_every_update_reaches_everyone(lab5: Lab, tmp_path:
             for client, (origin, when) in sent.items():
                 if origin != name:
                     hop_times[hops(DEFAULT_EDGES, origin, name)].append(taken[name][client] - when)
-        messages = sum(peer_lines(herd.log(name), b"dl") for name in DEFAULT_NAMES) / updates
+        figures = await spread(herd, sent, DEFAULT_NAMES)
     two = hop_times[2]
     record_figures(
         "delay 40 ms + 1% loss",
         updates=updates,
         converged_s=round(settled, 2),
-        messages_per_update=round(messages, 2),
+        **figures,
         one_hop_p50_ms=round(1000 * percentile(hop_times[1], 0.5), 1),
         two_hop_p50_ms=round(1000 * percentile(two, 0.5), 1),
         two_hop_p99_ms=round(1000 * percentile(two, 0.99), 1),
@@ -139,10 +166,11 @@ async def test_delay_and_loss_every_update_reaches_everyone(lab5: Lab, tmp_path:
     assert percentile(two, 0.99) <= 2 * DELAY + 0.5
 
 
-async def load(herd: HostHerd, prefix: bytes, seconds: float, acked: list[bytes],
+async def load(herd: HostHerd, prefix: bytes, seconds: float, acked: Sent,
                *, skip: set[str] | None = None) -> None:  # fmt: skip
     """IAMATs round the running servers for `seconds` (at most 20 a second); the clients
-    whose IAMAT was answered go to `acked`. A server that is down is skipped."""
+    whose IAMAT was answered go to `acked`, with where and when. A server that is down
+    is skipped."""
     end = trio.current_time() + seconds
     number = 0
     while trio.current_time() < end and number < 2000:
@@ -151,12 +179,13 @@ async def load(herd: HostHerd, prefix: bytes, seconds: float, acked: list[bytes]
         if not herd.running(name) or name in (skip or set()):
             continue
         client = prefix + b"%04d" % number
+        when = time.time()
         try:
             with trio.fail_after(2.0):
-                await herd.iamat_once(name, client, time.time())
+                await herd.iamat_once(name, client, when)
         except (OSError, trio.TooSlowError, AssertionError):
             continue  # not answered: not counted (a server stopping or starting)
-        acked.append(client)
+        acked[client] = (name, when)
         await trio.sleep(0.05)
 
 
@@ -167,7 +196,7 @@ async def test_host_cut_off_for_20_s_under_load_then_back(lab5: Lab, tmp_path: P
     names, edges = list(DEFAULT_NAMES), list(DEFAULT_EDGES)
     with host_herd(lab5, tmp_path, names, edges, settings=settings) as herd:
         await start(herd)
-        acked: list[bytes] = []
+        acked: Sent = {}
         cut = herd.index("Bona")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(load, herd, b"cut", 22.0, acked)
@@ -180,12 +209,12 @@ async def test_host_cut_off_for_20_s_under_load_then_back(lab5: Lab, tmp_path: P
                    deadline=DEADLINE)  # fmt: skip
         convergence = trio.current_time() - healed
         assert await _holds_all(herd, acked)
-        messages = sum(peer_lines(herd.log(n), b"cut") for n in names) / len(acked)
+        figures = await spread(herd, acked, names)
     record_figures(
         "one host cut off 20 s under load",
         updates=len(acked),
         converged_after_heal_s=round(convergence, 2),
-        messages_per_update=round(messages, 2),
+        **figures,
     )
     assert len(acked) > 200
     assert convergence <= 8.0
@@ -211,7 +240,7 @@ async def test_one_way_loss_link_detected_dead_and_rebuilt(lab5: Lab, tmp_path: 
 
         await poll("Jaquez drops the link from Clark", link_down, deadline=DEADLINE)
         detected = trio.current_time() - began
-        acked: list[bytes] = []
+        acked: Sent = {}
         await load(herd, b"oneway", 2.0, acked)  # goes round by Bona and Campbell
         await poll("updates go round the dead link", lambda: converged(herd, len(acked)),
                    deadline=DEADLINE)  # fmt: skip
@@ -223,11 +252,13 @@ async def test_one_way_loss_link_detected_dead_and_rebuilt(lab5: Lab, tmp_path: 
         await poll(
             "Clark logs the link up twice", lambda: _logged(herd, "Clark", "link to Jaquez up", 2)
         )
+        figures = await spread(herd, acked, names)
     record_figures(
         "one-way loss (Clark to Jaquez)",
         detected_dead_s=round(detected, 2),
         rebuilt_after_heal_s=round(rebuilt, 2),
-        updates_during=len(acked),
+        updates=len(acked),
+        **figures,
     )
     assert detected <= 3 * 0.5 + 3.0  # SILENT_BEATS heartbeats, plus slack for a busy box
 
@@ -239,7 +270,7 @@ async def test_sixth_server_added_and_removed_by_sighup(tmp_path: Path) -> None:
     names, edges = list(DEFAULT_NAMES), list(DEFAULT_EDGES)
     with lab(6) as made, host_herd(made, tmp_path, names, edges) as herd:
         await start(herd)
-        early: list[bytes] = []
+        early: Sent = {}
         await load(herd, b"early", 1.0, early)
         herd.names.append("Extra")  # host 6
         herd.edges.append(("Clark", "Extra"))
@@ -250,7 +281,7 @@ async def test_sixth_server_added_and_removed_by_sighup(tmp_path: Path) -> None:
         await herd.wait_up(["Extra", "Clark"])
         await poll("Extra caught up", lambda: converged(herd, len(early)), deadline=DEADLINE)
         caught_up = trio.current_time() - began
-        later: list[bytes] = []
+        later: Sent = {}
         await load(herd, b"later", 1.0, later, skip={"Extra"})
         total = len(early) + len(later)
         await poll("Extra gets later updates", lambda: converged(herd, total), deadline=DEADLINE)
@@ -263,16 +294,19 @@ async def test_sixth_server_added_and_removed_by_sighup(tmp_path: Path) -> None:
         await poll("Clark unlinks Extra", lambda: _logged(herd, "Clark", "unlinked Extra"))
         # its readiness counts the links it has now, so the upgrade loop is not stuck
         await poll("Clark ready without Extra", partial(herd.ready, "Clark"))
-        gone: list[bytes] = []
+        gone: Sent = {}
         await load(herd, b"gone", 1.0, gone)
         await poll("the five converge", lambda: converged(herd, total + len(gone)))
         extra = await _state_of(herd, "Extra")
         assert extra["records"] == total  # nothing after its removal
-        assert await _holds_all(herd, early + later + gone)
+        assert await _holds_all(herd, [*early, *later, *gone])
+        figures = await spread(herd, {**early, **later, **gone}, names)
     record_figures(
         "sixth server added and removed by SIGHUP",
         caught_up_s=round(caught_up, 2),
         records_caught_up=len(early),
+        updates=len(early) + len(later) + len(gone),
+        **figures,
     )
 
 
@@ -295,7 +329,7 @@ async def test_rolling_restart_under_updates_loses_nothing(lab5: Lab, tmp_path: 
     settings = {"state_dir": "state", "heartbeat_interval": 0.5, "sync_interval": 1.0}
     with host_herd(lab5, tmp_path, names, edges, ipv6=True, settings=settings) as herd:
         await start(herd)
-        acked: list[bytes] = []
+        acked: Sent = {}
         restarts: list[float] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(load, herd, b"roll", 120.0, acked)
@@ -310,15 +344,17 @@ async def test_rolling_restart_under_updates_loses_nothing(lab5: Lab, tmp_path: 
         await poll("every answered update everywhere", lambda: _holds_all(herd, acked),
                    deadline=DEADLINE)  # fmt: skip
         assert len(acked) > 50
+        figures = await spread(herd, acked, names)
     record_figures(
         "rolling restart (IPv6, state_dir)",
         updates=len(acked),
+        **figures,
         restart_to_linked_p50_s=round(percentile(restarts, 0.5), 2),
         restart_to_linked_max_s=round(max(restarts), 2),
     )
 
 
-async def _holds_all(herd: HostHerd, acked: list[bytes]) -> bool | None:
+async def _holds_all(herd: HostHerd, acked: Iterable[bytes]) -> bool | None:
     digests = await herd.digests()
     if len(set(digests.values())) != 1 or len(digests) != len(herd.names):
         return None
