@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from herd_trio.config import ConfigError, HerdConfig
 from herd_trio.events import EventHub
 from herd_trio.metrics import metrics_registry, render_metrics
+from herd_trio.net import shut_connections
 from herd_trio.stats import Event, Stats
 from herd_trio.store import Store
 from herd_trio.view import ServerView, admin_url, herd_layout
@@ -45,6 +46,7 @@ ADMIN_KEEP_ALIVE = 5.0  # seconds an idle keep-alive connection stays open
 ADMIN_READ_TIMEOUT = 10  # seconds a started request may take to arrive (slowloris)
 SSE_KEEPALIVE = 15.0  # seconds between comment lines on a quiet /events stream
 SSE_RETRY_MS = 1000  # how soon a browser reconnects a dropped /events stream
+SSE_SEND_STALL = 10.0  # seconds an /events write may wait on a reader before it is cut off
 STATIC = re.compile(r"/static/((?:vendor/)?[A-Za-z0-9_.-]+\.(?:js|css|json|html))")
 CONTENT_TYPES = {
     "js": b"text/javascript; charset=utf-8",
@@ -77,6 +79,7 @@ class AdminApp:
     hub: EventHub
     token: str | None = None  # None: loopback, no token asked
     origins: frozenset[str] = frozenset()  # other servers' admin URLs (CORS)
+    send_stall: float = SSE_SEND_STALL
     reload: Callable[[], dict[str, Any]] | None = None  # POST /reload; None: 404
     registry: CollectorRegistry = attrs.field(init=False)
 
@@ -113,7 +116,7 @@ class AdminApp:
             await _respond(send, 401, b"bearer token required\n", extra=challenge)
             return
         if path == "/events":
-            await self._events(receive, send, extra)
+            await self._events(receive, _StallWatch(send), extra, _connection(scope))
             return
         if reloading and self.reload is not None:
             if method != "POST":
@@ -157,8 +160,20 @@ class AdminApp:
             return [(b"access-control-allow-origin", origin), (b"vary", b"origin")]
         return []
 
-    async def _events(self, receive: Receive, send: Send, extra: list[tuple[bytes, bytes]]) -> None:
-        """Stream events until the reader leaves, falls behind, or the server stops."""
+    async def _events(
+        self,
+        receive: Receive,
+        send: _StallWatch,
+        extra: list[tuple[bytes, bytes]],
+        connection: tuple[int, tuple[str, int]] | None,
+    ) -> None:
+        """Stream events until the reader leaves, falls behind, or the server stops.
+
+        A reader that stops reading is cut off: the hub stops queueing for it after
+        SUBSCRIBER_BUFFER events, and a write that waits longer than `send_stall` on
+        its full socket gets the connection shut down (hypercorn's writes have no
+        deadline of their own), so no reader holds a task or the server's exit.
+        """
         gone = False
 
         async def watch_disconnect() -> None:
@@ -168,22 +183,63 @@ class AdminApp:
             gone = True
             nursery.cancel_scope.cancel()
 
+        async def watch_stall() -> None:
+            while True:
+                since = await send.writing()
+                await trio.sleep_until(since + self.send_stall)
+                if send.since == since and connection is not None:  # that write still waits
+                    shut_connections(*connection)
+                    return
+
         # Subscribed before the hello goes out, so a reader that reloads the picture
         # on hello misses nothing.
         with self.hub.subscribe() as events:
-            headers = [(b"content-type", b"text/event-stream"), *SECURITY_HEADERS, *extra]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            hello = _sse({"type": "hello", "server": self.view.name})
-            await send(_chunk(b"retry: %d\n\n" % SSE_RETRY_MS + hello))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_disconnect)
+                nursery.start_soon(watch_stall)
+                headers = [(b"content-type", b"text/event-stream"), *SECURITY_HEADERS, *extra]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                hello = _sse({"type": "hello", "server": self.view.name})
+                await send(_chunk(b"retry: %d\n\n" % SSE_RETRY_MS + hello))
                 await _stream(events, send)
                 nursery.cancel_scope.cancel()
         if not gone:  # dropped as too slow: end the response; the browser reconnects
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _stream(events: trio.MemoryReceiveChannel[Event], send: Send) -> None:
+@attrs.define(eq=False)
+class _StallWatch:
+    """An ASGI `send` that remembers since when its current write has been waiting."""
+
+    send: Send
+    since: float | None = None  # when the write in progress began
+    _started: trio.Event = attrs.field(factory=trio.Event)
+
+    async def __call__(self, message: Message) -> None:
+        self.since = trio.current_time()
+        self._started.set()
+        try:
+            await self.send(message)
+        finally:
+            self.since, self._started = None, trio.Event()
+
+    async def writing(self) -> float:
+        """Wait for a write to be in progress; when it began. Always checkpoints."""
+        await trio.lowlevel.checkpoint()
+        while self.since is None:
+            await self._started.wait()  # the write may be over again when we run: recheck
+        return self.since
+
+
+def _connection(scope: Scope) -> tuple[int, tuple[str, int]] | None:
+    """(local port, remote address) of the request's connection, if the server says."""
+    server, client = scope.get("server"), scope.get("client")
+    if not server or not client:
+        return None
+    return int(server[1]), (str(client[0]), int(client[1]))
+
+
+async def _stream(events: trio.MemoryReceiveChannel[Event], send: _StallWatch) -> None:
     """Send events as they come, a comment line when quiet; return when the hub drops us."""
     while True:
         with trio.move_on_after(SSE_KEEPALIVE) as quiet:
@@ -249,17 +305,21 @@ def admin_app(
     store: Store,
     version: str,
     token: str | None,
+    places: object = None,
     *,
     reload: Callable[[], dict[str, Any]] | None = None,
 ) -> tuple[AdminApp, str, int] | None:
     """The admin app of server `name` and where it listens, or None without admin_port.
 
-    `reload`, if given, answers `POST /reload` (see herd_trio/reconfig.py)."""
+    `places` is the server's places source, for /readyz (see places.readiness).
+    `reload`, if given, answers `POST /reload` (see herd_trio/reconfig.py).
+    """
     cfg = herd.servers[name]
     if cfg.admin_port is None:
         return None
     layout = tuple(herd_layout(herd))
-    view = ServerView(name, version, stats, store, tuple(herd.neighbours(name)), layout)
+    neighbours = tuple(herd.neighbours(name))
+    view = ServerView(name, version, stats, store, neighbours, layout, places)
     origins = frozenset(
         url
         for server in herd.servers.values()
@@ -269,7 +329,8 @@ def admin_app(
             admin_url("localhost", server.admin_port),
         )
     )
-    return AdminApp(view, EventHub(), token, origins, reload), cfg.admin_host, cfg.admin_port
+    app = AdminApp(view, EventHub(), token, origins, reload=reload)
+    return app, cfg.admin_host, cfg.admin_port
 
 
 def reconfigured(app: AdminApp, name: str, herd: HerdConfig) -> None:
@@ -315,6 +376,12 @@ async def serve(
         binds: list[str] = await nursery.start(
             partial(hypercorn_serve, _asgi(app), hypercorn_config(host, port))
         )
-        task_status.started(int(binds[0].rpartition(":")[2]))
-        await trio.sleep_forever()
+        bound = int(binds[0].rpartition(":")[2])
+        task_status.started(bound)
+        try:
+            await trio.sleep_forever()
+        finally:
+            # hypercorn waits for its connections, and a write to a reader that does not
+            # read waits forever (shielded): shut them all so a stop takes no longer.
+            shut_connections(bound)
     raise AssertionError("unreachable")  # pragma: no cover

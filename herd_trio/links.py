@@ -29,7 +29,7 @@ from herd_trio.bus import OutboxClosed
 from herd_trio.digests import DigestGate, DigestReplies, PeerMisbehaved
 from herd_trio.errors import leaves
 from herd_trio.lines import LineReader, LineTooLong
-from herd_trio.linkwriter import PING, LinkWriter, Timers
+from herd_trio.linkwriter import HEARTBEATS, PING, PONG, LinkWriter, Timers
 from herd_trio.log import RateLimiter
 from herd_trio.net import describe, host_of, hostport, is_loopback
 from herd_trio.node import Node
@@ -162,10 +162,15 @@ async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWrite
             raise LinkError(f"no word from {peer} for {silence:g} s", "silent")
         if not lines:
             raise LinkError(f"{peer} closed the link", "closed")
-        if len(lines) > 1 or lines[0] != PING:
+        if len(lines) > 1 or lines[0] not in HEARTBEATS:
             writer.note_traffic()
         for line in lines:
             if line == PING:
+                writer.pong()
+                continue
+            if line == PONG:
+                if (rtt := writer.ponged()) is not None:
+                    counts.rtt = rtt
                 continue
             if line.startswith(DIGEST):
                 theirs = _parse(peer, line, lambda ln: parse_digest(ln, BUCKETS))

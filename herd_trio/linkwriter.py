@@ -10,7 +10,9 @@ the kernel does not take at once is left for the writer task, which sends it fir
 What to send next is decided by `Timers`, a plain object with no I/O: a DIGEST first
 and then after every sync_interval in which the link carried no record (in-flight
 records make the stores differ for no lasting reason), and a PING whenever the link
-was otherwise idle for a heartbeat.
+was otherwise idle for a heartbeat. The peer answers each PING with a PONG, which gives
+the link's round-trip time (`LinkWriter.ponged`); at most one PONG waits to be sent, so
+a peer that sends PINGs back to back gets no more bytes than it sends.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from herd_trio.net import send_within
 from herd_trio.protocol import Record
 
 PING = b"PING"
+PONG = b"PONG"
+HEARTBEATS = frozenset((PING, PONG))  # lines that keep a link alive but carry no record
 _PING_LINE = PING + b"\n"
+_PONG_LINE = PONG + b"\n"
 
 
 @attrs.define
@@ -105,6 +110,8 @@ class LinkWriter:
     _written: int = attrs.field(default=0, init=False)  # outbox numbers up to here are sent
     _traffic_at: float = attrs.field(default=-math.inf, init=False)  # last record either way
     records_sent: int = attrs.field(default=0, init=False)  # records taken for the socket
+    _pong: bool = attrs.field(default=False, init=False)  # the peer's PING awaits its PONG
+    _ping_at: float | None = attrs.field(default=None, init=False)  # our unanswered PING
 
     def deliver(self, record: Record) -> None:
         """Send `record` now if the writer is idle, else queue it; never blocks.
@@ -139,6 +146,21 @@ class LinkWriter:
     def queue(self, record: Record) -> None:
         """Queue `record` behind what is pending (a digest's answer: no direct send)."""
         self.outbox.put(record)
+
+    def pong(self) -> None:
+        """The peer sent a PING: answer it with a PONG soon (one pending at most)."""
+        self._pong = True
+        self.outbox.wake()
+
+    def ponged(self) -> float | None:
+        """The peer's PONG arrived: the round-trip time of our last PING, in seconds.
+
+        None if no PING of ours was waiting for it (a PONG the peer sent unasked).
+        """
+        if self._ping_at is None:
+            return None
+        rtt, self._ping_at = trio.current_time() - self._ping_at, None
+        return rtt
 
     def depth(self) -> int:
         """Records waiting in the outbox (for the admin port)."""
@@ -176,13 +198,14 @@ class LinkWriter:
                         await self._wait_for_work()
                     if data := self._take():
                         await self._write(data)
-                    elif quiet.cancelled_caught and timers.ping_due(trio.current_time()):
+                    elif quiet.cancelled_caught and timers.ping_due(now := trio.current_time()):
+                        self._ping_at = now
                         await self._write(_PING_LINE)
             finally:
                 self._send = None  # the duplicate descriptor closes with the block
 
     async def _wait_for_work(self) -> None:
-        if self.outbox or self._residue:
+        if self.outbox or self._residue or self._pong:
             await trio.lowlevel.checkpoint()
             return
         self._idle = True
@@ -192,9 +215,11 @@ class LinkWriter:
             self._idle = False
 
     def _take(self) -> bytes:
-        """The residue of a direct send, then the pending records, as one write."""
+        """The residue of a direct send, a PONG, then the pending records, as one write."""
         batch = self.outbox.take_nowait()
         residue, self._residue = self._residue, b""
+        if self._pong:
+            residue, self._pong = residue + _PONG_LINE, False
         if not batch:
             return residue
         self.records_sent += len(batch)

@@ -62,6 +62,11 @@ class HerdCollector(Collector):
             "Records queued to answer a peer's digest",
             labels=["peer"],
         )
+        rtt = GaugeMetricFamily(
+            "herd_link_rtt_seconds",
+            "Round-trip time of the latest heartbeat (PING to PONG) on the link",
+            labels=["peer"],
+        )
         for peer in view.neighbours:
             link = peers.get(peer)
             up.add_metric([peer], 1.0 if link is not None and link.live is not None else 0.0)
@@ -76,7 +81,9 @@ class HerdCollector(Collector):
             digests.add_metric([peer, "received"], link.digests_received)
             digests.add_metric([peer, "sent"], link.digests_sent)
             resent.add_metric([peer], link.resent)
-        yield from (up, drops, sent, received, depth, digests, resent)
+            if link.rtt is not None:
+                rtt.add_metric([peer], link.rtt)
+        yield from (up, drops, sent, received, depth, digests, resent, rtt)
 
     def _server(self) -> Iterator[Metric]:
         view, stats = self.view, self.view.stats

@@ -105,8 +105,9 @@ async def serve(
             if reloader is not None:
                 reloader.servers[name] = links  # SIGHUP and POST /reload reach it
                 reload = partial(reloader.reload, f"POST /reload on {name}'s admin port")
+            stats, store = node.stats, node.store
             found = admin.admin_app(
-                name, herd, node.stats, node.store, version, admin_token, reload=reload
+                name, herd, stats, store, version, admin_token, places, reload=reload
             )
             if found:
                 links.watchers.append(partial(admin.reconfigured, found[0], name))

@@ -76,6 +76,7 @@ class PeerStats:
     digests_sent: int = 0
     resent: int = 0  # records queued to answer the peer's digest (anti-entropy)
     sent_before: int = 0  # records sent on connections that ended
+    rtt: float | None = None  # seconds, PING to PONG, the latest measured (kept while down)
     live: LiveLink | None = None
 
     @property

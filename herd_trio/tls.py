@@ -18,11 +18,13 @@ Errors: a failed TLS handshake raises `trio.BrokenResourceError` (its __cause__ 
 TLS 1.3 the client's handshake completes before the server has checked the client's
 certificate, so a refused client certificate may surface on the dialler's first
 receive instead (the auth handshake that follows does one) as
-`trio.BrokenResourceError`.
+`trio.BrokenResourceError`. Either way the refusing side sends its TLS alert, so the
+other side's ssl.SSLError names the reason (`_handshake`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from typing import Literal
 
@@ -109,7 +111,7 @@ async def wrap_dialled(
     errors. No deadline: the caller sets one.
     """
     tls = trio.SSLStream(stream, context, server_hostname=peer_name)
-    await tls.do_handshake()
+    await _handshake(tls, stream)
     return tls
 
 
@@ -122,8 +124,42 @@ async def wrap_accepted(
     gets checked after its HELLO, with `certificate_matches`.
     """
     tls = trio.SSLStream(stream, context, server_side=True)
-    await tls.do_handshake()
+    await _handshake(tls, stream)
     return tls
+
+
+ALERT_GRACE = 1.0  # seconds to hand a refusal's alert to the transport before giving up
+
+
+async def _handshake(tls: trio.SSLStream[trio.abc.Stream], stream: trio.abc.Stream) -> None:
+    """`tls.do_handshake()`, and when it refuses the peer, tell the peer why.
+
+    OpenSSL writes a TLS alert ("unknown ca", "certificate required", ...) into the
+    outgoing buffer when it refuses the other side, but trio's SSLStream raises
+    before sending what is buffered (python-trio/trio#3413), so the peer only sees
+    the connection close: an "unexpected EOF" or, with some OpenSSL builds, a clean
+    end, and its operator cannot tell a refused certificate from a network fault.
+    Sending the buffered alert ourselves makes the peer's error name the reason on
+    every OpenSSL version. Best effort: a peer that is gone already changes nothing.
+    """
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        if isinstance(exc.__cause__, ssl.SSLError):
+            await _send_pending_alert(tls, stream)
+        raise
+
+
+async def _send_pending_alert(
+    tls: trio.SSLStream[trio.abc.Stream], stream: trio.abc.Stream
+) -> None:
+    outgoing = getattr(tls, "_outgoing", None)  # SSLStream's MemoryBIO; private, hence getattr
+    if not isinstance(outgoing, ssl.MemoryBIO) or not outgoing.pending:
+        return
+    alert = outgoing.read()
+    gone = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+    with trio.move_on_after(ALERT_GRACE), contextlib.suppress(*gone):
+        await stream.send_all(alert)
 
 
 def certificate_names(tls: trio.SSLStream[trio.abc.Stream]) -> frozenset[str]:

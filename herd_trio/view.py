@@ -13,6 +13,7 @@ from hashlib import blake2b
 import attrs
 
 from herd_trio.config import HerdConfig, location_degrees
+from herd_trio.places import readiness
 from herd_trio.stats import Stats
 from herd_trio.store import Store
 
@@ -47,6 +48,11 @@ def store_digest(store: Store) -> str:
     return blake2b(data, digest_size=8).hexdigest()
 
 
+def rtt_ms(seconds: float | None) -> float | None:
+    """A round-trip time in milliseconds, to the microsecond, or None if never measured."""
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
 def iso(ns: int | None) -> str | None:
     """A wall-clock time in nanoseconds as ISO 8601 UTC, or None."""
     if ns is None:
@@ -66,6 +72,7 @@ class ServerView:
     store: Store
     neighbours: tuple[str, ...]
     layout: tuple[JSONObject, ...] = ()
+    places: object = None  # the places source; see places.readiness
 
     def links_up(self) -> int:
         """How many configured links are up now."""
@@ -79,15 +86,18 @@ class ServerView:
         """Whether the server is ready (and, with `all_links`, every link up), and why."""
         up, total = self.links_up(), len(self.neighbours)
         listening = self.stats.listening
-        ready = listening and (up == total or not all_links)
+        places_ready, places_error = readiness(self.places)
+        ready = listening and places_ready and (up == total or not all_links)
         body: JSONObject = {
             "ready": ready,
             "state_loaded": listening,  # serve() loads state before it listens
-            "places_ready": True,  # the places source is opened before any server starts
+            "places_ready": places_ready,  # offline: the index is loaded
             "listeners_up": listening,
             "links_up": up,
             "links_total": total,
         }
+        if places_error is not None:
+            body["places_error"] = places_error
         return ready, body
 
     def state(self) -> JSONObject:
@@ -103,6 +113,7 @@ class ServerView:
                     "up": link is not None and link.live is not None,
                     "up_since": iso(link.up_since_ns) if link else None,
                     "last_error": link.last_error if link else "",
+                    "rtt_ms": rtt_ms(link.rtt) if link else None,
                     "outbox": link.depth if link else 0,
                     "records_in": (link.kept + link.stale + link.duplicate) if link else 0,
                     "records_out": link.records_sent if link else 0,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from importlib import resources
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -19,9 +22,12 @@ from herd_trio.admin import AdminApp, admin_token
 from herd_trio.admin import serve as serve_admin
 from herd_trio.events import EventHub
 from herd_trio.metrics import metrics_registry, render_metrics
+from herd_trio.net import socket_of
+from herd_trio.places.offline import OfflinePlaces
 from herd_trio.stats import Stats
 from herd_trio.store import Store
 from herd_trio.view import ServerView, store_digest
+from tests.e2e.herd import poll
 from tests.helpers import KIWI, herd_config, record
 
 TOKEN = "s3cret-token"
@@ -107,7 +113,7 @@ def test_collector_reads_live_counters_at_scrape_time() -> None:
     live = FakeLink(sent=3, depth=2)
     counts = stats.link_up("Bona", "in", live)
     counts.kept, counts.stale, counts.duplicate = 5, 1, 2
-    counts.digests_received, counts.resent = 4, 7
+    counts.digests_received, counts.resent, counts.rtt = 4, 7, 0.0015
     stats.link_dropped("Jaquez", "silent", "no word from Jaquez for 3 s")
     stats.iamat, stats.whatsat, stats.invalid = 10, 4, 1
     stats.requests.observe(0.0002)
@@ -117,6 +123,8 @@ def test_collector_reads_live_counters_at_scrape_time() -> None:
     assert samples["herd_link_up{peer=Bona}"] == 1
     assert samples["herd_link_up{peer=Jaquez}"] == 0
     assert samples["herd_link_drops_total{peer=Jaquez,reason=silent}"] == 1
+    assert samples["herd_link_rtt_seconds{peer=Bona}"] == 0.0015
+    assert "herd_link_rtt_seconds{peer=Jaquez}" not in samples  # never measured
     assert samples["herd_records_sent_total{peer=Bona}"] == 3
     assert samples["herd_records_received_total{peer=Bona,verdict=kept}"] == 5
     assert samples["herd_records_received_total{peer=Bona,verdict=stale}"] == 1
@@ -169,6 +177,21 @@ async def test_healthz_and_readyz(nursery: trio.Nursery, client: httpx.AsyncClie
     assert (await client.get(f"{base}/readyz?links=all")).status_code == 200
 
 
+async def test_readyz_waits_for_the_places_data(
+    nursery: trio.Nursery, client: httpx.AsyncClient
+) -> None:
+    places = OfflinePlaces(trio.Event())  # loading: no index delivered yet
+    view = attrs.evolve(make_view(), places=places)
+    view.stats.listening = True
+    base = await start(nursery, AdminApp(view, EventHub()))
+    loading = await client.get(f"{base}/readyz")
+    assert (loading.status_code, loading.json()["places_ready"]) == (503, False)
+    places._deliver(None, "index child exited with status 1")
+    failed = await client.get(f"{base}/readyz")
+    assert failed.status_code == 503
+    assert failed.json()["places_error"] == "index child exited with status 1"
+
+
 async def test_state_lists_links_records_and_digest(
     nursery: trio.Nursery, client: httpx.AsyncClient
 ) -> None:
@@ -184,6 +207,7 @@ async def test_state_lists_links_records_and_digest(
     assert (bona["peer"], bona["direction"], bona["up"], bona["outbox"]) == ("Bona", "in", True, 1)
     assert bona["records_out"] == 4
     assert bona["up_since"].endswith("Z")
+    assert (bona["rtt_ms"], jaquez["rtt_ms"]) == (None, None)  # no PING answered yet
     assert (jaquez["up"], jaquez["last_error"], jaquez["up_since"]) == (False, "timed out", None)
     assert state["herd"][0]["location"] == [34.07, -118.45]
     clients = (await client.get(f"{base}/clients")).json()
@@ -231,6 +255,53 @@ def test_a_slow_subscriber_is_dropped_not_waited_for() -> None:
         assert [slow.receive_nowait(), slow.receive_nowait()] == [{"n": 0}, {"n": 1}]
         with pytest.raises(trio.EndOfChannel):
             slow.receive_nowait()
+
+
+def connections_on(port: int) -> int:
+    """This process's connected TCP sockets whose local port is `port` (the server ends)."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        if (sock := socket_of(name)) is None:
+            continue
+        with sock:
+            try:
+                if sock.getsockname()[1] == port and sock.getpeername():
+                    count += 1
+            except (OSError, IndexError, TypeError):
+                continue
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux's /proc")
+async def test_an_events_reader_that_stops_reading_is_cut_off(nursery: trio.Nursery) -> None:
+    view = make_view()
+    hub = EventHub()
+    base = await start(nursery, AdminApp(view, hub, send_stall=0.5))
+    port = int(base.rpartition(":")[2])
+    stalled = trio.socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with stalled:
+        await stalled.connect(("127.0.0.1", port))
+        await stalled.send(b"GET /events HTTP/1.1\r\nHost: test\r\n\r\n")
+        await poll_until(lambda: hub.subscribers == 1)
+        # 64 KB events until the server's writes wait on the full socket and the hub
+        # drops the reader; bounded: 600 events are 38 MB, far more than any buffer.
+        for n in range(600):
+            hub.publish({"n": n, "pad": "x" * 65536})
+            await trio.sleep(0.001)
+            if hub.subscribers == 0:
+                break
+        assert hub.subscribers == 0
+        # The write that waits on the reader is cut off: the server closes its end.
+        await poll_until(lambda: connections_on(port) == 0)
+
+
+async def poll_until(check: Callable[[], bool], deadline: float = 10.0) -> None:
+    async def holds() -> bool | None:
+        await trio.lowlevel.checkpoint()
+        return True if check() else None
+
+    await poll("the condition holds", holds, deadline=deadline)
 
 
 async def test_a_token_guards_everything_but_healthz(

@@ -320,7 +320,9 @@ async def test_an_idle_link_sends_a_digest_then_ping_every_heartbeat(
         for _ in range(6):
             line = await reader.receive_line()
             heard.append((trio.current_time() - start, line))
-            await theirs.send_all(b"PING\n")
+            if line == b"PING":
+                await trio.sleep(0.25)  # the round trip Alpha measures
+                await theirs.send_all(b"PONG\n")
     assert heard == [
         (0.0, EMPTY_DIGEST),  # a digest first on a new link
         (2.0, b"PING"),
@@ -329,6 +331,35 @@ async def test_an_idle_link_sends_a_digest_then_ping_every_heartbeat(
         (7.0, b"PING"),
         (9.0, b"PING"),
     ]
+    assert alpha.stats.peer("Beta").rtt == 0.25
+    assert errors == []
+
+
+async def test_a_ping_is_answered_with_one_pong(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    alpha = make_server("Alpha", heartbeat_interval=2.0, sync_interval=100.0)
+    ours, theirs = trio.testing.memory_stream_pair()
+    errors: list[BaseException] = []
+    nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
+    reader = LineReader(theirs, PEER_MAX)
+    assert await reader.receive_line() == EMPTY_DIGEST
+    await theirs.send_all(b"PING\n")
+    assert await reader.receive_line() == b"PONG"
+    # PINGs back to back while the writer is busy: at most one PONG waits, so a peer
+    # never gets more heartbeat bytes back than it sends.
+    await theirs.send_all(b"PING\n" * 50)
+    with trio.fail_after(1.5):  # before Alpha's own PING is due
+        assert await reader.receive_line() == b"PONG"
+    heard: list[bytes | None] = []
+    with trio.move_on_after(1.0):
+        while True:
+            heard.append(await reader.receive_line())
+    assert heard.count(b"PONG") <= 1, heard
+    assert alpha.stats.peer("Beta").rtt is None  # a PONG was never asked of Beta
+    await theirs.send_all(b"PONG\n")  # unasked: ignored, not a round trip
+    await trio.testing.wait_all_tasks_blocked()
+    assert alpha.stats.peer("Beta").rtt is None
     assert errors == []
 
 

@@ -37,6 +37,18 @@ class PlacesSource(Protocol):
         ...
 
 
+def readiness(source: object) -> tuple[bool, str | None]:
+    """Whether `source` answers from its data now, and why it never will if it failed.
+
+    A source that loads data (offline) says so with `ready` and `failure` attributes;
+    one without them (google: nothing to load) is ready at once.
+    """
+    failure = getattr(source, "failure", None)
+    if isinstance(failure, str):
+        return False, failure
+    return bool(getattr(source, "ready", True)), None
+
+
 def legacy_body(
     results: list[JSON],
     status: str,

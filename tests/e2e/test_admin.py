@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +16,10 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.herd import DEFAULT_EDGES, Herd, poll, running
+from herd_trio.lines import LineReader
+from tests.e2e.herd import DEFAULT_EDGES, Herd, connect, poll, running
+
+PLACES_LOAD = 60.0  # seconds: /readyz waits for the offline places index (built on first use)
 
 
 @pytest.fixture
@@ -38,8 +44,12 @@ async def test_status_reports_every_server_ready_then_a_stopped_one(admin_herd: 
     at_line = await admin_herd.iamat("Clark", b"kiwi", b"+34.068930-118.445127", b"1700000000.5")
     for name in admin_herd.names:
         await admin_herd.wait_for(name, b"kiwi", at_line)
-    result = await trio.to_thread.run_sync(status, admin_herd)
-    assert result.returncode == 0, result.stdout + result.stderr
+
+    async def all_ready() -> subprocess.CompletedProcess[str] | None:
+        done = await trio.to_thread.run_sync(status, admin_herd)
+        return done if done.returncode == 0 else None  # the places index may be loading
+
+    result = await poll("every server ready", all_ready, deadline=PLACES_LOAD)
     rows = [line.split() for line in result.stdout.splitlines()]
     assert rows[0] == ["SERVER", "UP", "READY", "LINKS", "RECORDS", "CLIENTS", "DIGEST"]
     degree = {n: sum(n in edge for edge in DEFAULT_EDGES) for n in admin_herd.names}
@@ -81,8 +91,12 @@ async def test_metrics_and_state_of_a_running_server(admin_herd: Herd) -> None:
             "Jaquez": True,
         }
         assert [s["name"] for s in state["herd"]] == admin_herd.names
-        ready = await client.get(f"{admin_herd.admin_url('Clark')}/readyz?links=all")
-        assert ready.status_code == 200
+
+        async def ready() -> bool | None:  # the offline places index may still be loading
+            answer = await client.get(f"{admin_herd.admin_url('Clark')}/readyz?links=all")
+            return True if answer.status_code == 200 else None
+
+        await poll("Clark ready with every link up", ready, deadline=PLACES_LOAD)
 
 
 def test_a_server_named_status_runs_after_a_double_dash(tmp_path: Path) -> None:
@@ -134,3 +148,38 @@ async def test_iamat_and_whatsat_commands(herd: Herd) -> None:
     bad = await trio.to_thread.run_sync(cli, herd, "iamat", "kiwi", "north", "west")
     assert bad.returncode == 2
     assert "expected decimal degrees" in bad.stderr
+
+
+async def test_an_events_reader_that_never_reads_does_not_delay_the_stop(tmp_path: Path) -> None:
+    """SIGTERM stops the server within PROTOCOL.md's 3 s though an /events write waits.
+
+    hypercorn's writes have no deadline; the admin listener shuts its connections down
+    when it stops, so a reader with a full socket cannot hold the process.
+    """
+    herd = Herd.create(tmp_path, names=["Solo"], edges=[]).with_admin()
+    with running(herd):
+        herd.start("Solo")
+        await (await connect(herd.ports["Solo"])).aclose()
+        port = herd.admin_ports["Solo"]
+        reader = trio.socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up sooner
+        await reader.connect(("127.0.0.1", port))
+        await reader.send(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
+        # Records with 250-byte client ids: each kept one is a ~330-byte event, and
+        # 30,000 of them (10 MB) are more than loopback's socket buffers hold.
+        stream = await connect(herd.ports["Solo"])
+        pad, count = b"x" * 245, 30_000
+        batch = b"".join(b"IAMAT %s%d +1+1 1700000000\n" % (pad, n) for n in range(count))
+        replies = LineReader(stream, 1 << 20)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.send_all, batch)
+            with trio.fail_after(60):
+                for _ in range(count):  # every IAMAT answered: every event was published
+                    reply = await replies.receive_line() or b""
+                    assert reply.startswith(b"AT Solo "), reply[:60] + reply[-60:]
+        await stream.aclose()
+        start = time.monotonic()
+        status = await trio.to_thread.run_sync(herd.kill, "Solo", signal.SIGTERM)
+        took = time.monotonic() - start
+        reader.close()
+    assert (status, took < 3.0) == (0, True), took

@@ -87,8 +87,11 @@ async def held_full(max_clients: int, tmp_path: Path) -> None:
             f"\n{max_clients} held: admitted in {admitted * 1000:.1f} ms;"
             f" {len(times)} IAMATs p50 {p50 * 1000:.2f} ms p99 {p99 * 1000:.2f} ms"
         )
+        # Served, not stalled behind the held connections (a scan of every held one per
+        # admission, or an eviction that waits on a linger, would show here). The bounds
+        # leave room for a loaded machine: latency figures belong in `nox -s bench`.
         assert admitted < 1.0
-        assert p99 < 0.005
+        assert p99 < 0.1
 
 
 LINGER_BOUND = 5.0  # seconds: an evicted connection's FIN arrives at once, well within this
