@@ -49,9 +49,11 @@ async def test_sighup_links_an_added_neighbour_and_unlinks_it_again(tmp_path: Pa
 
         herd.edges.remove(("Beta", "Gamma"))
         herd.write_config()
-        reload(herd, "Beta", "Gamma")
-        await herd.wait_logged("Beta", "reloaded: unlinked Gamma", deadline=DEADLINE)
+        reload(herd, "Gamma")  # first the accepting side: it closes the link and refuses
         await herd.wait_logged("Gamma", "reloaded: unlinked Beta", deadline=DEADLINE)
+        await herd.wait_logged("Gamma", "refused peer connection from", deadline=DEADLINE)
+        reload(herd, "Beta")  # then the dialling side stops dialling
+        await herd.wait_logged("Beta", "reloaded: unlinked Gamma", deadline=DEADLINE)
         after = await herd.iamat("Alpha", b"after", b"+3+3", now())
         await herd.wait_for("Beta", b"after", after, deadline=DEADLINE)
         reply = await herd.whatsat("Gamma", b"after", b"1", b"0")
