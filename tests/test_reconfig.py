@@ -11,7 +11,7 @@ import trio
 
 from herd_trio.config import ConfigError, HerdConfig, load
 from herd_trio.links import Peer
-from herd_trio.net import host_of, hostport
+from herd_trio.net import host_of, hostport, is_loopback_host
 from herd_trio.reconfig import Changes, Links, Reloader, dialled, dialling, fixed_changes
 from herd_trio.reconfig import describe as describe_changes
 from herd_trio.security import PeerSecurity
@@ -215,3 +215,42 @@ async def test_reloader_keeps_everything_on_a_bad_config(tmp_path: Path) -> None
     assert "reload failed, the running config stays: herd.toml: invalid TOML: boom" in log
     assert "SIGHUP received: log file reopened; reloading the config" in log
     assert "reloaded: no link changes" in log
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),  # an IPv4 peer on a dual-stack `::` listener
+        ("fe80::1%lo", False),
+        ("10.77.0.1", False),
+        ("fd77::1", False),
+        ("::ffff:10.77.0.1", False),
+        ("localhost", False),  # a peer address is never a name
+    ],
+)
+def test_unauthenticated_peers_must_be_on_loopback_in_both_families(
+    host: str, loopback: bool
+) -> None:
+    assert is_loopback_host(host) is loopback
+
+
+async def test_an_ipv6_loopback_peer_is_taken_without_a_secret(tmp_path: Path) -> None:
+    """With neither secret nor TLS the peer port takes loopback only, and [::1] is
+    loopback: its HELLO is answered, not refused (off-loopback sources: above)."""
+    herd = herd_config()
+    node = make_node("Beta", herd, log=tmp_path / "Beta.log")
+    door = peer_port(node, herd)
+    listeners = await trio.open_tcp_listeners(0, host="::1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, door.handle, listeners)
+        stream = await trio.open_tcp_stream("::1", port)
+        async with stream:
+            await stream.send_all(b"HELLO herd_trio/1 Alpha Beta\n")
+            assert await stream.receive_some(4096)  # a loopback peer gets an answer
+        nursery.cancel_scope.cancel()
+    node.log.close()
+    assert "refused peer connection from [::1]" not in (tmp_path / "Beta.log").read_text()
