@@ -175,6 +175,11 @@ class Lab:
         family = "ip6" if ":" in address else "ip"
         self.nft(index, f"add rule inet lab out {family} daddr {address} drop")
 
+    def limit(self, index: int, rate: str) -> None:
+        """Cap what host `index` sends on its link at `rate` (tc's units: `8mbit`)."""
+        sh(*self.exec(index, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate,
+                      "burst", "32kbit", "latency", "400ms"))  # fmt: skip
+
     def heal(self, index: int) -> None:
         """Remove every drop rule of host `index`."""
         for chain in ("out", "in"):

@@ -4,10 +4,14 @@ faults it makes (nft loss, cuts) do what they say. Checked before any scenario u
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import trio
 
-from tests.hosts.lab import SUBNET4, inside, lab, open_stream, sh
+from tests.e2e.herd import poll
+from tests.hosts.lab import DELAY_SCRIPT, SUBNET4, inside, lab, open_stream, sh
 
 SO_RCVBUFFORCE = 33  # Linux <asm-generic/socket.h>; the socket module lacks the name
 
@@ -73,3 +77,78 @@ async def test_nft_numgen_loss_drops_the_share_it_says() -> None:
                 arrived += 1
         assert 150 <= arrived <= 350, arrived
         assert arrived + refused == 500
+
+
+async def test_delay_forwarder_adds_its_delay_each_way(tmp_path: Path) -> None:
+    """delay.py in host 2 on its second address: an echo through it takes two delays."""
+    delay = 0.05
+    with lab(2) as made:
+        with inside(made.ns(2)):
+            listener = trio.socket.socket()
+        await listener.bind((f"{SUBNET4}.2", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        ready = tmp_path / "ready"
+        argv = [sys.executable, str(DELAY_SCRIPT), f"{SUBNET4}.102", str(port)]
+        argv += [f"{SUBNET4}.2", str(port), str(delay), str(ready)]
+        forwarder = start_process(made.exec(2, *argv))
+        try:
+            await poll("the forwarder listens", lambda: _exists(ready))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_echo_once, listener)
+                stream = await open_stream(made.ns(1), f"{SUBNET4}.102", port)
+                async with stream:
+                    began = trio.current_time()
+                    await stream.send_all(b"ping")
+                    assert await stream.receive_some(16) == b"ping"
+                    rtt = trio.current_time() - began
+        finally:
+            forwarder.terminate()
+            forwarder.wait(timeout=10)
+            listener.close()
+    assert 2 * delay <= rtt < 2 * delay + 0.1, rtt
+
+
+def start_process(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+
+async def _exists(path: Path) -> bool | None:
+    return True if await trio.Path(path).exists() else None
+
+
+async def _echo_once(listener: trio.socket.SocketType) -> None:
+    conn, _ = await listener.accept()
+    with conn:
+        data = await conn.recv(16)
+        await conn.send(data)
+
+
+async def test_tbf_caps_a_hosts_bandwidth() -> None:
+    """1 MB through an 8 Mbit/s token bucket takes about a second (unlimited: ms)."""
+    with lab(2) as made:
+        with inside(made.ns(2)):
+            listener = trio.socket.socket()
+        await listener.bind((f"{SUBNET4}.2", 0))
+        listener.listen()
+        made.limit(1, "8mbit")
+        received = 0
+        async with trio.open_nursery() as nursery:
+
+            async def drain() -> None:
+                nonlocal received
+                conn, _ = await listener.accept()
+                with conn:
+                    while data := await conn.recv(65536):
+                        received += len(data)
+
+            nursery.start_soon(drain)
+            stream = await open_stream(made.ns(1), f"{SUBNET4}.2", listener.getsockname()[1])
+            began = trio.current_time()
+            async with stream:
+                await stream.send_all(b"x" * 1_000_000)
+                await stream.send_eof()
+        elapsed = trio.current_time() - began
+        listener.close()
+    assert received == 1_000_000
+    assert 0.8 <= elapsed < 5.0, elapsed
