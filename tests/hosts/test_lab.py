@@ -3,15 +3,26 @@ faults it makes (nft loss, cuts) do what they say. Checked before any scenario u
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.e2e.herd import poll
-from tests.hosts.lab import DELAY_SCRIPT, SUBNET4, inside, lab, open_stream, sh
+from tests.hosts.lab import (
+    DELAY_SCRIPT,
+    SUBNET4,
+    inside,
+    lab,
+    missing,
+    open_stream,
+    require_lab,
+    sh,
+)
 
 SO_RCVBUFFORCE = 33  # Linux <asm-generic/socket.h>; the socket module lacks the name
 
@@ -152,3 +163,16 @@ async def test_tbf_caps_a_hosts_bandwidth() -> None:
         listener.close()
     assert received == 1_000_000
     assert 0.8 <= elapsed < 5.0, elapsed
+
+
+def test_without_root_the_scenarios_skip_and_ci_fails_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    reason = missing()
+    assert reason is not None
+    assert "needs root" in reason
+    monkeypatch.delenv("HERD_REQUIRE_ALL", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="needs root"):
+        require_lab()
+    monkeypatch.setenv("HERD_REQUIRE_ALL", "1")
+    with pytest.raises(pytest.fail.Exception, match="HERD_REQUIRE_ALL=1 forbids skipping"):
+        require_lab()
