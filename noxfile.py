@@ -31,7 +31,7 @@ STARTABLE = "serve,run"
 def tests(session: nox.Session) -> None:
     """Unit, property and end-to-end tests (real server processes on 127.0.0.1)."""
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
-    session.run("pytest", "-m", "not slow", *session.posargs)
+    session.run("pytest", "-m", "not slow and not hosts", *session.posargs)
 
 
 @nox.session
@@ -39,6 +39,14 @@ def faults(session: nox.Session) -> None:
     """The long fault-injection scenarios (partitions, pauses, restarts)."""
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
     session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def hosts(session: nox.Session) -> None:
+    """The multi-host scenarios: five network namespaces, as root (skip or, in CI, fail
+    without root, ip and nft)."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.run("pytest", "-m", "hosts", *session.posargs)
 
 
 @nox.session

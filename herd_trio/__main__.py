@@ -38,8 +38,9 @@ from herd_trio.errors import leaves
 from herd_trio.log import ServerLog
 from herd_trio.persist import state_path
 from herd_trio.places import open_places
+from herd_trio.reconfig import Reloader
 from herd_trio.security import PeerSecurity, load_security
-from herd_trio.server import StartupError, log_path, serve
+from herd_trio.server import StartupError, listening, log_path, serve
 
 PROG = "herd_trio"
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -110,10 +111,13 @@ async def run_herd(
     security: dict[str, PeerSecurity],
     max_clients: int,
     tokens: dict[str, str | None] | None = None,
+    reloader: Reloader | None = None,
 ) -> None:
     """Run the named servers until SIGINT or SIGTERM, then cancel them all.
 
-    SIGHUP stops nothing: it reopens the log files (logrotate moved them) and is logged.
+    SIGHUP stops nothing: it reopens the log files (logrotate moved them) and, with a
+    `reloader`, re-reads the config and applies what can change live to every server
+    of the process (herd_trio/reconfig.py).
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with open_places(herd) as places, trio.open_nursery() as nursery:
@@ -128,20 +132,24 @@ async def run_herd(
                     max_clients=max_clients,
                     admin_token=(tokens or {}).get(name),
                     version=version(),
+                    reloader=reloader,
                 )
                 await nursery.start(server, name=f"server {name}")
                 cfg = herd.servers[name]
-                where = f"clients on {cfg.host}:{cfg.port}, peers on {cfg.host}:{cfg.peer_port}"
+                where = listening(herd, name)
                 note = open_to_local_users(security[name])
                 print(f"{name}: {where}{note}", flush=True)
                 if note:
                     logs[name].write(note.removeprefix("; "))
-                if warning := unprotected(name, cfg.host, security[name]):
+                if warning := unprotected(name, cfg.bind, security[name]):
                     print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
                     logs[name].write(f"warning: {warning}")
             async for signum in signals:
                 if signum != signal.SIGHUP:
                     break
+                if reloader is not None:
+                    reloader.reload("SIGHUP received")
+                    continue
                 for log in logs.values():
                     reopened = "reopened" if log.reopen() else "could NOT be reopened"
                     log.write(f"SIGHUP received: log file {reopened}; nothing else changes")
@@ -276,9 +284,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc.in_file(config.label(args.config)), file=sys.stderr)
         return 2
+    process_keyring = None
     if args.all and (generated := process_secret(herd, security)) is not security:
         security = generated
+        process_keyring = security[names[0]].keyring
         print("peer links: authenticated with a random secret made for this process", flush=True)
+
+    def reread(servers: Iterable[str]) -> tuple[HerdConfig, dict[str, PeerSecurity]]:
+        """The config file again, with the same command line; ConfigError if it is bad."""
+        new = apply_overrides(config.load(args.config), args)
+        try:
+            secured = load_security(new, servers)
+        except ConfigError as exc:
+            raise exc.in_file(config.label(args.config)) from exc
+        if process_keyring is not None and all(s.keyring is None for s in secured.values()):
+            keyring = process_keyring
+            secured = {name: attrs.evolve(s, keyring=keyring) for name, s in secured.items()}
+        return new, secured
+
     raise_fd_limit()  # before max_clients is sized by the descriptor limit
     max_clients = min(herd.herd.max_clients, fd_budget())
     failed: list[BaseException] = []
@@ -299,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         package_log.propagate = False  # into the server logs, never onto the terminal
         package_log.addHandler(ToServerLogs(logs.values()))
         try:
-            trio.run(run_herd, herd, names, logs, security, max_clients, tokens)
+            reloader = Reloader(reread, logs)
+            trio.run(run_herd, herd, names, logs, security, max_clients, tokens, reloader)
         except* StartupError as group:
             failed = list(leaves(group))
     for error in failed:

@@ -1,9 +1,10 @@
 """The admin port (PROTOCOL.md §6): health, readiness, metrics, state, live events, the map.
 
 A small hand-written ASGI app served by hypercorn's trio `serve()`, started by the
-server's `serve()` with `nursery.start` and stopped by cancellation with it. GET only,
-no request bodies, headers capped by hypercorn (ADMIN_MAX_HEADER), idle connections
-closed after ADMIN_KEEP_ALIVE. Off loopback every path but /healthz needs
+server's `serve()` with `nursery.start` and stopped by cancellation with it. GET only
+(and `POST /reload`, which re-reads the config like SIGHUP), no request bodies,
+headers capped by hypercorn (ADMIN_MAX_HEADER), idle connections closed after
+ADMIN_KEEP_ALIVE. Off loopback every path but /healthz needs
 `Authorization: Bearer <token>` (the token from `admin_token_env`).
 """
 
@@ -79,6 +80,7 @@ class AdminApp:
     token: str | None = None  # None: loopback, no token asked
     origins: frozenset[str] = frozenset()  # other servers' admin URLs (CORS)
     send_stall: float = SSE_SEND_STALL
+    reload: Callable[[], dict[str, Any]] | None = None  # POST /reload; None: 404
     registry: CollectorRegistry = attrs.field(init=False)
 
     @registry.default
@@ -99,8 +101,10 @@ class AdminApp:
             # h11 caps only headers that arrive in pieces; one big read gets through it
             await _respond(send, 431, b"headers too large\n", extra=extra)
             return
-        if method not in ("GET", "HEAD"):
-            await _respond(send, 405, b"GET only\n", extra=[(b"allow", b"GET, HEAD"), *extra])
+        reloading = path == "/reload" and self.reload is not None
+        if method not in ("GET", "HEAD") and not (reloading and method == "POST"):
+            allow, only = (b"POST", b"POST only\n") if reloading else (b"GET, HEAD", b"GET only\n")
+            await _respond(send, 405, only, extra=[(b"allow", allow), *extra])
             return
         if headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in (
             headers
@@ -113,6 +117,13 @@ class AdminApp:
             return
         if path == "/events":
             await self._events(receive, _StallWatch(send), extra, _connection(scope))
+            return
+        if reloading and self.reload is not None:
+            if method != "POST":
+                await _respond(send, 405, b"POST only\n", extra=[(b"allow", b"POST"), *extra])
+                return
+            done = self.reload()
+            await _respond(send, 200 if done["ok"] else 400, _json(done), b"application/json")
             return
         status, body, kind = self._route(path, scope.get("query_string", b""))
         await _respond(send, status, b"" if method == "HEAD" else body, kind, extra)
@@ -295,10 +306,13 @@ def admin_app(
     version: str,
     token: str | None,
     places: object = None,
+    *,
+    reload: Callable[[], dict[str, Any]] | None = None,
 ) -> tuple[AdminApp, str, int] | None:
     """The admin app of server `name` and where it listens, or None without admin_port.
 
     `places` is the server's places source, for /readyz (see places.readiness).
+    `reload`, if given, answers `POST /reload` (see herd_trio/reconfig.py).
     """
     cfg = herd.servers[name]
     if cfg.admin_port is None:
@@ -315,7 +329,14 @@ def admin_app(
             admin_url("localhost", server.admin_port),
         )
     )
-    return AdminApp(view, EventHub(), token, origins), cfg.admin_host, cfg.admin_port
+    app = AdminApp(view, EventHub(), token, origins, reload=reload)
+    return app, cfg.admin_host, cfg.admin_port
+
+
+def reconfigured(app: AdminApp, name: str, herd: HerdConfig) -> None:
+    """After a reload: /state, /readyz and the metrics count server `name`'s new links."""
+    app.view.neighbours = tuple(herd.neighbours(name))
+    app.view.layout = tuple(herd_layout(herd))
 
 
 def _asgi(app: AdminApp) -> ASGIFramework:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from herd_trio import config
 from herd_trio.config import ConfigError, HerdConfig
+from herd_trio.net import hostport
 
 CLIENT_DEADLINE = 10.0  # seconds for the whole exchange (a WHATSAT waits for places)
 _DEGREES = re.compile(r"[+-]?[0-9]{1,3}(?:\.[0-9]+)?")
@@ -100,7 +101,8 @@ def main(command: str, argv: Sequence[str]) -> int:
     try:
         reply = exchange(cfg.host, cfg.port, line)
     except OSError as exc:
-        print(f"herd_trio {command}: {server} at {cfg.host}:{cfg.port}: {exc}", file=sys.stderr)
+        where = hostport(cfg.host, cfg.port)
+        print(f"herd_trio {command}: {server} at {where}: {exc}", file=sys.stderr)
         return 1
     print(show(reply))
     return 0 if reply.startswith(b"AT ") else 1

@@ -102,7 +102,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     port: Port
     peer_port: Port
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # where neighbours dial this server (and, without listen, binds)
+    # the address both ports bind (`0.0.0.0`, `::`, one address); None: bind `host`
+    listen: str | None = None
     neighbours: list[str] = msgspec.field(default_factory=list)
     tls_cert: str | None = None  # this server's own certificate, instead of [herd]'s
     tls_key: str | None = None
@@ -110,6 +112,11 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     admin_host: str = "127.0.0.1"
     admin_token_env: str | None = None  # bearer token variable; required off loopback
     location: str | None = None  # ISO 6709 like IAMAT coords: where the map draws it
+
+    @property
+    def bind(self) -> str:
+        """The address the client and peer ports listen on: `listen`, else `host`."""
+        return self.host if self.listen is None else self.listen
 
 
 class HerdConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -234,7 +241,9 @@ def check(herd: HerdConfig, environ: Mapping[str, str] = os.environ) -> None:
 
 
 def _check_servers(herd: HerdConfig) -> None:
-    taken: dict[tuple[str, int], str] = {}
+    # (machine, address, port): a server with `listen` runs on the machine its `host`
+    # names, so servers of a multi-host herd may share ports; without it, all share one.
+    taken: dict[tuple[str, str, int], str] = {}
     for name, server in herd.servers.items():
         if not _NAME.fullmatch(name):
             raise ConfigError(
@@ -242,20 +251,31 @@ def _check_servers(herd: HerdConfig) -> None:
             )
         if (problem := host_problem(server.host)) is not None:
             raise ConfigError(problem, field=f"servers.{name}.host")
+        if server.listen is not None:
+            if (problem := host_problem(server.listen)) is not None:
+                raise ConfigError(problem, field=f"servers.{name}.listen")
+            if server.host in _WILDCARDS:
+                raise ConfigError(
+                    f"{server.host!r} cannot be dialled: with listen set, host is the"
+                    " address neighbours dial (this server's own address or name)",
+                    field=f"servers.{name}.host",
+                )
         _check_admin(name, server)
+        machine = "" if server.listen is None else server.host
         for key in ("port", "peer_port", "admin_port"):
             port: int | None = getattr(server, key)
             if port is None:
                 continue
             field = f"servers.{name}.{key}"
-            bound = server.admin_host if key == "admin_port" else server.host
+            bound = server.admin_host if key == "admin_port" else server.bind
             host = "*" if bound in _WILDCARDS else bound
-            clashes = [(host, port)] if host != "*" else [k for k in taken if k[1] == port]
-            clashes += [("*", port)]
+            clashes = [(machine, host, port), (machine, "*", port)]
+            if host == "*":
+                clashes += [k for k in taken if k[0] == machine and k[2] == port]
             for clash in clashes:
                 if clash in taken:
                     raise ConfigError(f"{port} is already used by {taken[clash]}", field=field)
-            taken[host, port] = field
+            taken[machine, host, port] = field
         for neighbour in server.neighbours:
             if neighbour not in herd.servers:
                 raise ConfigError(
@@ -314,6 +334,8 @@ def host_problem(host: str) -> str | None:
     """
     if host in _WILDCARDS:
         return None
+    if host.startswith("[") and host.endswith("]"):
+        return f"write the IPv6 address {host[1:-1]!r} without brackets"
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -31,7 +31,7 @@ from herd_trio.errors import leaves
 from herd_trio.lines import LineReader, LineTooLong
 from herd_trio.linkwriter import HEARTBEATS, PING, PONG, LinkWriter, Timers
 from herd_trio.log import RateLimiter
-from herd_trio.net import describe, host_of, is_loopback
+from herd_trio.net import describe, host_of, hostport, is_loopback
 from herd_trio.node import Node
 from herd_trio.protocol import (
     SYNC_PREFIXES,
@@ -243,8 +243,13 @@ async def run_link(
     *,
     dial: Dial = trio.open_tcp_stream,
     backoff: Backoff = BACKOFF,
+    current: Callable[[], PeerSecurity] | None = None,
 ) -> NoReturn:
-    """Keep the link to `peer` up until cancelled; redial with capped, jittered backoff."""
+    """Keep the link to `peer` up until cancelled; redial with capped, jittered backoff.
+
+    `current`, if given, is asked for the security of each new dial (a reload may
+    have replaced the keyring or certificates since); else `security` serves them all.
+    """
     # A neighbour that takes longer than a dead link's silence to answer a dial or a
     # handshake is treated as dead too, so a healed partition relinks within about
     # 3 heartbeats plus one backoff instead of waiting out the fixed deadlines.
@@ -258,9 +263,10 @@ async def run_link(
                 transport = await dial(peer.host, peer.port)
             async with transport:  # closing the transport also ends a TLS session on it
                 with trio.fail_after(min(HANDSHAKE_DEADLINE, silence)):
-                    stream, reader = await _introduce(node, peer, security, transport)
+                    now = security if current is None else current()
+                    stream, reader = await _introduce(node, peer, now, transport)
                 up_since = trio.current_time()
-                node.log.write(f"link to {peer.name} up ({peer.host}:{peer.port})")
+                node.log.write(f"link to {peer.name} up ({hostport(peer.host, peer.port)})")
                 await carry(node, peer.name, stream, reader)
         except* LINK_ERRORS as group:
             reason = "; ".join(_describe(exc) for exc in leaves(group))
@@ -324,6 +330,16 @@ class PeerPort:
         """The neighbours whose links to this port are up."""
         return frozenset(self._accepted)
 
+    def allow(self, dialers: frozenset[str]) -> frozenset[str]:
+        """Accept links from `dialers` from now on (a reload); close the links of the
+        neighbours no longer among them, and return their names."""
+        self.dialers = dialers
+        gone = frozenset(self._accepted) - dialers
+        for name in gone:
+            self._accepted.pop(name).cancel()
+            self.node.log.write(f"link from {name} closed: no longer a neighbour")
+        return gone
+
     async def handle(self, transport: trio.abc.Stream) -> None:
         """Authenticate one connection to the peer port and carry its link until it ends."""
         who = describe(transport)
@@ -349,7 +365,7 @@ class PeerPort:
             finally:
                 if self._accepted.get(peer) is scope:
                     del self._accepted[peer]
-        if scope.cancelled_caught:
+        if scope.cancelled_caught and peer in self.dialers:
             self.node.log.write(f"link from {peer} replaced by a new connection")
 
     async def _authenticate(
@@ -389,6 +405,7 @@ class PeerPort:
             await trio.sleep(1.0)
             now = trio.current_time()
             for name in sorted(self.dialers):
+                since.setdefault(name, now)  # a neighbour added by a reload
                 if name in self._accepted:
                     since[name] = now
                     said.pop(name, None)

@@ -18,6 +18,11 @@ LINGER_CHUNK = 65536
 CLOSE_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
+def hostport(host: str, port: int) -> str:
+    """`host:port` for the log, an IPv6 address in brackets: `[::1]:12000` (RFC 3986)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def describe(stream: trio.abc.Stream) -> str:
     """`host:port` of the remote end, for the log (the stream's type if it has no socket)."""
     if isinstance(stream, trio.SocketStream):
@@ -25,13 +30,15 @@ def describe(stream: trio.abc.Stream) -> str:
             host, port, *_ = stream.socket.getpeername()
         except OSError:
             return "?"
-        return f"{host}:{port}"
+        return hostport(host, port)
     return type(stream).__name__
 
 
 def host_of(who: str) -> str:
-    """The host part of a `describe()` string (`::1` of `::1:4000`)."""
-    return who.rpartition(":")[0]
+    """The host part of a `describe()` string (`::1` of `[::1]:4000`, `10.0.0.1` of
+    `10.0.0.1:4000`)."""
+    host = who.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def is_loopback_host(host: str) -> bool:

@@ -23,11 +23,13 @@ from herd_trio import admin
 from herd_trio.bus import Bus
 from herd_trio.client import Admission, handle_client
 from herd_trio.config import HerdConfig
-from herd_trio.links import Peer, PeerPort, dials, run_link
+from herd_trio.links import PeerPort, dials
 from herd_trio.log import ServerLog
+from herd_trio.net import hostport
 from herd_trio.node import Node
 from herd_trio.persist import PersistError, open_persister, state_path
 from herd_trio.places import PlacesSource
+from herd_trio.reconfig import Links, Reloader
 from herd_trio.restore import Restore
 from herd_trio.security import PeerSecurity
 from herd_trio.store import Store
@@ -43,7 +45,8 @@ async def open_listeners(name: str, role: str, host: str, port: int) -> list[tri
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or repr(exc)
-        raise StartupError(f"{name}: cannot listen for {role}s on {host}:{port}: {reason}") from exc
+        where = hostport(host, port)
+        raise StartupError(f"{name}: cannot listen for {role}s on {where}: {reason}") from exc
 
 
 async def serve(
@@ -56,6 +59,7 @@ async def serve(
     max_clients: int,
     admin_token: str | None = None,
     version: str = "unknown",
+    reloader: Reloader | None = None,
     now_ns: Callable[[], int] = time.time_ns,
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
@@ -65,6 +69,7 @@ async def serve(
     ports accept (the file is opened and checked before) and every record it keeps is
     written back; the persister closes last, after the listeners and links that feed
     the store, so a clean stop loses nothing. /readyz says ready once loaded.
+    `reloader`, if given, gets this server's links, so a reload can change them.
     """
     cfg, settings = herd.servers[name], herd.herd
     store, restore = Store(), Restore()
@@ -85,12 +90,11 @@ async def serve(
                 log.write(f"0 records loaded from {path}")
         node = Node(name, settings, store, Bus(), log, now_ns, restore=restore)
         node.stats.state_loaded = restore.done
-        clients = await open_listeners(name, "client", cfg.host, cfg.port)
+        clients = await open_listeners(name, "client", cfg.bind, cfg.port)
         stack.push_async_callback(_close_all, clients)  # until serve_listeners owns them
-        peers = await open_listeners(name, "peer", cfg.host, cfg.peer_port)
+        peers = await open_listeners(name, "peer", cfg.bind, cfg.peer_port)
         stack.push_async_callback(_close_all, peers)
-        where = f"clients on {cfg.host}:{cfg.port} and peers on {cfg.host}:{cfg.peer_port}"
-        log.write(f"listening for {where}")
+        log.write(f"listening for {listening(herd, name)}")
         neighbours = herd.neighbours(name)
         admission = Admission(
             min(settings.max_clients, max_clients),
@@ -106,13 +110,19 @@ async def serve(
             handler = partial(handle_client, node, places, admission)
             nursery.start_soon(trio.serve_listeners, handler, clients)
             nursery.start_soon(trio.serve_listeners, door.handle, peers)
-            for peer in (n for n in neighbours if dials(name, n)):
-                target = Peer(peer, herd.servers[peer].host, herd.servers[peer].peer_port)
-                link = partial(run_link, node, target, security)
-                nursery.start_soon(link, name=f"{name} link {peer}")
+            links = Links(node, herd, door, nursery)
+            links.start()
             node.stats.listening = True  # /readyz: both ports accept
+            reload = None
+            if reloader is not None:
+                reloader.servers[name] = links  # SIGHUP and POST /reload reach it
+                reload = partial(reloader.reload, f"POST /reload on {name}'s admin port")
             stats, store = node.stats, node.store
-            if found := admin.admin_app(name, herd, stats, store, version, admin_token, places):
+            found = admin.admin_app(
+                name, herd, stats, store, version, admin_token, places, reload=reload
+            )
+            if found:
+                links.watchers.append(partial(admin.reconfigured, found[0], name))
                 await nursery.start(partial(admin.serve, *found), name=f"{name} admin")
             task_status.started(node)
             await trio.sleep_forever()
@@ -127,6 +137,16 @@ async def _load(node: Node) -> None:
 async def _close_all(listeners: list[trio.SocketListener]) -> None:
     for listener in listeners:
         await trio.aclose_forcefully(listener)
+
+
+def listening(herd: HerdConfig, name: str) -> str:
+    """Where server `name` listens, and where neighbours dial it if that differs."""
+    cfg = herd.servers[name]
+    clients, peers = hostport(cfg.bind, cfg.port), hostport(cfg.bind, cfg.peer_port)
+    where = f"clients on {clients} and peers on {peers}"
+    if cfg.bind != cfg.host:
+        where += f" (neighbours dial {hostport(cfg.host, cfg.peer_port)})"
+    return where
 
 
 def log_path(herd: HerdConfig, name: str) -> Path:

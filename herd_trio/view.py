@@ -62,9 +62,9 @@ def iso(ns: int | None) -> str | None:
     )
 
 
-@attrs.frozen(eq=False)
+@attrs.define(eq=False)
 class ServerView:
-    """One server as its admin port sees it."""
+    """One server as its admin port sees it (a reload replaces neighbours and layout)."""
 
     name: str
     version: str
