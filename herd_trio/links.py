@@ -154,6 +154,7 @@ async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWrite
     gate = DigestGate(node.settings.sync_interval / 2)
     digests = DigestReplies(node.store, writer.queue, node.log.write, peer, gate)
     ahead = RateLimiter()
+    max_skew = node.settings.max_future_skew
     while True:
         lines: list[bytes] = []
         with trio.move_on_after(silence) as scope:
@@ -173,7 +174,7 @@ async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWrite
                 counts.resent += await digests.reply(theirs)
                 continue
             record = _parse(peer, line, parse_at)
-            if too_far_ahead(record.sent, node.now_ns(), node.settings.max_future_skew):
+            if max_skew is not None and too_far_ahead(record.sent, node.now_ns(), max_skew):
                 _refuse_ahead(node, peer, ahead, line)
                 continue
             _take(node, peer, record, counts)
@@ -191,7 +192,7 @@ def _take(node: Node, peer: str, record: Record, counts: PeerStats) -> None:
     standing = node.store.offer(record)
     line = record.at_line
     said = verdict(standing is record, line, standing.at_line)
-    node.log.write(f"peer {peer} < {line!r} {said}")
+    node.log.peer_line(peer, line, said)
     if standing is record:
         counts.kept += 1
         node.bus.publish(record, source=peer)
