@@ -1,10 +1,9 @@
 """One log file per server: every input line, every reply, every peer link event.
 
-Written for the hot path: a log line is joined as bytes into a buffered binary file
-(the time stamp and server name formatted once per millisecond, a printable ASCII line
-shown without any escaping work), and a flusher task pushes it to the kernel at least
-every FLUSH_INTERVAL, so a line reaches the file within a second and the event loop
-never waits on a slow disk per message. `close()` flushes what is left, so a clean shutdown loses no line.
+Written for the hot path: a log line is formatted with one f-string into a buffered
+file, and a flusher task pushes it to the kernel at least every FLUSH_INTERVAL, so a
+line reaches the file within a second and the event loop never waits on a slow disk
+per message. `close()` flushes what is left, so a clean shutdown loses no line.
 Untrusted bytes are always written as `repr()` (`b'...'`, with `\\n`, `\\x1b` escaped),
 so no client can forge a log line or send escape sequences to an operator's terminal.
 Timestamps are local time in ISO 8601 with the UTC offset
@@ -14,20 +13,17 @@ Timestamps are local time in ISO 8601 with the UTC offset
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TextIO
 
 import attrs
 import trio
 
 FLUSH_INTERVAL = 0.25  # seconds: PROTOCOL.md wants lines in the file within a second
 PREVIEW_SLACK = 64  # characters an escaped line may add beyond twice its bytes
-# Bytes that repr() shows as themselves: printable ASCII but the quote and backslash.
-_PLAIN = bytes(range(0x20, 0x7F)).replace(b"'", b"").replace(b"\\", b"")
 
 
 class ServerLog:
@@ -54,25 +50,25 @@ class ServerLog:
         self.name = name
         self.path = path
         self.line_limit = line_limit
-        self.max_bytes = max_bytes or math.inf  # 0: never rotate
+        self.max_bytes = max_bytes or 1 << 62  # 0: never rotate
         self.backups = backups
-        self._file: BinaryIO | None = None
-        self._size = 0  # bytes in the current file
+        self._file: TextIO | None = None
+        self._size = 0  # bytes in the current file (characters: the text is escaped ASCII)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("ab", buffering=1 << 16)
+            self._file = path.open("a", encoding="utf-8", buffering=1 << 16)
             self._size = self._file.tell()
-        self._label = name.encode()
         self._second = -1
         self._stamp = ""  # up to the seconds
         self._offset = ""  # the UTC offset, e.g. +02:00 (it can change with DST)
         self._ms = -1
-        self._head = b""  # `<stamp> <name> ` of the current millisecond
+        self._ms_stamp = ""
 
-    def _now(self) -> bytes:
+    def _head(self) -> str:
         # Under load many lines share a millisecond, and formatting the stamp costs
-        # more than writing the line: format once per millisecond (strftime once a second).
-        ms = time.time_ns() // 1_000_000
+        # more than writing the line: `<stamp> <name> ` is formatted once per
+        # millisecond (strftime once a second).
+        ms = int(time.time() * 1000)
         if ms != self._ms:
             self._ms = ms
             second = ms // 1000
@@ -81,19 +77,17 @@ class ServerLog:
                 local = time.localtime(second)
                 self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", local)
                 self._offset = utc_offset(local.tm_gmtoff)
-            stamp = f"{self._stamp}.{ms % 1000:03d}{self._offset} "
-            self._head = stamp.encode() + self._label + b" "
-        return self._head
+            self._ms_stamp = f"{self._stamp}.{ms % 1000:03d}{self._offset} {self.name} "
+        return self._ms_stamp
 
     def write(self, text: str) -> None:
         """Log one event; `text` must already be escaped if it holds untrusted data."""
         if self._file is not None:
-            self._put(text.encode())
+            self._emit(f"{self._head()}{text}\n")
 
-    def _put(self, body: bytes) -> None:
-        """Write one entry: the stamp, the name, `body` (escaped, UTF-8) and LF."""
+    def _emit(self, entry: str) -> None:
+        """Write one whole entry (stamp, name, event, LF)."""
         if self._file is not None:
-            entry = b"%s%s\n" % (self._now(), body)
             self._file.write(entry)
             self._size += len(entry)
             if self._size > self.max_bytes:
@@ -102,37 +96,27 @@ class ServerLog:
     def received(self, who: str, line: bytes) -> None:
         """Log a line received from `who`, escaped (a preview if it is long)."""
         if self._file is not None:
-            self._put(b"%s < %s" % (who.encode(), self.shown_bytes(line)))
-
-    def sent(self, who: str, reply: bytes) -> None:
-        """Log a reply sent to `who`, escaped; a WHATSAT reply's JSON as a summary."""
-        if self._file is None:
-            return
-        if reply.startswith(b"AT ") and reply.endswith(b"}\n\n"):
-            at_line, _, body = reply.partition(b"\n")
-            shown = self.shown(at_line + b"\n")
-            self.write(f"{who} > {shown} + {places_summary(body)}")
-        else:
-            self._put(b"%s > %s" % (who.encode(), self.shown_bytes(reply)))
+            self._emit(f"{self._head()}{who} < {self.shown(line)}\n")
 
     def peer_line(self, peer: str, line: bytes, verdict: str) -> None:
         """Log a record line received from neighbour `peer` and what became of it."""
         if self._file is not None:
-            self._put(
-                b"peer %s < %s %s" % (peer.encode(), self.shown_bytes(line), verdict.encode())
-            )
+            self._emit(f"{self._head()}peer {peer} < {self.shown(line)} {verdict}\n")
 
-    def shown_bytes(self, data: bytes) -> bytes:
-        """`shown(data)` as bytes, without repr() for a printable ASCII line (with an LF)."""
-        if len(data) <= self.line_limit:
-            lf = data.endswith(b"\n")
-            body = data[:-1] if lf else data
-            if not body.translate(None, _PLAIN):  # nothing to escape but the LF
-                return b"b'%s%s'" % (body, b"\\n" if lf else b"")
-        return self.shown(data).encode()
+    def sent(self, who: str, reply: bytes) -> None:
+        """Log a reply sent to `who`, escaped; a WHATSAT reply's JSON as a summary."""
+        if reply.startswith(b"AT ") and reply.endswith(b"}\n\n"):
+            at_line, _, body = reply.partition(b"\n")
+            shown = self.shown(at_line + b"\n")
+            self.write(f"{who} > {shown} + {places_summary(body)}")
+        elif self._file is not None:
+            self._emit(f"{self._head()}{who} > {self.shown(reply)}\n")
 
     def shown(self, data: bytes) -> str:
-        """`data` escaped for the log: whole if short, else a preview and its length."""
+        """`data` escaped for the log: whole if short, else a preview and its length.
+
+        repr() is the escaping (for printable ASCII it only adds the quotes; a check
+        whether there is anything to escape costs about as much as repr itself)."""
         if len(data) <= self.line_limit:
             text = repr(data)
             if len(text) <= 2 * len(data) + PREVIEW_SLACK:  # printable text: the hot path
@@ -152,7 +136,7 @@ class ServerLog:
         if self._file is None or self.path is None:
             return False
         try:
-            fresh = self.path.open("ab", buffering=1 << 16)
+            fresh = self.path.open("a", encoding="utf-8", buffering=1 << 16)
         except OSError:
             return False
         self._file.close()

@@ -12,8 +12,6 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
-from hypothesis import strategies as st
 
 from herd_trio.client import Admission, handle_client
 from herd_trio.log import FLUSH_INTERVAL, RateLimiter, ServerLog, plural, utc_offset
@@ -320,22 +318,6 @@ def test_reopen_writes_to_a_fresh_file_after_logrotate_moved_it(tmp_path: Path) 
     log.close()
     assert logged(tmp_path / "Clark.log.1") == ["before", "still buffered for the old file"]
     assert logged(path) == ["after"]
-
-
-@given(
-    st.one_of(
-        st.binary(max_size=40),
-        st.binary(min_size=1000, max_size=1100),
-        st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(
-            str.encode
-        ),
-    ),
-    st.sampled_from([b"", b"\n", b"\n\n", b"'", b"\\", b'"']),
-)
-def test_shown_bytes_is_shown_encoded(data: bytes, tail: bytes) -> None:
-    # The printable-ASCII fast path must log exactly what repr() would.
-    log = ServerLog(None, "Clark", line_limit=1024)
-    assert log.shown_bytes(data + tail) == log.shown(data + tail).encode()
 
 
 def test_a_peer_line_is_logged_with_its_verdict(tmp_path: Path) -> None:
