@@ -20,9 +20,9 @@ NS_PER_S = 1_000_000_000
 _INT_DIGITS = 4000  # below sys.get_int_max_str_digits() (4300 by default)
 _INT_LIMIT = 10**_INT_DIGITS
 
-# Checked with a bytes regex before any conversion: Decimal() and int() accept "nan",
+# Checked with a bytes regex (times: bytes.isdigit, ASCII digits only) before any
+# conversion: Decimal() and int() accept "nan",
 # "1_000", " 7" and non-ASCII digits, none of which the protocol allows.
-_TIME = re.compile(rb"([0-9]+)(?:\.([0-9]+))?")
 _COORDS = re.compile(rb"([+-][0-9]{1,2}(?:\.[0-9]+)?)([+-][0-9]{1,3}(?:\.[0-9]+)?)")
 _RADIUS = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
 _BOUND = re.compile(rb"[0-9]+")
@@ -114,19 +114,27 @@ class Record:
 Command = Iamat | Whatsat
 
 
+def _time_parts(field: bytes) -> tuple[bytes, bytes] | None:
+    """`S` or `S.F` (ASCII digits only; `bytes.isdigit` knows no others) as (S, F)."""
+    whole, dot, frac = field.partition(b".")
+    if whole.isdigit() and (frac.isdigit() if dot else True):
+        return whole, frac
+    return None
+
+
 def parse_time(field: bytes) -> Decimal:
     """POSIX seconds from the wire, exactly; ProtocolError for anything else."""
-    if not _TIME.fullmatch(field):
+    if _time_parts(field) is None:
         raise ProtocolError(f"bad time {field!r}")
     return Decimal(field.decode("ascii"))
 
 
 def time_ns(field: bytes) -> int:
     """POSIX seconds from the wire as integer nanoseconds, truncating extra digits."""
-    match = _TIME.fullmatch(field)
-    if match is None:
+    parts = _time_parts(field)
+    if parts is None:
         raise ProtocolError(f"bad time {field!r}")
-    whole, frac = match.group(1), match.group(2) or b""
+    whole, frac = parts
     if len(whole) > _INT_DIGITS:  # int() refuses over 4300 digits (CVE-2020-10735)
         with localcontext() as context:
             context.prec = len(whole) + 10  # exact: no rounding at any length
