@@ -199,7 +199,7 @@ class LinkWriter:
             return residue
         self.records_sent += len(batch)
         self._traffic_at = trio.current_time()
-        return residue + b"".join([record.at_line + b"\n" for record in batch])
+        return b"%s%s\n" % (residue, b"\n".join([record.at_line for record in batch]))
 
     async def _write(self, data: bytes) -> None:
         mark = self.outbox.taken  # everything taken so far is in `data` or was sent before
