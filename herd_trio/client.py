@@ -337,7 +337,7 @@ class Session:
         await self._flush()
 
     async def _flush(self) -> None:
-        if self._flooded:  # flood first, then reply
+        if self._flooded and not self.node.bus.handed_off():  # flood first, then reply
             with trio.move_on_after(HANDOFF_DEADLINE):
                 await self.node.bus.wait_handed_off()
         data, self._replies, self._flooded = b"".join(self._replies), [], False
