@@ -43,6 +43,7 @@ from herd_trio.protocol import (
     too_far_ahead,
 )
 from herd_trio.security import PeerSecurity
+from herd_trio.silence import Silence
 from herd_trio.stats import PeerStats
 from herd_trio.store import BUCKETS
 from herd_trio.tls import certificate_matches, wrap_accepted, wrap_dialled
@@ -130,17 +131,22 @@ async def carry(node: Node, peer: str, stream: trio.abc.Stream, reader: LineRead
         counts.digests_sent += 1
         return format_digest(node.store.digest())
 
+    quiet = SILENT_BEATS * settings.heartbeat_interval
+    silence = Silence(quiet, lambda: LinkError(f"no word from {peer} for {quiet:g} s", "silent"))
     try:
         with node.bus.subscribe(peer, writer):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(writer.run, timers, digest)
-                await read_peer(node, peer, reader, writer)
+                nursery.start_soon(silence.watch)
+                await read_peer(node, peer, reader, writer, silence)
     finally:
         node.stats.link_down(peer, writer)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWriter) -> NoReturn:
+async def read_peer(
+    node: Node, peer: str, reader: LineReader, writer: LinkWriter, silence: Silence
+) -> NoReturn:
     """Take records from `peer`, keep the newer ones and flood those on.
 
     A DIGEST from the peer is answered by queueing, for this link's writer, every
@@ -149,18 +155,15 @@ async def read_peer(node: Node, peer: str, reader: LineReader, writer: LinkWrite
     what both already hold. At most one DIGEST is answered per half sync_interval
     (herd_trio/digests.py); a peer that keeps asking loses the link (PeerMisbehaved).
     """
-    silence = SILENT_BEATS * node.settings.heartbeat_interval
     counts = node.stats.peer(peer)
     gate = DigestGate(node.settings.sync_interval / 2)
     digests = DigestReplies(node.store, writer.queue, node.log.write, peer, gate)
     ahead = RateLimiter()
     max_skew = node.settings.max_future_skew
     while True:
-        lines: list[bytes] = []
-        with trio.move_on_after(silence) as scope:
-            lines = await reader.receive_lines()
-        if scope.cancelled_caught:
-            raise LinkError(f"no word from {peer} for {silence:g} s", "silent")
+        silence.waiting()
+        lines = await reader.receive_lines()
+        silence.heard()
         if not lines:
             raise LinkError(f"{peer} closed the link", "closed")
         if len(lines) > 1 or lines[0] != PING:
