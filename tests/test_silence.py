@@ -32,15 +32,23 @@ async def test_lines_in_time_keep_the_link_and_handling_them_is_not_silence(
     silence = Silence(3.0, Silent)
     silence.waiting()
     began = math.inf
-    with pytest.raises(ExceptionGroup) as raised:
+
+    async def reader() -> None:
+        nonlocal began
+        for _ in range(5):
+            await trio.sleep(2.5)  # the peer speaks just in time
+            silence.heard()
+            await trio.sleep(10)  # a long answer to a DIGEST: not the peer's silence
+            silence.waiting()
+        began = trio.current_time()
+        await trio.sleep(60)
+
+    async def link() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(silence.watch)
-            for _ in range(5):
-                await trio.sleep(2.5)  # the peer speaks just in time
-                silence.heard()
-                await trio.sleep(10)  # a long answer to a DIGEST: not the peer's silence
-                silence.waiting()
-            began = trio.current_time()
-            await trio.sleep(60)
+            await reader()
+
+    with pytest.raises(ExceptionGroup) as raised:
+        await link()
     assert raised.value.subgroup(Silent) is not None
     assert trio.current_time() - began == pytest.approx(3.0)
