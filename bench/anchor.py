@@ -235,7 +235,12 @@ def _measure(
                     configs["herd"], {ENTRY: proc}, conns, depth, f"s{kind[0]}{depth}r{r}-", plan
                 )
         herd_pids = [p.pid for p in up["herd"].values()]
-        pair2 = [("limit", limit, [limit.pid]), ("herd", up["herd"][ENTRY], herd_pids)]
+        anchor_pids = [p.pid for p in up["anchor"].values()]
+        pair2 = [
+            ("limit", limit, [limit.pid]),
+            ("herd", up["herd"][ENTRY], herd_pids),
+            ("anchor", up["anchor"][ENTRY], anchor_pids),
+        ]
         for kind, proc, pids in pair2 if r % 2 == 0 else pair2[::-1]:
             suite.say(f"anchor rep {r + 1}: sequential IAMAT, {kind}")
             rep[f"seq_{kind}"] = _sequential(proc, pids, f"q{kind[0]}{r}-", plan)
@@ -297,6 +302,14 @@ ROWS: list[tuple[str, tuple[str, str], tuple[str, str], str, str, bool]] = [
         ("seq_limit", "p99_us"),
         "limit server",
         "<= 1.3",
+        False,
+    ),
+    (
+        "(context) sequential IAMAT p50, limit herd (us)",
+        ("seq_anchor", "p50_us"),
+        ("seq_limit", "p50_us"),
+        "limit server",
+        "-",
         False,
     ),
     (
