@@ -306,7 +306,7 @@ class Session:
             if index % FAIR_SHARE == 0 and self._replies:
                 await self._flush()  # a pipelining client must not hold the loop for long
             log.received(who, line)
-            if not line.strip():  # bytes.strip() drops exactly the six white-space bytes
+            if not line or line.isspace():  # bytes.isspace(): the six white-space bytes
                 continue  # blank lines are ignored, also in one_shot mode
             if self._first and HTTP_REQUEST.match(line):
                 await self._reply(question(line))
