@@ -100,8 +100,8 @@ class ServerLog:
 
     def peer_line(self, peer: str, line: bytes, verdict: str) -> None:
         """Log a record line received from neighbour `peer` and what became of it."""
-        if self._file is not None:
-            self._emit(f"{self._head()}peer {peer} < {self.shown(line)} {verdict}\n")
+        if self._file is not None:  # whole, as before (a peer's lines are bounded by its link)
+            self._emit(f"{self._head()}peer {peer} < {line!r} {verdict}\n")
 
     def sent(self, who: str, reply: bytes) -> None:
         """Log a reply sent to `who`, escaped; a WHATSAT reply's JSON as a summary."""
