@@ -60,9 +60,9 @@ async def send_within(stream: trio.abc.SendStream, data: bytes, deadline: float)
 
     A client or peer that stops reading must not pin a task or its buffers forever.
     On a plain socket, what the kernel takes at once is written straight away, and only
-    a rest (a full socket buffer) is sent under the deadline: a cancel scope with a
-    deadline costs more than the send itself (a reply's round trip was about a third
-    scope). The caller is the stream's only writer, and checkpoints in its next receive.
+    a rest (a full socket buffer) is sent under the deadline: entering and leaving a
+    cancel scope with a deadline costs about as much as the send itself. The caller is
+    the stream's only writer, and checkpoints in its next receive.
     """
     if isinstance(stream, trio.SocketStream):
         data = send_now(stream, data)
