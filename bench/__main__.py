@@ -1,4 +1,8 @@
-"""`python -m bench [--quick] [--profile] [--out DIR] [--keep-logs]`; `nox -s bench` runs it.
+"""`python -m bench [--quick] [--profile] [--anchor-only] [--out DIR] [--keep-logs]`.
+
+`nox -s bench` runs it: first herd_trio against the limit herd (bench.anchor: the
+figures of issue 15, medians of interleaved repetitions), then the rest of the suite
+against the single limit server (bench.suite).
 
 Writes DIR/results.json, DIR/summary.md and DIR/latency.svg (DIR defaults to
 bench-results/ at the top of the repo) and prints the ratio table with PASS/FAIL per
@@ -14,7 +18,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from bench import procs, report, suite
+from bench import anchor, procs, report, suite
 from bench.procs import ROOT
 
 
@@ -52,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         " --set sync_interval=86400 to see the herd without periodic anti-entropy",
     )
     parser.add_argument(
+        "--anchor-only",
+        action="store_true",
+        help="only herd_trio against the limit herd (bench.anchor), about 3 minutes",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite summary.md and latency.svg from OUT/results.json",
@@ -70,17 +79,29 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set wants KEY=VALUE with a TOML value: {exc}")
         suite.SETTINGS.update(overrides)
         try:
-            results = suite.run(plan, out, profile=args.profile, keep_logs=args.keep_logs)
+            compared = anchor.run(args.quick, out, profile=args.profile, keep_logs=args.keep_logs)
+            if args.anchor_only:
+                results = {"meta": {**suite.machine(), "quick": args.quick}}
+            else:
+                results = suite.run(plan, out, profile=args.profile, keep_logs=args.keep_logs)
+            results["anchor"] = compared
             results["meta"]["nice"] = args.nice
             results["meta"]["settings"] = dict(suite.SETTINGS)
         except (OSError, RuntimeError, TimeoutError) as exc:
             print(f"bench: could not run: {exc}", file=sys.stderr)
             return 1
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "summary.md").write_text(report.markdown(results))
-    (out / "latency.svg").write_text(report.svg(results))
-    print(report.text_table(results))
-    print(f"\nwritten: {out / 'results.json'}, {out / 'summary.md'}, {out / 'latency.svg'}")
+    compared = results.get("anchor") or {}
+    summary = ["## herd_trio vs the limit herd (issue 15)", "", *anchor.markdown(compared)]
+    summary += report.profile_markdown(compared.get("profile") or {})
+    if "throughput" in results:
+        summary[:0] = [report.markdown(results), ""]
+        (out / "latency.svg").write_text(report.svg(results))
+        print(report.text_table(results) + "\n")
+    (out / "summary.md").write_text("\n".join(summary) + "\n")
+    print(anchor.text(compared))
+    svg = f", {out / 'latency.svg'}" if "throughput" in results else ""
+    print(f"\nwritten: {out / 'results.json'}, {out / 'summary.md'}{svg}")
     return 0
 
 

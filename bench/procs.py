@@ -143,17 +143,23 @@ def launch(
     return Proc(name, port, popen, started, err)
 
 
-def launch_server(herd: Herd, name: str, run_dir: Path) -> Proc:
-    """`python -m herd_trio NAME --config FILE`, as an operator starts one server."""
+def launch_server(herd: Herd, name: str, run_dir: Path, env: dict[str, str] | None = None) -> Proc:
+    """`python -m herd_trio NAME --config FILE`, as an operator starts one server;
+    `env`: variables to add to ours (a secret_env)."""
     argv = [sys.executable, "-m", "herd_trio", name, "--config", str(herd.config)]
-    return launch(name, herd.ports[name], argv, run_dir)
+    return launch(name, herd.ports[name], argv, run_dir, {**os.environ, **env} if env else None)
+
+
+def bench_env() -> dict[str, str]:
+    """Our environment, with the repo on PYTHONPATH (bench servers run in scratch dirs)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def launch_limit(port: int, run_dir: Path) -> Proc:
     """The limit server (bench.limit) on `port`."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}  # it runs in a scratch directory
-    return launch("limit", port, [sys.executable, "-m", "bench.limit", str(port)], run_dir, env)
+    argv = [sys.executable, "-m", "bench.limit", str(port)]
+    return launch("limit", port, argv, run_dir, bench_env())
 
 
 def wait_accepting(proc: Proc, deadline: float = 10.0) -> float:

@@ -498,7 +498,14 @@ def markdown(results: Result) -> str:
                 for k, v in micro.items()
             ],
         )
-    profile = results.get("profile") or {}
+    lines += profile_markdown(results.get("profile") or {})
+    lines += ["", "![latency vs load](latency.svg)", ""]
+    return "\n".join(lines)
+
+
+def profile_markdown(profile: Result) -> list[str]:
+    """The py-spy tables (self and inclusive shares) of Clark and Bona."""
+    lines: list[str] = []
     for name in ("Clark", "Bona"):
         prof = profile.get(name)
         if not prof:
@@ -518,8 +525,7 @@ def markdown(results: Result) -> str:
             ("inclusive %", "function"),
             [(f"{p:.1f}", escape(f)) for f, p in prof["inclusive"] if p < 95],
         )
-    lines += ["", "![latency vs load](latency.svg)", ""]
-    return "\n".join(lines)
+    return lines
 
 
 # ---- the plot: a hand-written SVG, no plotting dependency ----

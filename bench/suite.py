@@ -153,11 +153,16 @@ def has_record(port: int, client: bytes) -> bool:
     return reply.startswith(b"AT ")
 
 
-def start_herd(herd: Herd, run_dir: Path, names: list[str] | None = None) -> dict[str, Proc]:
-    """Start the servers `names` (default: all) of `herd`, wait until all accept, hold
-    places and are linked."""
+def start_herd(
+    herd: Herd,
+    run_dir: Path,
+    names: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Proc]:
+    """Start the servers `names` (default: all) of `herd` (`env`: variables to add),
+    wait until all accept, hold places and are linked."""
     names = herd.names if names is None else names
-    servers = {name: procs.launch_server(herd, name, run_dir) for name in names}
+    servers = {name: procs.launch_server(herd, name, run_dir, env) for name in names}
     try:
         for proc in servers.values():
             procs.wait_accepting(proc)

@@ -174,6 +174,15 @@ class Bus:
         """A writer reports that it wrote something: re-check the waiting clients."""
         self._progress.unpark_all()
 
+    def handed_off(self) -> bool:
+        """True if what was delivered so far reached every link that is keeping up
+        (wait_handed_off would not wait)."""
+        return all(
+            subscriber.handed_off(mark)
+            for subscriber in self._subscribers.values()
+            if (mark := subscriber.handoff_mark()) is not None
+        )
+
     async def wait_handed_off(self) -> None:
         """Wait until what was delivered so far reached every link that is keeping up.
 

@@ -308,7 +308,7 @@ class Session:
             if index % FAIR_SHARE == 0 and self._replies:
                 await self._flush()  # a pipelining client must not hold the loop for long
             log.received(who, line)
-            if not line.strip():  # bytes.strip() drops exactly the six white-space bytes
+            if not line or line.isspace():  # bytes.isspace(): the six white-space bytes
                 continue  # blank lines are ignored, also in one_shot mode
             if self._first and HTTP_REQUEST.match(line):
                 await self._reply(question(line))
@@ -339,7 +339,7 @@ class Session:
         await self._flush()
 
     async def _flush(self) -> None:
-        if self._flooded:  # flood first, then reply
+        if self._flooded and not self.node.bus.handed_off():  # flood first, then reply
             with trio.move_on_after(HANDOFF_DEADLINE):
                 await self.node.bus.wait_handed_off()
         data, self._replies, self._flooded = b"".join(self._replies), [], False

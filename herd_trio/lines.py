@@ -115,15 +115,16 @@ class LineReader:
         buffer = self._buffer
         end = buffer.rfind(b"\n")
         if end >= 0:
-            lines = bytes(buffer[:end]).split(b"\n")
+            block = bytes(buffer[:end])
+            lines = block.split(b"\n")
             del buffer[: end + 1]
-            for index, line in enumerate(lines):
-                if len(line) > self._max_line:
-                    self._fail(line)
-                    del lines[index:]
-                    break
-                if line.endswith(b"\r"):
-                    lines[index] = line[:-1]
+            # Checked for the whole block at once (C loops); line by line only if needed.
+            if max(map(len, lines)) > self._max_line:
+                index = next(i for i, line in enumerate(lines) if len(line) > self._max_line)
+                self._fail(lines[index])
+                del lines[index:]
+            if b"\r" in block:
+                lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
             self._lines.extend(lines)
         if self._error is None and len(buffer) > self._max_line:
             self._fail(bytes(buffer))

@@ -24,14 +24,14 @@ from typing import NoReturn, TypeVar
 import attrs
 import trio
 
-from herd_trio.auth import HandshakeError, accept_handshake, dial_handshake
+from herd_trio.auth import HandshakeError, dial_handshake
 from herd_trio.backoff import Backoff
 from herd_trio.bus import OutboxClosed
 from herd_trio.errors import leaves
 from herd_trio.lines import LineReader, LineTooLong
 from herd_trio.linkwriter import HEARTBEATS, PING, PONG, LinkWriter, Timers
 from herd_trio.log import RateLimiter
-from herd_trio.net import describe, host_of, hostport, is_loopback
+from herd_trio.net import hostport
 from herd_trio.node import Node
 from herd_trio.protocol import (
     SYNC_PREFIXES,
@@ -42,9 +42,10 @@ from herd_trio.protocol import (
     too_far_ahead,
 )
 from herd_trio.security import PeerSecurity
+from herd_trio.silence import Silence
 from herd_trio.stats import PeerStats
 from herd_trio.sync import PeerMisbehaved, Reconciler
-from herd_trio.tls import certificate_matches, wrap_accepted, wrap_dialled
+from herd_trio.tls import wrap_dialled
 
 DIAL_DEADLINE = 3.0  # seconds: loopback and LAN dials take milliseconds
 HANDSHAKE_DEADLINE = 2.0  # seconds, as NATS gives a route to authenticate
@@ -54,8 +55,6 @@ PEER_LINE_SLACK = 512  # bytes an AT line adds to the client line it came from
 LINES_PER_CHECKPOINT = 32  # peer lines handled between checkpoints: ~1-2 ms of work
 PEER_MIN_LINE = 8192  # bytes: the longest sync line (ITEMS, NEED) is about 1.1 KB
 BACKOFF = Backoff()
-ABSENT_NOTICE = 5.0  # seconds a dialling neighbour may be absent before the log says so
-ABSENT_REPEAT = 60.0  # seconds between reminders while it stays absent
 
 
 class LinkError(Exception):
@@ -136,13 +135,16 @@ async def carry(node: Node, peer: str, stream: trio.abc.Stream, reader: LineRead
         counts,
         settings.sync_interval / 2,
     )
+    quiet = SILENT_BEATS * settings.heartbeat_interval
+    silence = Silence(quiet, lambda: LinkError(f"no word from {peer} for {quiet:g} s", "silent"))
     try:
         with node.bus.subscribe(peer, writer):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(writer.run, timers, sync.start)
+                nursery.start_soon(silence.watch)
                 if not loaded:
                     nursery.start_soon(_sync_when_loaded, node, timers, writer)
-                await read_peer(node, peer, reader, writer, sync)
+                await read_peer(node, peer, reader, writer, sync, silence)
     finally:
         node.stats.link_down(peer, writer)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -155,7 +157,12 @@ async def _sync_when_loaded(node: Node, timers: Timers, writer: LinkWriter) -> N
 
 
 async def read_peer(
-    node: Node, peer: str, reader: LineReader, writer: LinkWriter, sync: Reconciler
+    node: Node,
+    peer: str,
+    reader: LineReader,
+    writer: LinkWriter,
+    sync: Reconciler,
+    silence: Silence,
 ) -> NoReturn:
     """Take records from `peer`, keep the newer ones and flood those on.
 
@@ -165,16 +172,14 @@ async def read_peer(
     what both already hold. A peer that keeps starting rounds loses the link
     (PeerMisbehaved).
     """
-    silence = SILENT_BEATS * node.settings.heartbeat_interval
     counts = node.stats.peer(peer)
     ahead = RateLimiter()
     handled = 0  # lines since the last checkpoint: a sync stream's batch is thousands
+    max_skew = node.settings.max_future_skew
     while True:
-        lines: list[bytes] = []
-        with trio.move_on_after(silence) as scope:
-            lines = await reader.receive_lines()
-        if scope.cancelled_caught:
-            raise LinkError(f"no word from {peer} for {silence:g} s", "silent")
+        silence.waiting()
+        lines = await reader.receive_lines()
+        silence.heard()
         if not lines:
             raise LinkError(f"{peer} closed the link", "closed")
         if len(lines) > 1 or lines[0] not in HEARTBEATS:
@@ -196,11 +201,29 @@ async def read_peer(
                 if node.restore.done:  # loading: we would ask for most of the store
                     sync.handle(parsed, trio.current_time())
                 continue
+            if max_skew is None and _is_stored(node, line):  # an echo of the flood
+                counts.duplicate += 1
+                node.log.peer_line(peer, line, "duplicate")
+                continue
             record = _parse(peer, line, parse_at)
-            if too_far_ahead(record.sent, node.now_ns(), node.settings.max_future_skew):
+            if max_skew is not None and too_far_ahead(record.sent, node.now_ns(), max_skew):
                 _refuse_ahead(node, peer, ahead, line)
                 continue
             _take(node, peer, record, counts)
+
+
+def _is_stored(node: Node, line: bytes) -> bool:
+    """True if `line` is byte for byte the AT line stored for its client.
+
+    On a graph with cycles most record lines a server receives are such echoes of a
+    flood (4 of the 8 per update in the default herd); what parse_at and the store
+    would make of one is known without asking them: a duplicate. A line that is not
+    in canonical form never equals a stored line, which parse_at accepted.
+    """
+    fields = line.split(b" ", 4)
+    if len(fields) != 5:
+        return False
+    return node.store.line(fields[3]) == line  # no Record built
 
 
 def _parse(peer: str, line: bytes, parse: Callable[[bytes], T]) -> T:
@@ -215,7 +238,7 @@ def _take(node: Node, peer: str, record: Record, counts: PeerStats) -> None:
     standing = node.store.offer(record)
     line = record.at_line
     said = verdict(standing is record, line, standing.at_line)
-    node.log.write(f"peer {peer} < {line!r} {said}")
+    node.log.peer_line(peer, line, said)
     if standing is record:
         counts.kept += 1
         node.bus.publish(record, source=peer)
@@ -269,7 +292,7 @@ async def run_link(
                 node.log.write(f"link to {peer.name} up ({hostport(peer.host, peer.port)})")
                 await carry(node, peer.name, stream, reader)
         except* LINK_ERRORS as group:
-            reason = "; ".join(_describe(exc) for exc in leaves(group))
+            reason = "; ".join(describe_error(exc) for exc in leaves(group))
             node.stats.link_dropped(peer.name, drop_kind(group), reason)
             if up_since < math.inf:
                 node.log.write(f"link to {peer.name} dropped: {reason}")
@@ -302,138 +325,9 @@ async def _introduce(
         # TLS 1.3 checks our certificate after our side of the TLS handshake is
         # done: a refusal arrives as a reset or an EOF.
         raise LinkError(
-            f"TLS session failed: {_describe(exc)} (did the peer refuse our certificate?)"
+            f"TLS session failed: {describe_error(exc)} (did the peer refuse our certificate?)"
         ) from exc
     return stream, reader
-
-
-@attrs.define(eq=False)
-class PeerPort:
-    """The accepting side of the links: neighbours that dial this server connect here.
-
-    A peer must be a configured neighbour that dials this server and pass the
-    handshake within HANDSHAKE_DEADLINE: HMAC challenge-response with a secret
-    configured, mutual TLS with certificates configured, and with neither, only
-    loopback peers are accepted. A neighbour that connects again replaces its old link
-    (it was restarted, or the old one is dead). Refusals are logged at most once per
-    address and kind every RateLimiter.interval, so a flood cannot fill the disk.
-    """
-
-    node: Node
-    security: PeerSecurity
-    dialers: frozenset[str]  # the neighbours that dial this server
-    _accepted: dict[str, trio.CancelScope] = attrs.field(factory=dict, init=False)
-    _refusals: RateLimiter = attrs.field(factory=RateLimiter, init=False)
-
-    @property
-    def linked(self) -> frozenset[str]:
-        """The neighbours whose links to this port are up."""
-        return frozenset(self._accepted)
-
-    def allow(self, dialers: frozenset[str]) -> frozenset[str]:
-        """Accept links from `dialers` from now on (a reload); close the links of the
-        neighbours no longer among them, and return their names."""
-        self.dialers = dialers
-        gone = frozenset(self._accepted) - dialers
-        for name in gone:
-            self._accepted.pop(name).cancel()
-            self.node.log.write(f"link from {name} closed: no longer a neighbour")
-        return gone
-
-    async def handle(self, transport: trio.abc.Stream) -> None:
-        """Authenticate one connection to the peer port and carry its link until it ends."""
-        who = describe(transport)
-        try:
-            with trio.fail_after(HANDSHAKE_DEADLINE):
-                peer, stream, reader = await self._authenticate(transport)
-        except LINK_ERRORS as exc:
-            self._refuse(who, type(exc).__name__, _describe(exc))
-            return
-        if (old := self._accepted.get(peer)) is not None:
-            old.cancel()
-        with trio.CancelScope() as scope:
-            self._accepted[peer] = scope
-            self.node.log.write(f"link from {peer} up ({who})")
-            try:
-                await carry(self.node, peer, stream, reader)
-            except* LINK_ERRORS as group:
-                if not scope.cancel_called:  # a replaced link's errors are its replacement's
-                    errors = list(leaves(group))
-                    reason = "; ".join(_describe(exc) for exc in errors)
-                    self.node.stats.link_dropped(peer, drop_kind(group), reason)
-                    self._dropped(peer, who, errors)
-            finally:
-                if self._accepted.get(peer) is scope:
-                    del self._accepted[peer]
-        if scope.cancelled_caught and peer in self.dialers:
-            self.node.log.write(f"link from {peer} replaced by a new connection")
-
-    async def _authenticate(
-        self, transport: trio.abc.Stream
-    ) -> tuple[str, trio.abc.Stream, LineReader]:
-        security = self.security
-        if security.keyring is None and security.tls is None and not is_loopback(transport):
-            raise HandshakeError("not loopback, and no secret or TLS configured")
-        stream = transport
-        tls = None
-        if security.tls is not None:
-            stream = tls = await wrap_accepted(transport, security.tls.accepting)
-        dialers = {name.encode() for name in self.dialers}
-
-        def allowed(name: bytes) -> bool:
-            if name in dialers and tls is not None and not certificate_matches(tls, name):
-                shown = name.decode("ascii", "backslashreplace")
-                raise HandshakeError(f"its TLS certificate does not name {shown}")
-            return name in dialers
-
-        reader = LineReader(stream, peer_max_line(self.node.settings.max_line))
-        sender = await accept_handshake(
-            stream, reader, me=self.node.wire_name, allowed=allowed, keyring=security.keyring
-        )
-        return sender.decode("ascii"), stream, reader  # allowed() matched a configured name
-
-    async def report_absent(self) -> NoReturn:
-        """Log the neighbours that dial this server while their links are down.
-
-        The dialling side logs its failures; without this, the accepting side's log
-        would say nothing at all about a neighbour that never comes. Said after
-        ABSENT_NOTICE seconds of absence, then every ABSENT_REPEAT seconds.
-        """
-        since = dict.fromkeys(self.dialers, trio.current_time())
-        said: dict[str, float] = {}
-        while True:
-            await trio.sleep(1.0)
-            now = trio.current_time()
-            for name in sorted(self.dialers):
-                since.setdefault(name, now)  # a neighbour added by a reload
-                if name in self._accepted:
-                    since[name] = now
-                    said.pop(name, None)
-                elif now - since[name] >= ABSENT_NOTICE and now - said.get(name, -math.inf) >= (
-                    ABSENT_REPEAT
-                ):
-                    said[name] = now
-                    self.node.log.write(
-                        f"no link from {name} for {now - since[name]:.0f} s"
-                        " (it dials this server; waiting for it)"
-                    )
-
-    def _dropped(self, peer: str, who: str, errors: list[BaseException]) -> None:
-        """Log a dropped link; rate-limited like a refusal if the peer misbehaved.
-
-        A neighbour's key in hand, an attacker could otherwise reconnect and misbehave
-        in a loop and write a line per connection.
-        """
-        text = f"link from {peer} dropped: " + "; ".join(_describe(exc) for exc in errors)
-        if not any(isinstance(exc, PeerMisbehaved) for exc in errors):
-            self.node.log.write(text)
-        else:
-            self._refusals.write(f"{host_of(who)} misbehaved", self.node.log.write, text)
-
-    def _refuse(self, who: str, kind: str, reason: str) -> None:
-        self.node.stats.refused(kind)
-        text = f"refused peer connection from {who}: {reason}"
-        self._refusals.write(f"{host_of(who)} {kind}", self.node.log.write, text)
 
 
 def drop_kind(group: BaseException) -> str:
@@ -452,9 +346,9 @@ def drop_kind(group: BaseException) -> str:
     return next((kind for cls, kind in kinds if isinstance(exc, cls)), "other")
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
     if not str(exc) and exc.__cause__ is not None:  # a failed TLS handshake says why here
-        return f"{type(exc).__name__}: {_describe(exc.__cause__)}"
+        return f"{type(exc).__name__}: {describe_error(exc.__cause__)}"
     return str(exc) or repr(exc)

@@ -13,7 +13,6 @@ Timestamps are local time in ISO 8601 with the UTC offset
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -51,7 +50,7 @@ class ServerLog:
         self.name = name
         self.path = path
         self.line_limit = line_limit
-        self.max_bytes = max_bytes or math.inf  # 0: never rotate
+        self.max_bytes = max_bytes or 1 << 62  # 0: never rotate
         self.backups = backups
         self._file: TextIO | None = None
         self._size = 0  # bytes in the current file (characters: the text is escaped ASCII)
@@ -65,9 +64,10 @@ class ServerLog:
         self._ms = -1
         self._ms_stamp = ""
 
-    def _now(self) -> str:
+    def _head(self) -> str:
         # Under load many lines share a millisecond, and formatting the stamp costs
-        # more than writing the line: format once per millisecond (strftime once a second).
+        # more than writing the line: `<stamp> <name> ` is formatted once per
+        # millisecond (strftime once a second).
         ms = int(time.time() * 1000)
         if ms != self._ms:
             self._ms = ms
@@ -77,13 +77,17 @@ class ServerLog:
                 local = time.localtime(second)
                 self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", local)
                 self._offset = utc_offset(local.tm_gmtoff)
-            self._ms_stamp = f"{self._stamp}.{ms % 1000:03d}{self._offset}"
+            self._ms_stamp = f"{self._stamp}.{ms % 1000:03d}{self._offset} {self.name} "
         return self._ms_stamp
 
     def write(self, text: str) -> None:
         """Log one event; `text` must already be escaped if it holds untrusted data."""
         if self._file is not None:
-            entry = f"{self._now()} {self.name} {text}\n"
+            self._emit(f"{self._head()}{text}\n")
+
+    def _emit(self, entry: str) -> None:
+        """Write one whole entry (stamp, name, event, LF)."""
+        if self._file is not None:
             self._file.write(entry)
             self._size += len(entry)
             if self._size > self.max_bytes:
@@ -91,7 +95,13 @@ class ServerLog:
 
     def received(self, who: str, line: bytes) -> None:
         """Log a line received from `who`, escaped (a preview if it is long)."""
-        self.write(f"{who} < {self.shown(line)}")
+        if self._file is not None:
+            self._emit(f"{self._head()}{who} < {self.shown(line)}\n")
+
+    def peer_line(self, peer: str, line: bytes, verdict: str) -> None:
+        """Log a record line received from neighbour `peer` and what became of it."""
+        if self._file is not None:  # whole, as before (a peer's lines are bounded by its link)
+            self._emit(f"{self._head()}peer {peer} < {line!r} {verdict}\n")
 
     def sent(self, who: str, reply: bytes) -> None:
         """Log a reply sent to `who`, escaped; a WHATSAT reply's JSON as a summary."""
@@ -99,11 +109,14 @@ class ServerLog:
             at_line, _, body = reply.partition(b"\n")
             shown = self.shown(at_line + b"\n")
             self.write(f"{who} > {shown} + {places_summary(body)}")
-        else:
-            self.write(f"{who} > {self.shown(reply)}")
+        elif self._file is not None:
+            self._emit(f"{self._head()}{who} > {self.shown(reply)}\n")
 
     def shown(self, data: bytes) -> str:
-        """`data` escaped for the log: whole if short, else a preview and its length."""
+        """`data` escaped for the log: whole if short, else a preview and its length.
+
+        repr() is the escaping (for printable ASCII it only adds the quotes; a check
+        whether there is anything to escape costs about as much as repr itself)."""
         if len(data) <= self.line_limit:
             text = repr(data)
             if len(text) <= 2 * len(data) + PREVIEW_SLACK:  # printable text: the hot path

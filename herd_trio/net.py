@@ -4,6 +4,7 @@ destroy replies the other end has not read yet."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -67,13 +68,36 @@ async def send_within(stream: trio.abc.SendStream, data: bytes, deadline: float)
     """`send_all(data)`, or trio.TooSlowError if the other end has not taken it in time.
 
     A client or peer that stops reading must not pin a task or its buffers forever.
-    (move_on_after rather than fail_after: the latter costs a generator per call, and
-    this runs once per reply.)
+    On a plain socket, what the kernel takes at once is written straight away, and only
+    a rest (a full socket buffer) is sent under the deadline: entering and leaving a
+    cancel scope with a deadline costs about as much as the send itself. The caller is
+    the stream's only writer, and checkpoints in its next receive.
     """
+    if isinstance(stream, trio.SocketStream):
+        data = send_now(stream, data)
+        if not data:
+            return
     with trio.move_on_after(deadline) as scope:
         await stream.send_all(data)
     if scope.cancelled_caught:
         raise trio.TooSlowError
+
+
+def send_now(stream: trio.SocketStream, data: bytes) -> bytes:
+    """Write what the socket takes without waiting; the rest (b"" if all went).
+
+    Errors as trio's send_all raises them: ClosedResourceError once the stream is
+    closed, BrokenResourceError when the connection is gone.
+    """
+    try:
+        sent = os.write(stream.socket.fileno(), data)
+    except BlockingIOError:
+        return data
+    except OSError as exc:
+        if exc.errno == errno.EBADF or stream.socket.fileno() < 0:
+            raise trio.ClosedResourceError("this stream was closed") from exc
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+    return data[sent:]
 
 
 async def linger(stream: trio.abc.Stream) -> None:

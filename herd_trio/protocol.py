@@ -20,14 +20,29 @@ NS_PER_S = 1_000_000_000
 _INT_DIGITS = 4000  # below sys.get_int_max_str_digits() (4300 by default)
 _INT_LIMIT = 10**_INT_DIGITS
 
-# Checked with a bytes regex before any conversion: Decimal() and int() accept "nan",
+# Checked with a bytes regex (times: bytes.isdigit, ASCII digits only) before any
+# conversion: Decimal() and int() accept "nan",
 # "1_000", " 7" and non-ASCII digits, none of which the protocol allows.
-_TIME = re.compile(rb"([0-9]+)(?:\.([0-9]+))?")
 _COORDS = re.compile(rb"([+-][0-9]{1,2}(?:\.[0-9]+)?)([+-][0-9]{1,3}(?:\.[0-9]+)?)")
 _RADIUS = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
 _BOUND = re.compile(rb"[0-9]+")
 _HEX = re.compile(rb"[0-9a-f]+")
 _SKEW = re.compile(rb"[+-][0-9]+\.[0-9]{9}")
+
+# Fast paths: one regex for a whole well-formed line, with the coordinate ranges in the
+# pattern (latitude up to 90, longitude up to 180, exactly 90 or 180 only with a zero
+# fraction). A line it matches is one the field-by-field checks accept, with the same
+# result; any other line takes those checks, which name what is wrong. In a bytes
+# pattern `\s` is exactly the six white-space bytes `bytes.split()` splits on.
+_LAT = rb"[+-](?:[0-8]?[0-9](?:\.[0-9]+)?|90(?:\.0+)?)"
+_LON = rb"[+-](?:(?:1[0-7][0-9]|0?[0-9]?[0-9])(?:\.[0-9]+)?|180(?:\.0+)?)"
+_AT_LINE = re.compile(
+    rb"AT (\S+) [+-][0-9]+\.[0-9]{9} (\S{1,%d}) (%s%s) ([0-9]+(?:\.[0-9]+)?)"
+    % (MAX_CLIENT_ID, _LAT, _LON)
+)
+_IAMAT_LINE = re.compile(
+    rb"\s*IAMAT\s+(\S{1,%d})\s+((%s)(%s))\s+([0-9]+(?:\.[0-9]+)?)\s*" % (MAX_CLIENT_ID, _LAT, _LON)
+)
 
 
 class ProtocolError(ValueError):
@@ -99,19 +114,27 @@ class Record:
 Command = Iamat | Whatsat
 
 
+def _time_parts(field: bytes) -> tuple[bytes, bytes] | None:
+    """`S` or `S.F` (ASCII digits only; `bytes.isdigit` knows no others) as (S, F)."""
+    whole, dot, frac = field.partition(b".")
+    if whole.isdigit() and (frac.isdigit() if dot else True):
+        return whole, frac
+    return None
+
+
 def parse_time(field: bytes) -> Decimal:
     """POSIX seconds from the wire, exactly; ProtocolError for anything else."""
-    if not _TIME.fullmatch(field):
+    if _time_parts(field) is None:
         raise ProtocolError(f"bad time {field!r}")
     return Decimal(field.decode("ascii"))
 
 
 def time_ns(field: bytes) -> int:
     """POSIX seconds from the wire as integer nanoseconds, truncating extra digits."""
-    match = _TIME.fullmatch(field)
-    if match is None:
+    parts = _time_parts(field)
+    if parts is None:
         raise ProtocolError(f"bad time {field!r}")
-    whole, frac = match.group(1), match.group(2) or b""
+    whole, frac = parts
     if len(whole) > _INT_DIGITS:  # int() refuses over 4300 digits (CVE-2020-10735)
         with localcontext() as context:
             context.prec = len(whole) + 10  # exact: no rounding at any length
@@ -155,6 +178,22 @@ def _client_id(field: bytes) -> bytes:
 
 def parse_command(line: bytes) -> Command:
     """Parse one client line (terminator already removed); ProtocolError if invalid."""
+    match = _IAMAT_LINE.fullmatch(line)
+    if match is not None:  # the common case, in one regex
+        client, coords, lat, lon, time = match.groups()
+        return Iamat(
+            client,
+            coords,
+            time,
+            Decimal(lat.decode()),
+            Decimal(lon.decode()),
+            Decimal(time.decode()),
+        )
+    return parse_command_fields(line)
+
+
+def parse_command_fields(line: bytes) -> Command:
+    """parse_command field by field, without the fast path (which must agree with it)."""
     fields = line.split()
     if len(fields) != 4:
         raise ProtocolError("wrong number of fields")
@@ -214,6 +253,15 @@ def parse_at(line: bytes) -> Record:
     This is how records travel between servers: the AT line carries every field of
     the record, and forwarding it byte for byte keeps WHATSAT's first line exact.
     """
+    match = _AT_LINE.fullmatch(line)
+    if match is not None:  # the common case, in one regex
+        origin, client, coords, time = match.groups()
+        return Record(client, coords, Decimal(time.decode()), origin, line)
+    return parse_at_fields(line)
+
+
+def parse_at_fields(line: bytes) -> Record:
+    """parse_at field by field, without the fast path (which must agree with it)."""
     fields = line.split()
     if len(fields) != 6 or fields[0] != b"AT":
         raise ProtocolError("not an AT line")

@@ -23,9 +23,10 @@ import attrs
 import trio
 
 from herd_trio.config import ConfigError, HerdConfig, ServerConfig, Settings
-from herd_trio.links import Peer, PeerPort, dials, run_link
+from herd_trio.links import Peer, dials, run_link
 from herd_trio.log import ServerLog
 from herd_trio.node import Node
+from herd_trio.peerport import PeerPort
 from herd_trio.security import PeerSecurity
 
 # Fields a reload applies; every other difference is reported and waits for a restart.

@@ -23,10 +23,11 @@ from herd_trio import admin
 from herd_trio.bus import Bus
 from herd_trio.client import Admission, handle_client
 from herd_trio.config import HerdConfig
-from herd_trio.links import PeerPort, dials
+from herd_trio.links import dials
 from herd_trio.log import ServerLog
 from herd_trio.net import hostport
 from herd_trio.node import Node
+from herd_trio.peerport import PeerPort
 from herd_trio.persist import PersistError, open_persister, state_path
 from herd_trio.places import PlacesSource
 from herd_trio.reconfig import Links, Reloader

@@ -116,7 +116,9 @@ class ServerView:
                     "rtt_ms": rtt_ms(link.rtt) if link else None,
                     "outbox": link.depth if link else 0,
                     "records_in": (link.kept + link.stale + link.duplicate) if link else 0,
-                    "records_out": link.records_sent if link else 0,
+                    # flooded and sent by reconciliation (the latter also on its own)
+                    "records_out": link.records_sent + link.sync_records_sent if link else 0,
+                    "sync_records_out": link.sync_records_sent if link else 0,
                 }
             )
         return {

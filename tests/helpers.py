@@ -11,9 +11,10 @@ import trio
 
 from herd_trio.bus import Bus
 from herd_trio.config import HerdConfig
-from herd_trio.links import Peer, PeerPort, dials
+from herd_trio.links import Peer, dials
 from herd_trio.log import ServerLog
 from herd_trio.node import Node
+from herd_trio.peerport import PeerPort
 from herd_trio.places import JSON, legacy_body
 from herd_trio.protocol import Iamat, Record, make_record, parse_command
 from herd_trio.security import PeerSecurity, load_security

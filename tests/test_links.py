@@ -21,13 +21,13 @@ from herd_trio.links import (
     LINK_ERRORS,
     PEER_LINE_SLACK,
     LinkError,
-    PeerPort,
     carry,
     dials,
     peer_max_line,
     run_link,
 )
 from herd_trio.node import Node
+from herd_trio.peerport import PeerPort
 from herd_trio.protocol import SYNC_PREFIXES, Record
 from herd_trio.store import Store
 from tests.helpers import (
@@ -745,4 +745,31 @@ async def test_a_record_from_a_peer_is_flooded_on_but_not_sent_back(
         assert heard == [b"PING", b"PING"]  # not our own AT line back
         assert alpha.store.get(b"kiwi") == kiwi
         assert gamma.records == [kiwi]  # flooded on to the other neighbours
+    assert errors == []
+
+
+async def test_an_echo_of_a_stored_line_is_a_duplicate_and_goes_no_further(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    alpha = make_server("Alpha", tmp_path / "Alpha.log", heartbeat_interval=1.0)
+    ours, theirs = trio.testing.memory_stream_pair()
+    errors: list[BaseException] = []
+    gamma = Recording()
+    kiwi = record("Beta", b"IAMAT kiwi +34-118 5")
+    older = record("Gamma", b"IAMAT kiwi +34-118 4")
+    with alpha.bus.subscribe("Gamma", gamma):
+        nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
+        reader = LineReader(theirs, PEER_MAX)
+        assert await reader.receive_line() == EMPTY_ROUND
+        lines = [kiwi.at_line, kiwi.at_line, older.at_line, kiwi.at_line]
+        await theirs.send_all(b"\n".join(lines) + b"\n")
+        await settle()
+        assert alpha.store.get(b"kiwi") == kiwi
+        assert gamma.records == [kiwi]  # flooded on once
+    counts = alpha.stats.peer("Beta")
+    assert (counts.kept, counts.duplicate, counts.stale) == (1, 2, 1)
+    alpha.log.close()
+    log = (tmp_path / "Alpha.log").read_text().splitlines()
+    said = [line.rsplit(" ", 1)[1] for line in log if " peer Beta < b'AT " in line]
+    assert said == ["kept", "duplicate", "stale", "duplicate"]
     assert errors == []

@@ -318,3 +318,15 @@ def test_reopen_writes_to_a_fresh_file_after_logrotate_moved_it(tmp_path: Path) 
     log.close()
     assert logged(tmp_path / "Clark.log.1") == ["before", "still buffered for the old file"]
     assert logged(path) == ["after"]
+
+
+def test_a_peer_line_is_logged_with_its_verdict(tmp_path: Path) -> None:
+    path = tmp_path / "Bona.log"
+    log = ServerLog(path, "Bona")
+    line = b"AT Clark +0.263873386 kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.9"
+    log.peer_line("Clark", line, "kept")
+    log.peer_line("Clark", b"AT \x1b'x", "stale")
+    log.close()
+    first, second = path.read_text(encoding="utf-8").splitlines()
+    assert re.fullmatch(STAMP + " Bona peer Clark < " + re.escape(repr(line)) + " kept", first)
+    assert second.endswith(" Bona peer Clark < " + repr(b"AT \x1b'x") + " stale")

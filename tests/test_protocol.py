@@ -21,7 +21,9 @@ from herd_trio.protocol import (
     format_skew,
     make_record,
     parse_at,
+    parse_at_fields,
     parse_command,
+    parse_command_fields,
     parse_coords,
     parse_time,
     question,
@@ -658,3 +660,121 @@ def test_check_coords_agrees_with_parse_coords(field: bytes) -> None:
             check_coords(field)
     else:
         check_coords(field)
+
+
+# parse_at and parse_command take one regex for a well-formed line and otherwise check
+# field by field; the two must agree on every line (same result, or both refuse).
+_DEGREES = st.builds(
+    lambda pad, n: f"{n:0{pad}d}",
+    st.integers(1, 4),
+    st.sampled_from([0, 1, 8, 9, 10, 89, 90, 91, 99, 100, 179, 180, 181, 999]),
+)
+_FRACTION = st.sampled_from(["", ".", ".0", ".000", ".5", ".0001", ".10", ".00000000000000001"])
+_COORDS_EDGE = st.builds(
+    lambda s1, a, f1, s2, b, f2: f"{s1}{a}{f1}{s2}{b}{f2}".encode(),
+    *(st.sampled_from("+-"), _DEGREES, _FRACTION),
+    *(st.sampled_from("+-"), _DEGREES, _FRACTION),
+)
+_TIMES = st.sampled_from(
+    [b"0", b"1621464827.959498503", b"1621464827.", b"1.5e3", b"-1.5", b"\xd9\xa1", b"1" * 300]
+)
+_SPACE = st.sampled_from([b" ", b" ", b" ", b"  ", b"\t", b"\x0b", b"\xa0"])
+_IDS = st.one_of(
+    st.sampled_from([b"kiwi", b"k" * 256, b"k" * 257, b"x\xffy"]), st.binary(max_size=6)
+)
+
+
+def _part(sign: str, degrees: int, pad: int, fraction: str) -> str:
+    return f"{sign}{degrees:0{pad}d}{fraction}"
+
+
+_EDGE_DEGREES = [0, 1, 8, 9, 10, 89, 90, 91, 99, 100, 109, 170, 179, 180, 181, 190, 999]
+_EDGE_FRACTIONS = ["", ".", ".0", ".000", ".5", ".0001", ".10", ".00000000000000001", ".9"]
+_EDGE_PARTS = [
+    _part(sign, degrees, pad, fraction)
+    for sign in "+-"
+    for degrees in _EDGE_DEGREES
+    for pad in (1, 2, 3, 4)
+    for fraction in _EDGE_FRACTIONS
+]
+
+
+def test_fast_paths_check_coordinate_ranges_as_the_field_checks_do() -> None:
+    # Every edge case of one coordinate, beside a valid other one: exhaustive, not sampled.
+    cases = [f"{lat}-118.4".encode() for lat in _EDGE_PARTS]
+    cases += [f"+34.06{lon}".encode() for lon in _EDGE_PARTS]
+    accepted = 0
+    for coords in cases:
+        for parse, slow, line in (
+            (parse_at, parse_at_fields, b"AT Clark +0.263873386 kiwi %s 12.5" % coords),
+            (parse_command, parse_command_fields, b"IAMAT kiwi %s 12.5" % coords),
+        ):
+            try:
+                expected = slow(line)
+            except ProtocolError:
+                with pytest.raises(ProtocolError):
+                    parse(line)
+            else:
+                accepted += 1
+                assert parse(line) == expected, line
+    assert 0 < accepted < 2 * len(cases)  # both kinds of case were met
+
+
+@given(
+    st.sampled_from([b"AT", b"at", b"AT "]),
+    st.sampled_from([b"Clark", b"", b"B\xa0x"]),
+    st.sampled_from([b"+0.263873386", b"-12.000000000", b"+0.26387338", b"0.263873386"]),
+    _IDS,
+    st.one_of(_COORDS_EDGE, _COORD_TEXT),
+    _TIMES,
+    st.lists(_SPACE, min_size=5, max_size=5),
+    st.sampled_from([b"", b" ", b"\r"]),
+)
+def test_parse_at_fast_path_agrees_with_the_field_checks(
+    verb: bytes,
+    origin: bytes,
+    skew: bytes,
+    client: bytes,
+    coords: bytes,
+    time: bytes,
+    spaces: list[bytes],
+    tail: bytes,
+) -> None:
+    fields = [verb, origin, skew, client, coords, time]
+    line = b"".join(f + s for f, s in zip(fields, [*spaces, tail], strict=True))
+    try:
+        expected = parse_at_fields(line)
+    except ProtocolError:
+        with pytest.raises(ProtocolError):
+            parse_at(line)
+    else:
+        assert parse_at(line) == expected
+
+
+@given(
+    st.sampled_from([b"", b" ", b"\t"]),
+    st.sampled_from([b"IAMAT", b"iamat", b"IAMATX"]),
+    _IDS,
+    st.one_of(_COORDS_EDGE, _COORD_TEXT),
+    _TIMES,
+    st.lists(_SPACE, min_size=3, max_size=3),
+    st.sampled_from([b"", b" ", b"\r", b" x"]),
+)
+def test_parse_command_fast_path_agrees_with_the_field_checks(
+    head: bytes,
+    verb: bytes,
+    client: bytes,
+    coords: bytes,
+    time: bytes,
+    spaces: list[bytes],
+    tail: bytes,
+) -> None:
+    fields = [verb, client, coords, time]
+    line = head + b"".join(f + s for f, s in zip(fields, [*spaces, tail], strict=True))
+    try:
+        expected = parse_command_fields(line)
+    except ProtocolError:
+        with pytest.raises(ProtocolError):
+            parse_command(line)
+    else:
+        assert parse_command(line) == expected
