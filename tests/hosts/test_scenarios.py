@@ -183,8 +183,8 @@ async def load(herd: HostHerd, prefix: bytes, seconds: float, acked: Sent,
         try:
             with trio.fail_after(2.0):
                 await herd.iamat_once(name, client, when)
-        except (OSError, trio.TooSlowError, AssertionError):
-            continue  # not answered: not counted (a server stopping or starting)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, AssertionError):
+            continue  # not answered (a server stopping resets it, or is starting): not counted
         acked[client] = (name, when)
         await trio.sleep(0.05)
 
