@@ -130,6 +130,21 @@ def log_bytes(root: Path, name: str) -> int:
     return sum(p.stat().st_size for p in (root / "logs").glob(f"{name}.log*"))
 
 
+def state_rows(root: Path, name: str) -> int:
+    """Records in server `name`'s state file now (a read-only look; WAL lets it run
+    beside the server's writes)."""
+    path = root / "state" / f"{name}.sqlite3"
+    if not path.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(conn.execute("SELECT count(*) FROM records").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+    finally:
+        conn.close()
+
+
 def state_bytes(root: Path, name: str) -> int:
     """Bytes of server `name`'s state file, with its write-ahead log."""
     return sum(p.stat().st_size for p in (root / "state").glob(f"{name}.sqlite3*"))
@@ -204,6 +219,7 @@ class Scale:
         self.config = write_config(root, self.ports)
         self.procs: dict[str, Proc] = {}
         self.result: Result = {"records": records, "missed_updates": missed}
+        self.empty_rss_kb = 0  # A's RSS before the ingest (set by ingest)
 
     def start(self, name: str) -> Proc:
         argv = [sys.executable, "-m", "herd_trio", name, "--config", str(self.config)]
@@ -231,6 +247,7 @@ class Scale:
         procs.wait_accepting(a, deadline=60)
         wait_until("A ready", lambda: self.ready("A"), 120)
         rss0, logs0 = rss_kb(a.pid), log_bytes(self.root, "A")
+        self.empty_rss_kb = rss0
         duration = max(60.0, self.n / 2000)
         spec = {
             "mode": "throughput",
@@ -293,6 +310,20 @@ class Scale:
             "probe_on_a": probe.summary(),
         }
 
+    def join(self) -> None:
+        """An empty B joins A; then B's state file catches up with what B received (so
+        the catch-up below starts from a B that lacks only the missed updates)."""
+        self.sync("join")
+        began = time.perf_counter()
+        target = self.result["join"]["records"]
+        wait_until(
+            "B's state file holds what B received",
+            lambda: state_rows(self.root, "B") >= target,
+            900,
+            step=0.5,
+        )
+        self.result["join"]["b_state_written_s"] = time.perf_counter() - began
+
     def restart(self) -> None:
         """A alone restarts: accept, every sampled client answered right, ready."""
         self.stop("B")
@@ -304,6 +335,8 @@ class Scale:
             answered = self._answer_all(samples) - a.started
             wait_until("A ready", lambda: self.ready("A"), 600)
             ready = time.perf_counter() - a.started
+        held = records_of(self.admin("A"))
+        loaded_rss = rss_kb(a.pid)  # steady: the store, nothing in flight
         baseline = self._blocking_load()
         self.result["restart"] = {
             "blocking_load_s": baseline,
@@ -312,6 +345,11 @@ class Scale:
             "ready_s": ready,
             "samples": len(samples),
             "peak_rss_mb": _hwm_kb(a.pid) / 1024,  # the load is the peak
+            "loaded_rss_mb": loaded_rss / 1024,
+            "loaded_rss_bytes_per_record": loaded_rss * 1024 / max(held, 1),
+            "loaded_rss_growth_bytes_per_record": (loaded_rss - self.empty_rss_kb)
+            * 1024
+            / max(held, 1),
             "probe_while_loading": probe.summary(),
         }
 
@@ -451,7 +489,7 @@ def run(records: int, missed: int, out: Path) -> Result:
     scale = Scale(root, records, missed)
     began = time.perf_counter()
     try:
-        for phase in (scale.ingest, lambda: scale.sync("join"), scale.restart):
+        for phase in (scale.ingest, scale.join, scale.restart):
             phase()
             print(
                 f"{time.perf_counter() - began:.0f} s: {json.dumps(scale.result)}", file=sys.stderr

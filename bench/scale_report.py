@@ -60,7 +60,20 @@ def rows(r: Result) -> list[tuple[str, str, str, str]]:
             _f(ing.get("records")),
         ),
         ("ingest rate", "-", "-", _f(ing.get("rate"), "{:,.0f}", " IAMAT/s")),
-        ("RSS per stored record", "<= 250 B at 1M", "475-550 B (505 MB at 1M)", rss),
+        (
+            "RSS per stored record, while ingesting (outboxes, persister queue, allocator)",
+            "-",
+            "475-550 B (505 MB at 1M)",
+            rss,
+        ),
+        (
+            "RSS per stored record, restarted and loaded: all / above an empty server",
+            "<= 250 B at 1M",
+            "475-550 B (505 MB at 1M)",
+            _f(rst.get("loaded_rss_bytes_per_record"), "{:,.0f}", " B")
+            + " / "
+            + _f(rst.get("loaded_rss_growth_bytes_per_record"), "{:,.0f}", " B"),
+        ),
         ("state file size", "-", "-", size),
         (
             "log bytes per update (A, client side)",
@@ -90,6 +103,12 @@ def rows(r: Result) -> list[tuple[str, str, str, str]]:
             _latency(rst.get("probe_while_loading")),
         ),
         ("empty B joins A: complete after", "-", "26 s", _s(join.get("complete_s"), 1)),
+        (
+            "empty B joins A: B's state file holds it all, after the join",
+            "-",
+            "-",
+            _s(join.get("b_state_written_s"), 1),
+        ),
         (
             "empty B joins A: records sent A->B / B->A",
             f"about n = {n:,} / 0",
