@@ -145,9 +145,13 @@ async def _handshake(tls: trio.SSLStream[trio.abc.Stream], stream: trio.abc.Stre
     try:
         await tls.do_handshake()
     except trio.BrokenResourceError as exc:
-        if isinstance(exc.__cause__, ssl.SSLError):
-            await _send_pending_alert(tls, stream)
-        raise
+        refused = exc
+    else:
+        return
+    # Outside the except block: a cancellation while sending replaces the error.
+    if isinstance(refused.__cause__, ssl.SSLError):
+        await _send_pending_alert(tls, stream)
+    raise refused
 
 
 async def _send_pending_alert(

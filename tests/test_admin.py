@@ -257,6 +257,9 @@ def test_a_slow_subscriber_is_dropped_not_waited_for() -> None:
             slow.receive_nowait()
 
 
+PROC_FD = os.path.isdir("/proc/self/fd")  # net.shut_connections looks there
+
+
 def connections_on(port: int) -> int:
     """This process's connected TCP sockets whose local port is `port` (the server ends)."""
     count = 0
@@ -272,7 +275,7 @@ def connections_on(port: int) -> int:
     return count
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux's /proc")
+@pytest.mark.skipif(not PROC_FD, reason="needs Linux's /proc")
 async def test_an_events_reader_that_stops_reading_is_cut_off(nursery: trio.Nursery) -> None:
     view = make_view()
     hub = EventHub()
