@@ -1,20 +1,21 @@
 """A delaying TCP forwarder for the multi-host tests (the kernel here has no netem).
 
-    python tests/hosts/delay.py LISTEN_HOST LISTEN_PORT TARGET_HOST TARGET_PORT SECONDS READY
+    python tests/hosts/delay.py LISTEN_HOST LISTEN_PORT TARGET_HOST TARGET_PORT SECONDS
 
 Run inside a network namespace (`ip netns exec NS ...`): it accepts on LISTEN, dials
 TARGET for each connection and forwards both ways, each chunk `SECONDS` after it
 arrived, in order (latency, not a bandwidth cap). EOF is forwarded; a reset or an
-error on either side closes both. It creates the file READY once it accepts, and
+error on either side closes both. It prints READY on stdout once it accepts, and
 runs until killed. Buffering is bounded (QUEUE chunks a direction) so TCP pushes back.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import trio
+
+READY = b"READY"  # the line printed once the forwarder accepts
 
 CHUNK = 65536
 QUEUE = 64
@@ -58,9 +59,9 @@ async def forward(target: tuple[str, int], delay: float, client: trio.SocketStre
 
 async def main(argv: list[str]) -> None:
     """Listen, say READY, forward until killed."""
-    host, port, target_host, target_port, seconds, ready = argv
+    host, port, target_host, target_port, seconds = argv
     listeners = await trio.open_tcp_listeners(int(port), host=host)
-    Path(ready).touch()  # noqa: ASYNC240 (once, at start-up)
+    print(READY.decode(), flush=True)  # the starter waits for this line
 
     async def handle(stream: trio.SocketStream) -> None:
         await forward((target_host, int(target_port)), float(seconds), stream)

@@ -21,12 +21,12 @@ import ctypes
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -38,6 +38,7 @@ import trio
 import trustme
 
 from tests.e2e.herd import REQUIRE_ALL, poll, read_until_close
+from tests.hosts.delay import READY
 
 CLONE_NEWNET = 0x40000000
 SUBNET4, SUBNET6 = "10.77.0", "fd77::"
@@ -201,6 +202,20 @@ def lab(hosts: int) -> Iterator[Lab]:
         made.close()
 
 
+def start_forwarder(argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start delay.py (`argv`) and wait, up to DEADLINE, for its READY line."""
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    readable, _, _ = select.select([process.stdout], [], [], DEADLINE)  # a start-up wait
+    line = process.stdout.readline() if readable else b""
+    process.stdout.close()  # it says nothing else
+    if line.rstrip() != READY:
+        process.kill()
+        process.wait(timeout=DEADLINE)
+        raise AssertionError(f"delay forwarder never ready: {argv[-6:]} said {line!r}")
+    return process
+
+
 def address(index: int, ipv6: bool = False) -> str:
     """Host `index`'s own address."""
     return f"{SUBNET6}{index}" if ipv6 else f"{SUBNET4}.{index}"
@@ -298,16 +313,10 @@ class HostHerd:
         )
 
     def _forwarder(self, index: int) -> None:
-        ready = self.root / f"forwarder-{index}.ready"
         argv = [sys.executable, str(DELAY_SCRIPT), f"{SUBNET4}.{100 + index}", str(PEER_PORT)]
-        argv += [address(index), str(PEER_PORT), str(self.delay), str(ready)]
-        process = subprocess.Popen(self.lab.exec(index, *argv), stdin=subprocess.DEVNULL)
+        argv += [address(index), str(PEER_PORT), str(self.delay)]
+        process = start_forwarder(self.lab.exec(index, *argv))
         self.forwarders.append(process)
-        deadline = time.monotonic() + DEADLINE
-        while not ready.exists():  # a start-up wait, before any test traffic
-            assert process.poll() is None, f"delay forwarder on host {index} exited"
-            assert time.monotonic() < deadline, f"delay forwarder on host {index} never ready"
-            time.sleep(0.02)
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> int:
         """Stop server `name`; its exit status."""

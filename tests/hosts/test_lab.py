@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import trio
 
-from tests.e2e.herd import poll
 from tests.hosts.lab import (
     DELAY_SCRIPT,
     SUBNET4,
@@ -22,6 +19,7 @@ from tests.hosts.lab import (
     open_stream,
     require_lab,
     sh,
+    start_forwarder,
 )
 
 SO_RCVBUFFORCE = 33  # Linux <asm-generic/socket.h>; the socket module lacks the name
@@ -90,7 +88,7 @@ async def test_nft_numgen_loss_drops_the_share_it_says() -> None:
         assert arrived + refused == 500
 
 
-async def test_delay_forwarder_adds_its_delay_each_way(tmp_path: Path) -> None:
+async def test_delay_forwarder_adds_its_delay_each_way() -> None:
     """delay.py in host 2 on its second address: an echo through it takes two delays."""
     delay = 0.05
     with lab(2) as made:
@@ -99,12 +97,10 @@ async def test_delay_forwarder_adds_its_delay_each_way(tmp_path: Path) -> None:
         await listener.bind((f"{SUBNET4}.2", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        ready = tmp_path / "ready"
         argv = [sys.executable, str(DELAY_SCRIPT), f"{SUBNET4}.102", str(port)]
-        argv += [f"{SUBNET4}.2", str(port), str(delay), str(ready)]
-        forwarder = start_process(made.exec(2, *argv))
+        argv += [f"{SUBNET4}.2", str(port), str(delay)]
+        forwarder = start_forwarder(made.exec(2, *argv))  # returns once it listens
         try:
-            await poll("the forwarder listens", lambda: _exists(ready))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_echo_once, listener)
                 stream = await open_stream(made.ns(1), f"{SUBNET4}.102", port)
@@ -118,14 +114,6 @@ async def test_delay_forwarder_adds_its_delay_each_way(tmp_path: Path) -> None:
             forwarder.wait(timeout=10)
             listener.close()
     assert 2 * delay <= rtt < 2 * delay + 0.1, rtt
-
-
-def start_process(argv: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-
-
-async def _exists(path: Path) -> bool | None:
-    return True if await trio.Path(path).exists() else None
 
 
 async def _echo_once(listener: trio.socket.SocketType) -> None:
