@@ -177,11 +177,11 @@ class Bus:
     def handed_off(self) -> bool:
         """True if what was delivered so far reached every link that is keeping up
         (wait_handed_off would not wait)."""
-        return all(
-            subscriber.handed_off(mark)
-            for subscriber in self._subscribers.values()
-            if (mark := subscriber.handoff_mark()) is not None
-        )
+        return all(subscriber.handed_off(mark) for subscriber, mark in self._marks())
+
+    def _marks(self) -> list[tuple[Subscriber, int]]:
+        """Each subscriber with something unsent, and how far it must get."""
+        return [(s, m) for s in self._subscribers.values() if (m := s.handoff_mark()) is not None]
 
     async def wait_handed_off(self) -> None:
         """Wait until what was delivered so far reached every link that is keeping up.
@@ -192,6 +192,6 @@ class Bus:
         paused neighbour) is not waited for: it must not slow anyone down, and it
         catches up by itself. The caller bounds the wait with a deadline as well.
         """
-        marks = [(s, m) for s in self._subscribers.values() if (m := s.handoff_mark()) is not None]
+        marks = self._marks()
         while not all(subscriber.handed_off(mark) for subscriber, mark in marks):
             await self._progress.park()

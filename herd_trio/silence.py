@@ -17,8 +17,8 @@ class Silence:
     One watchdog task per link instead of a deadline on every receive: a cancel scope
     with a deadline costs more than reading and handling a record line, and a link
     under load receives thousands of batches a second. The reader says when it starts
-    waiting and when lines arrived; the time it spends handling them (a DIGEST's answer
-    may wait) does not count as the peer's silence.
+    waiting and when lines arrived; the time it spends handling them (answering a sync
+    round may wait) does not count as the peer's silence.
     """
 
     seconds: float

@@ -38,7 +38,7 @@ async def test_lines_in_time_keep_the_link_and_handling_them_is_not_silence(
         for _ in range(5):
             await trio.sleep(2.5)  # the peer speaks just in time
             silence.heard()
-            await trio.sleep(10)  # a long answer to a DIGEST: not the peer's silence
+            await trio.sleep(10)  # a long answer to a sync round: not the peer's silence
             silence.waiting()
         began = trio.current_time()
         await trio.sleep(60)
