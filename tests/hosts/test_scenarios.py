@@ -202,8 +202,10 @@ async def test_host_cut_off_for_20_s_under_load_then_back(lab5: Lab, tmp_path: P
             nursery.start_soon(load, herd, b"cut", 22.0, acked)
             await trio.sleep(2.0)  # load before the cut (a schedule, not a wait)
             lab5.cut(cut)
+            cut_at = time.time()
             await trio.sleep(20.0)  # the load stops as the cut heals
             lab5.heal(cut)
+            healed_at = time.time()
             healed = trio.current_time()
         await poll("stores identical after the heal", lambda: converged(herd, len(acked)),
                    deadline=DEADLINE)  # fmt: skip
@@ -216,7 +218,8 @@ async def test_host_cut_off_for_20_s_under_load_then_back(lab5: Lab, tmp_path: P
         converged_after_heal_s=round(convergence, 2),
         **figures,
     )
-    assert len(acked) > 200
+    # the others kept answering while Bona was cut off (a record per 2.3 s at the least)
+    assert sum(cut_at < when < healed_at for _, when in acked.values()) >= 8
     assert convergence <= 8.0
 
 
@@ -336,14 +339,16 @@ async def test_rolling_restart_under_updates_loses_nothing(lab5: Lab, tmp_path: 
             for name in names:
                 began = trio.current_time()
                 assert await trio.to_thread.run_sync(herd.stop, name) == 0
+                # the others take updates that this server misses while it is down
+                await _more_acked(acked, f"updates while {name} is down")
                 herd.start(name)
                 # docs/operations.md: next server once /readyz?links=all says 200
                 await poll(f"{name} ready", partial(herd.ready, name), deadline=DEADLINE)
                 restarts.append(trio.current_time() - began)
+                await _more_acked(acked, f"updates after {name} is back")
             nursery.cancel_scope.cancel()
         await poll("every answered update everywhere", lambda: _holds_all(herd, acked),
                    deadline=DEADLINE)  # fmt: skip
-        assert len(acked) > 50
         figures = await spread(herd, acked, names)
     record_figures(
         "rolling restart (IPv6, state_dir)",
@@ -352,6 +357,17 @@ async def test_rolling_restart_under_updates_loses_nothing(lab5: Lab, tmp_path: 
         restart_to_linked_p50_s=round(percentile(restarts, 0.5), 2),
         restart_to_linked_max_s=round(max(restarts), 2),
     )
+
+
+async def _more_acked(acked: Sent, what: str, more: int = 5) -> None:
+    """Wait until the load has had `more` further IAMATs answered."""
+    goal = len(acked) + more
+
+    async def enough() -> bool | None:
+        await trio.lowlevel.checkpoint()
+        return True if len(acked) >= goal else None
+
+    await poll(what, enough, deadline=DEADLINE)
 
 
 async def _holds_all(herd: HostHerd, acked: Iterable[bytes]) -> bool | None:
