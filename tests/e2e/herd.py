@@ -254,7 +254,18 @@ class Herd:
         names = list(names or [n for n in self.names if self.running(n)])
         for name in names:
             expected = [n for n in neighbours_of(self.edges, name) if n in names]
-            await poll(f"{name} linked to {expected}", partial(self._linked, name, expected))
+            try:
+                # start-up of several servers on a busy 2-core machine: generous
+                await poll(f"{name} linked to {expected}", partial(self._linked, name, expected),
+                           deadline=20.0)  # fmt: skip
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; its log says:\n{self._link_story(name)}") from None
+
+    def _link_story(self, name: str) -> str:
+        """The lines of `name`'s log about its links (for a failure message)."""
+        text = self.log(name).read_text() if self.log(name).exists() else "(no log)"
+        lines = [ln for ln in text.splitlines() if " link " in ln or " listening " in ln]
+        return "\n".join(lines[-30:])
 
     async def _linked(self, name: str, peers: list[str]) -> bool | None:
         await trio.lowlevel.checkpoint()
