@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from bench.loadgen import cpu_ticks, raise_fd_limit, rss_kb
 
 ROOT = Path(__file__).resolve().parent.parent  # the repo: `python -m bench.*` runs from here
 HOST = "127.0.0.1"
+PORTS_FROM = 10_000  # free_ports picks from here up to the ephemeral range
 
 # The default herd's graph (PROTOCOL.md §5) and the chain used for 1, 2 and 3 hops.
 DEFAULT_NAMES = ["Bailey", "Bona", "Campbell", "Clark", "Jaquez"]
@@ -38,17 +40,35 @@ CHAIN_EDGES = [("A", "B"), ("B", "C"), ("C", "D")]
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
-    socks = []
+    """`count` distinct TCP ports that were free on 127.0.0.1 a moment ago.
+
+    Chosen at random below the kernel's ephemeral range (ip_local_port_range, 32768
+    and up by default): a port the kernel handed out for bind(0) may be handed out
+    again as the source port of an outgoing connection (a dialling server, a load
+    generator) before the server that was meant to listen on it binds.
+    """
+    low, high = PORTS_FROM, _ephemeral_start() - 1
+    if high - low < 1000:  # an unusual range: take any unprivileged port
+        high = 65535
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = random.randint(low, high)
+        if port in chosen:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+        chosen.append(port)
+    return chosen
+
+
+def _ephemeral_start() -> int:
     try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind((HOST, 0))
-            socks.append(sock)
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -22,6 +21,7 @@ import attrs
 import pytest
 import trio
 
+from bench.procs import free_ports
 from herd_trio import config
 
 # The default herd's talk relations (PROTOCOL.md §5).
@@ -42,20 +42,6 @@ DEFAULT_LOCATIONS = {
 }
 POLL = 0.01  # seconds between polls of a condition
 T = TypeVar("T")
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def neighbours_of(edges: Iterable[tuple[str, str]], name: str) -> list[str]:
