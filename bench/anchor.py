@@ -116,6 +116,10 @@ def _throughput(
     return {
         "rps": run["rps"],
         "cpu_us_per_update": sum(run["server_cpu_s"].values()) / replies * 1e6,
+        # per process, keyed by pid as the load generator reports it; the entry first
+        "cpu_us_per_update_by_pid": {
+            str(pid): seconds / replies * 1e6 for pid, seconds in run["server_cpu_s"].items()
+        },
         "errors": run["errors"],
         "foreign_cores": max(
             0.0,

@@ -60,8 +60,9 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def put(self, record: Record) -> None:
-        """Queue `record`, replacing an older pending record of the same client.
+    def put(self, record: Record, *, wake: bool = True) -> None:
+        """Queue `record`, replacing an older pending record of the same client, and
+        wake the writer (unless `wake` is False: the writer's push() sends it).
 
         The replacement goes to the back of the queue, so the queue stays in sequence
         order and "everything up to N was taken" is exact for partial takes.
@@ -73,7 +74,8 @@ class Outbox:
         self._queued += 1
         self._pending[record.client] = record
         self._seq[record.client] = self._queued
-        self._wakeup.set()
+        if wake:
+            self._wakeup.set()
 
     def pass_by(self) -> int:
         """Number a record that the writer sent straight past the empty queue; its number.
@@ -121,8 +123,11 @@ class Outbox:
 class Subscriber(Protocol):
     """A link's writer as the bus sees it."""
 
-    def deliver(self, record: Record) -> None:
-        """Take `record` for the peer; never blocks."""
+    def deliver(self, record: Record) -> bool:
+        """Take `record` for the peer; never blocks. True if it waits for push()."""
+
+    def push(self) -> None:
+        """Send what deliver() held, without blocking."""
 
     def handoff_mark(self) -> int | None:
         """A mark to wait for: everything delivered so far; None if there is nothing to wait for."""
@@ -139,6 +144,7 @@ class Bus:
     """Hands every record the store accepted to every link but the one it came from."""
 
     _subscribers: dict[str, Subscriber] = attrs.field(factory=dict, init=False)
+    _held: list[Subscriber] = attrs.field(factory=list, init=False)  # to push()
     _progress: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
 
     @contextmanager
@@ -160,10 +166,24 @@ class Bus:
             self.progress()  # a client waiting for this link waits no longer
 
     def publish(self, record: Record, *, source: str | None = None) -> None:
-        """Deliver `record` to every link except `source`'s; never blocks."""
+        """Deliver `record` to every link except `source`'s; never blocks.
+
+        A publisher calls push() at the end of the burst it publishes in (a batch of
+        client lines, a batch of peer lines): links whose writers were idle send the
+        whole burst then, with one write each (LinkWriter.deliver). Until then, or
+        until its writer wakes for a heartbeat, a held record waits; handed_off and
+        wait_handed_off push first.
+        """
         for link, subscriber in self._subscribers.items():
-            if link != source:
-                subscriber.deliver(record)
+            if link != source and subscriber.deliver(record):
+                self._held.append(subscriber)
+
+    def push(self) -> None:
+        """Send what the links hold from this burst (see publish); never blocks."""
+        if self._held:
+            held, self._held = self._held, []
+            for subscriber in held:
+                subscriber.push()
 
     @property
     def links(self) -> list[str]:
@@ -177,6 +197,7 @@ class Bus:
     def handed_off(self) -> bool:
         """True if what was delivered so far reached every link that is keeping up
         (wait_handed_off would not wait)."""
+        self.push()
         return all(subscriber.handed_off(mark) for subscriber, mark in self._marks())
 
     def _marks(self) -> list[tuple[Subscriber, int]]:
@@ -192,6 +213,7 @@ class Bus:
         paused neighbour) is not waited for: it must not slow anyone down, and it
         catches up by itself. The caller bounds the wait with a deadline as well.
         """
+        self.push()
         marks = self._marks()
         while not all(subscriber.handed_off(mark) for subscriber, mark in marks):
             await self._progress.park()

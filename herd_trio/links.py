@@ -176,6 +176,7 @@ async def read_peer(
     ahead = RateLimiter()
     handled = 0  # lines since the last checkpoint: a sync stream's batch is thousands
     max_skew = node.settings.max_future_skew
+    logged: list[tuple[bytes, str]] = []  # record lines and verdicts, logged per batch
     while True:
         silence.waiting()
         lines = await reader.receive_lines()
@@ -184,32 +185,40 @@ async def read_peer(
             raise LinkError(f"{peer} closed the link", "closed")
         if len(lines) > 1 or lines[0] not in HEARTBEATS:
             writer.note_traffic()
-        for line in lines:
-            if line == PING:
-                writer.pong()
-                continue
-            if line == PONG:
-                if (rtt := writer.ponged()) is not None:
-                    counts.rtt = rtt
-                continue
-            handled += 1
-            if handled >= LINES_PER_CHECKPOINT:  # clients get the loop meanwhile
-                handled = 0
-                await trio.lowlevel.checkpoint()
-            if line.startswith(SYNC_PREFIXES):
-                parsed = _parse(peer, line, parse_sync)
-                if node.restore.done:  # loading: we would ask for most of the store
-                    sync.handle(parsed, trio.current_time())
-                continue
-            if max_skew is None and _is_stored(node, line):  # an echo of the flood
-                counts.duplicate += 1
-                node.log.peer_line(peer, line, "duplicate")
-                continue
-            record = _parse(peer, line, parse_at)
-            if max_skew is not None and too_far_ahead(record.sent, node.now_ns(), max_skew):
-                _refuse_ahead(node, peer, ahead, line)
-                continue
-            _take(node, peer, record, counts)
+        try:  # what was taken is logged even if a later line drops the link
+            for line in lines:
+                if line == PING:
+                    writer.pong()
+                    continue
+                if line == PONG:
+                    if (rtt := writer.ponged()) is not None:
+                        counts.rtt = rtt
+                    continue
+                handled += 1
+                if handled >= LINES_PER_CHECKPOINT:  # clients get the loop meanwhile
+                    handled = 0
+                    node.log.peer_lines(peer, logged)  # before anyone else logs
+                    node.bus.push()  # the records kept so far go on before we yield
+                    await trio.lowlevel.checkpoint()
+                if line.startswith(SYNC_PREFIXES):
+                    parsed = _parse(peer, line, parse_sync)
+                    node.log.peer_lines(peer, logged)  # sync may log: keep the order
+                    if node.restore.done:  # loading: we would ask for most of the store
+                        sync.handle(parsed, trio.current_time())
+                    continue
+                if max_skew is None and _is_stored(node, line):  # an echo of the flood
+                    counts.duplicate += 1
+                    logged.append((line, "duplicate"))
+                    continue
+                record = _parse(peer, line, parse_at)
+                if max_skew is not None and too_far_ahead(record.sent, node.now_ns(), max_skew):
+                    node.log.peer_lines(peer, logged)
+                    _refuse_ahead(node, peer, ahead, line)
+                    continue
+                logged.append((line, _take(node, peer, record, counts)))
+        finally:
+            node.log.peer_lines(peer, logged)
+            node.bus.push()  # the batch's kept records go on, one write per link
 
 
 def _is_stored(node: Node, line: bytes) -> bool:
@@ -223,7 +232,7 @@ def _is_stored(node: Node, line: bytes) -> bool:
     fields = line.split(b" ", 4)
     if len(fields) != 5:
         return False
-    return node.store.line(fields[3]) == line  # no Record built
+    return node.store.holds(fields[3], line)  # no Record built
 
 
 def _parse(peer: str, line: bytes, parse: Callable[[bytes], T]) -> T:
@@ -233,19 +242,19 @@ def _parse(peer: str, line: bytes, parse: Callable[[bytes], T]) -> T:
         raise LinkError(f"{peer} sent a bad line {line[:80]!r}: {exc}") from exc
 
 
-def _take(node: Node, peer: str, record: Record, counts: PeerStats) -> None:
-    """Offer a peer's record to the store, log the verdict, flood it on if it stands."""
+def _take(node: Node, peer: str, record: Record, counts: PeerStats) -> str:
+    """Offer a peer's record to the store, flood it on if it stands; the verdict to log."""
     standing = node.store.offer(record)
-    line = record.at_line
-    said = verdict(standing is record, line, standing.at_line)
-    node.log.peer_line(peer, line, said)
     if standing is record:
         counts.kept += 1
         node.bus.publish(record, source=peer)
-    elif said == "stale":
+        return "kept"
+    said = verdict(False, record.at_line, standing.at_line)
+    if said == "stale":
         counts.stale += 1
     else:
         counts.duplicate += 1
+    return said
 
 
 def _refuse_ahead(node: Node, peer: str, limiter: RateLimiter, line: bytes) -> None:

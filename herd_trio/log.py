@@ -100,8 +100,15 @@ class ServerLog:
 
     def peer_line(self, peer: str, line: bytes, verdict: str) -> None:
         """Log a record line received from neighbour `peer` and what became of it."""
-        if self._file is not None:  # whole, as before (a peer's lines are bounded by its link)
-            self._emit(f"{self._head()}peer {peer} < {line!r} {verdict}\n")
+        self.peer_lines(peer, [(line, verdict)])
+
+    def peer_lines(self, peer: str, entries: list[tuple[bytes, str]]) -> None:
+        """Log record lines received together from `peer`, each with its verdict, and
+        empty `entries`; one time stamp and one write for the lot."""
+        if entries and self._file is not None:  # whole: a peer's lines are bounded by its link
+            head = f"{self._head()}peer {peer} < "
+            self._emit("".join([f"{head}{line!r} {verdict}\n" for line, verdict in entries]))
+        entries.clear()
 
     def sent(self, who: str, reply: bytes) -> None:
         """Log a reply sent to `who`, escaped; a WHATSAT reply's JSON as a summary."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from decimal import MAX_PREC, Decimal, localcontext
+from typing import NamedTuple
 
 import attrs
 
@@ -41,7 +42,7 @@ _AT_LINE = re.compile(
     % (MAX_CLIENT_ID, _LAT, _LON)
 )
 _IAMAT_LINE = re.compile(
-    rb"\s*IAMAT\s+(\S{1,%d})\s+((%s)(%s))\s+([0-9]+(?:\.[0-9]+)?)\s*" % (MAX_CLIENT_ID, _LAT, _LON)
+    rb"\s*IAMAT\s+(\S{1,%d})\s+(%s%s)\s+([0-9]+(?:\.[0-9]+)?)\s*" % (MAX_CLIENT_ID, _LAT, _LON)
 )
 
 
@@ -49,16 +50,22 @@ class ProtocolError(ValueError):
     """A line or field that the protocol does not allow."""
 
 
-@attrs.frozen
-class Iamat:
-    """`IAMAT client coords time`, fields kept as received."""
+class Iamat(NamedTuple):
+    """`IAMAT client coords time`, fields kept as received.
+
+    Records and commands are named tuples, not attrs classes: one is made per line on
+    the hot path, and a frozen attrs instance costs twice as much to build.
+    """
 
     client: bytes
     coords: bytes
     time: bytes
-    lat: Decimal
-    lon: Decimal
     sent: Decimal  # the client's clock, exact
+
+    @property
+    def lat_lon(self) -> tuple[Decimal, Decimal]:
+        """The coordinates as exact decimal degrees (checked when the line was parsed)."""
+        return parse_coords(self.coords)
 
 
 @attrs.frozen
@@ -75,8 +82,7 @@ class Whatsat:
         return max(1, int((self.radius_km * 1000).to_integral_value()))
 
 
-@attrs.frozen
-class Record:
+class Record(NamedTuple):
     """One client's location as a server took it; what the herd floods and stores."""
 
     client: bytes
@@ -180,15 +186,8 @@ def parse_command(line: bytes) -> Command:
     """Parse one client line (terminator already removed); ProtocolError if invalid."""
     match = _IAMAT_LINE.fullmatch(line)
     if match is not None:  # the common case, in one regex
-        client, coords, lat, lon, time = match.groups()
-        return Iamat(
-            client,
-            coords,
-            time,
-            Decimal(lat.decode()),
-            Decimal(lon.decode()),
-            Decimal(time.decode()),
-        )
+        client, coords, time = match.groups()
+        return Iamat(client, coords, time, Decimal(time.decode()))
     return parse_command_fields(line)
 
 
@@ -200,8 +199,8 @@ def parse_command_fields(line: bytes) -> Command:
     verb = fields[0]
     if verb == b"IAMAT":
         client, coords, time = fields[1], fields[2], fields[3]
-        lat, lon = parse_coords(coords)
-        return Iamat(_client_id(client), coords, time, lat, lon, parse_time(time))
+        parse_coords(coords)  # checked here; Iamat.lat_lon gives the values
+        return Iamat(_client_id(client), coords, time, parse_time(time))
     if verb in (b"WHATSAT", b"WHATISAT"):
         radius, bound = fields[2], fields[3]
         if not _RADIUS.fullmatch(radius):

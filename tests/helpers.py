@@ -118,8 +118,12 @@ class Recording:
         self.records: list[Record] = []
         self.closed = False
 
-    def deliver(self, record: Record) -> None:
+    def deliver(self, record: Record) -> bool:
         self.records.append(record)
+        return False
+
+    def push(self) -> None:
+        pass
 
     def handoff_mark(self) -> int | None:
         return None

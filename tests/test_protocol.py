@@ -62,10 +62,9 @@ def test_iamat_fields_are_parsed_exactly() -> None:
         client=b"kiwi.cs.ucla.edu",
         coords=b"+34.068930-118.445127",
         time=b"1621464827.959498503",
-        lat=Decimal("34.068930"),
-        lon=Decimal("-118.445127"),
         sent=Decimal("1621464827.959498503"),
     )
+    assert command.lat_lon == (Decimal("34.068930"), Decimal("-118.445127"))
 
 
 @pytest.mark.parametrize("ws", [bytes([b]) for b in WHITESPACE])

@@ -21,7 +21,7 @@ import attrs
 import pytest
 import trio
 
-from bench.procs import free_ports
+from bench.procs import free_ports as free_ports  # re-exported for the tests
 from herd_trio import config
 
 # The default herd's talk relations (PROTOCOL.md §5).

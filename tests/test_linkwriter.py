@@ -1,0 +1,121 @@
+"""The link writer's direct path: a burst held while the task is idle, pushed in one send."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+
+import attrs
+import trio
+import trio.testing
+
+from herd_trio.bus import Bus
+from herd_trio.linkwriter import LinkWriter, Timers
+from herd_trio.protocol import Record
+
+
+def rec(client: bytes, time: str = "5") -> Record:
+    at_line = b"AT Clark +0.000000000 %s +34-118 %s" % (client, time.encode())
+    return Record(client, b"+34-118", Decimal(time), b"Clark", at_line)
+
+
+def lines(*records: Record) -> bytes:
+    return b"".join(record.at_line + b"\n" for record in records)
+
+
+@attrs.define
+class FakeSocket:
+    """A non-blocking send that takes at most `room` bytes per call (None: all)."""
+
+    room: int | None = None
+    calls: list[bytes] = attrs.field(factory=list)
+
+    def send(self, data: bytes) -> int:
+        taken = data if self.room is None else data[: self.room]
+        self.calls.append(taken)
+        return len(taken)
+
+    @contextmanager
+    def sender(self, _stream: trio.abc.SendStream) -> Iterator[Callable[[bytes], int] | None]:
+        yield self.send
+
+
+def written(stream: trio.testing.MemorySendStream) -> bytes:
+    """What the writer task wrote to `stream` so far."""
+    try:
+        return bytes(stream.get_data_nowait())
+    except trio.WouldBlock:
+        return b""
+
+
+QUIET = Timers(heartbeat=math.inf, sync=math.inf, next_sync=math.inf)
+
+
+async def start(
+    nursery: trio.Nursery, bus: Bus, fake: FakeSocket
+) -> tuple[LinkWriter, trio.testing.MemorySendStream]:
+    send = trio.testing.MemorySendStream()  # what the task writes, to read back
+    writer = LinkWriter(send, 10.0, bus.progress, sender=fake.sender)
+
+    async def link() -> None:
+        with bus.subscribe("Bona", writer):
+            await writer.run(attrs.evolve(QUIET), lambda: b"")
+
+    nursery.start_soon(link)
+    await trio.testing.wait_all_tasks_blocked()
+    return writer, send
+
+
+async def test_a_burst_to_an_idle_writer_leaves_in_one_send_at_push(nursery: trio.Nursery) -> None:
+    bus, fake = Bus(), FakeSocket()
+    writer, receive = await start(nursery, bus, fake)
+    burst = [rec(b"a"), rec(b"b"), rec(b"c")]
+    for record in burst:
+        bus.publish(record)
+    await trio.testing.wait_all_tasks_blocked()
+    assert fake.calls == []  # held: nothing sent, the task not woken
+    assert bus.handed_off()  # asking pushes, and the socket took it all
+    assert fake.calls == [lines(*burst)]  # one send for the burst
+    assert writer.records_sent == 3
+    await trio.testing.wait_all_tasks_blocked()
+    assert written(receive) == b""  # the task wrote nothing
+
+
+async def test_what_the_kernel_does_not_take_the_task_sends_in_order(
+    nursery: trio.Nursery,
+) -> None:
+    bus, fake = Bus(), FakeSocket(room=10)
+    writer, receive = await start(nursery, bus, fake)
+    burst = [rec(b"a"), rec(b"b")]
+    for record in burst:
+        bus.publish(record)
+    bus.push()
+    assert not bus.handed_off()  # the tail is the task's
+    with trio.fail_after(1):
+        await bus.wait_handed_off()
+    assert fake.calls[0] + written(receive) == lines(*burst)
+    assert writer.depth() == 0
+
+
+async def test_records_for_a_busy_writer_go_through_its_task(nursery: trio.Nursery) -> None:
+    bus, fake = Bus(), FakeSocket(room=0)  # the socket takes nothing: the task sends
+    _writer, receive = await start(nursery, bus, fake)
+    first, second = rec(b"a"), rec(b"b")
+    bus.publish(first)
+    bus.push()  # the task is woken for the whole of it
+    bus.publish(second)  # while the task is busy or about to be: queued, not held
+    with trio.fail_after(1):
+        await bus.wait_handed_off()
+    await trio.testing.wait_all_tasks_blocked()
+    assert written(receive) == lines(first, second)
+
+
+async def test_a_waiting_client_pushes_held_records(nursery: trio.Nursery) -> None:
+    bus, fake = Bus(), FakeSocket()
+    await start(nursery, bus, fake)
+    bus.publish(one := rec(b"a"))
+    with trio.fail_after(1):
+        await bus.wait_handed_off()  # flood first, then reply: it sends what is held
+    assert fake.calls == [lines(one)]
