@@ -304,31 +304,39 @@ class Session:
             await trio.lowlevel.cancel_shielded_checkpoint()
         if not node.restore.done:  # the state file is still loading: fetch what they name
             await node.restore.ensure(lines)
-        for index, line in enumerate(lines, 1):
-            if index % FAIR_SHARE == 0 and self._replies:
-                await self._flush()  # a pipelining client must not hold the loop for long
-            log.received(who, line)
-            if not line or line.isspace():  # bytes.isspace(): the six white-space bytes
-                continue  # blank lines are ignored, also in one_shot mode
-            if self._first and HTTP_REQUEST.match(line):
-                await self._reply(question(line))
-                log.write(f"{who} sent an HTTP request to the client port; closing")
-                return False
-            self._first = False
-            began = time.perf_counter()
-            reply, flooded = answer_line(node, line, received_ns)
-            self._flooded |= flooded
-            if isinstance(reply, Whatsat):
-                if self._replies:  # earlier answers must not wait for the places source
-                    await self._flush()
-                reply = await whatsat(node, self.places, reply)
-            node.stats.requests.observe(time.perf_counter() - began)
-            if node.settings.one_shot:
-                await self._reply(reply)
-                log.write(f"{who} closed after one reply (one_shot)")
-                return False
-            log.sent(who, reply)
-            self._replies.append(reply)
+        logged: list[str] = []  # this batch's log events: one time stamp, one write
+        try:
+            for index, line in enumerate(lines, 1):
+                if index % FAIR_SHARE == 0 and self._replies:
+                    log.events(logged)
+                    await self._flush()  # a pipelining client must not hold the loop for long
+                logged.append(log.received_text(who, line))
+                if not line or line.isspace():  # bytes.isspace(): the six white-space bytes
+                    continue  # blank lines are ignored, also in one_shot mode
+                if self._first and HTTP_REQUEST.match(line):
+                    log.events(logged)
+                    await self._reply(question(line))
+                    log.write(f"{who} sent an HTTP request to the client port; closing")
+                    return False
+                self._first = False
+                began = time.perf_counter()
+                reply, flooded = answer_line(node, line, received_ns)
+                self._flooded |= flooded
+                if isinstance(reply, Whatsat):
+                    log.events(logged)  # the places source may log while we wait
+                    if self._replies:  # earlier answers must not wait for the places source
+                        await self._flush()
+                    reply = await whatsat(node, self.places, reply)
+                node.stats.requests.observe(time.perf_counter() - began)
+                if node.settings.one_shot:
+                    log.events(logged)
+                    await self._reply(reply)
+                    log.write(f"{who} closed after one reply (one_shot)")
+                    return False
+                logged.append(log.sent_text(who, reply))
+                self._replies.append(reply)
+        finally:
+            log.events(logged)  # before the replies go (and if a line ends the session)
         if self._replies:
             await self._flush()
         return True

@@ -95,8 +95,11 @@ class ServerLog:
 
     def received(self, who: str, line: bytes) -> None:
         """Log a line received from `who`, escaped (a preview if it is long)."""
-        if self._file is not None:
-            self._emit(f"{self._head()}{who} < {self.shown(line)}\n")
+        self.events([self.received_text(who, line)])
+
+    def received_text(self, who: str, line: bytes) -> str:
+        """The event `received` logs, for `events`."""
+        return f"{who} < {self.shown(line)}"
 
     def peer_line(self, peer: str, line: bytes, verdict: str) -> None:
         """Log a record line received from neighbour `peer` and what became of it."""
@@ -112,12 +115,23 @@ class ServerLog:
 
     def sent(self, who: str, reply: bytes) -> None:
         """Log a reply sent to `who`, escaped; a WHATSAT reply's JSON as a summary."""
+        self.events([self.sent_text(who, reply)])
+
+    def sent_text(self, who: str, reply: bytes) -> str:
+        """The event `sent` logs, for `events`."""
         if reply.startswith(b"AT ") and reply.endswith(b"}\n\n"):
             at_line, _, body = reply.partition(b"\n")
             shown = self.shown(at_line + b"\n")
-            self.write(f"{who} > {shown} + {places_summary(body)}")
-        elif self._file is not None:
-            self._emit(f"{self._head()}{who} > {self.shown(reply)}\n")
+            return f"{who} > {shown} + {places_summary(body)}"
+        return f"{who} > {self.shown(reply)}"
+
+    def events(self, texts: list[str]) -> None:
+        """Log events that happened together (one time stamp, one write), and empty
+        `texts`; each must already be escaped if it holds untrusted data."""
+        if texts and self._file is not None:
+            head = self._head()
+            self._emit("".join([f"{head}{text}\n" for text in texts]))
+        texts.clear()
 
     def shown(self, data: bytes) -> str:
         """`data` escaped for the log: whole if short, else a preview and its length.
