@@ -95,7 +95,8 @@ class ServerLog:
 
     def received(self, who: str, line: bytes) -> None:
         """Log a line received from `who`, escaped (a preview if it is long)."""
-        self.events([self.received_text(who, line)])
+        if self._file is not None:
+            self._emit(f"{self._head()}{self.received_text(who, line)}\n")
 
     def received_text(self, who: str, line: bytes) -> str:
         """The event `received` logs, for `events`."""
@@ -103,7 +104,8 @@ class ServerLog:
 
     def peer_line(self, peer: str, line: bytes, verdict: str) -> None:
         """Log a record line received from neighbour `peer` and what became of it."""
-        self.peer_lines(peer, [(line, verdict)])
+        if self._file is not None:  # whole: a peer's lines are bounded by its link
+            self._emit(f"{self._head()}peer {peer} < {line!r} {verdict}\n")
 
     def peer_lines(self, peer: str, entries: list[tuple[bytes, str]]) -> None:
         """Log record lines received together from `peer`, each with its verdict, and
@@ -115,7 +117,8 @@ class ServerLog:
 
     def sent(self, who: str, reply: bytes) -> None:
         """Log a reply sent to `who`, escaped; a WHATSAT reply's JSON as a summary."""
-        self.events([self.sent_text(who, reply)])
+        if self._file is not None:
+            self._emit(f"{self._head()}{self.sent_text(who, reply)}\n")
 
     def sent_text(self, who: str, reply: bytes) -> str:
         """The event `sent` logs, for `events`."""

@@ -250,8 +250,8 @@ async def test_a_record_from_any_valid_client_line_crosses_a_link(
     assert beta.store.get(b"k") == alpha.store.get(b"k")
 
 
-async def test_a_peer_sending_garbage_loses_its_link() -> None:
-    alpha = make_server("Alpha")
+async def test_a_peer_sending_garbage_loses_its_link(tmp_path: Path) -> None:
+    alpha = make_server("Alpha", log=tmp_path / "Alpha.log")
     kept = kept_by(alpha)
     ours, theirs = trio.testing.memory_stream_pair()
     good = record("Beta", b"IAMAT kiwi +34-118 5")
@@ -260,6 +260,8 @@ async def test_a_peer_sending_garbage_loses_its_link() -> None:
         await carry(alpha, "Beta", ours, LineReader(ours, PEER_MAX))
     assert alpha.store.get(b"kiwi") == good  # what came before the garbage was taken
     assert kept == [good]  # once: the line after the garbage was not read
+    alpha.log.close()  # the lines taken before the garbage are logged, batch or not
+    assert f"peer Beta < {good.at_line!r} kept" in (tmp_path / "Alpha.log").read_text()
 
 
 async def test_a_peer_sending_an_over_long_line_loses_its_link() -> None:

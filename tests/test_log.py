@@ -330,3 +330,27 @@ def test_a_peer_line_is_logged_with_its_verdict(tmp_path: Path) -> None:
     first, second = path.read_text(encoding="utf-8").splitlines()
     assert re.fullmatch(STAMP + " Bona peer Clark < " + re.escape(repr(line)) + " kept", first)
     assert second.endswith(" Bona peer Clark < " + repr(b"AT \x1b'x") + " stale")
+
+
+def test_lines_handled_together_are_logged_as_one_write_with_one_stamp(tmp_path: Path) -> None:
+    path = tmp_path / "Bona.log"
+    log = ServerLog(path, "Bona")
+    line = b"AT Clark +0.263873386 kiwi +34-118 5"
+    batch = [(line, "kept"), (line, "duplicate"), (b"AT \x1b'x", "stale")]
+    log.peer_lines("Clark", batch)
+    assert batch == []  # emptied for the next batch
+    events = [log.received_text("who", b"IAMAT kiwi +34-118 5\x1b"), log.sent_text("who", b"? x\n")]
+    log.events(events)
+    assert events == []
+    log.peer_lines("Clark", [])  # nothing to log: nothing written
+    log.close()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [ln.split(" ", 1)[1] for ln in lines] == [
+        f"Bona peer Clark < {line!r} kept",
+        f"Bona peer Clark < {line!r} duplicate",
+        "Bona peer Clark < " + repr(b"AT \x1b'x") + " stale",
+        "Bona who < " + repr(b"IAMAT kiwi +34-118 5\x1b"),
+        "Bona who > " + repr(b"? x\n"),
+    ]
+    assert all(re.fullmatch(STAMP, ln.split(" ", 1)[0]) for ln in lines)
+    assert len({ln.split(" ", 1)[0] for ln in lines[:3]}) == 1  # one stamp per batch
