@@ -259,6 +259,7 @@ class LinkWriter:
         """The residue of a direct send, a PONG, the pending records, the sync lines and
         the next chunk of a sync stream, as one write."""
         batch = self.outbox.take_nowait()
+        self._holding = False  # held records go with this write: the next burst is pushed
         residue, self._residue = self._residue, b""
         if self._pong:
             residue, self._pong = residue + _PONG_LINE, False

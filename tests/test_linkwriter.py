@@ -119,3 +119,20 @@ async def test_a_waiting_client_pushes_held_records(nursery: trio.Nursery) -> No
     with trio.fail_after(1):
         await bus.wait_handed_off()  # flood first, then reply: it sends what is held
     assert fake.calls == [lines(one)]
+
+
+async def test_a_burst_after_the_task_took_held_records_is_pushed_too(
+    nursery: trio.Nursery,
+) -> None:
+    bus, fake = Bus(), FakeSocket()
+    writer, receive = await start(nursery, bus, fake)
+    bus.publish(first := rec(b"a"))  # held for a push ...
+    writer.pong()  # ... but the task wakes first (a PING to answer) and takes it along
+    await trio.testing.wait_all_tasks_blocked()
+    assert written(receive) == b"PONG\n" + lines(first)
+    bus.push()  # nothing left to push
+    assert fake.calls == []
+    bus.publish(second := rec(b"b"))  # the next burst to the idle task: held again
+    bus.push()
+    assert fake.calls == [lines(second)]
+    assert bus.handed_off()
