@@ -24,6 +24,7 @@ from bench.loadgen import cpu_ticks, raise_fd_limit, rss_kb
 ROOT = Path(__file__).resolve().parent.parent  # the repo: `python -m bench.*` runs from here
 HOST = "127.0.0.1"
 PORTS_FROM = 10_000  # free_ports picks from here up to the ephemeral range
+_GIVEN: set[int] = set()  # ports free_ports returned before: never twice in one process
 
 # The default herd's graph (PROTOCOL.md §5) and the chain used for 1, 2 and 3 hops.
 DEFAULT_NAMES = ["Bailey", "Bona", "Campbell", "Clark", "Jaquez"]
@@ -50,10 +51,12 @@ def free_ports(count: int) -> list[int]:
     low, high = PORTS_FROM, _ephemeral_start() - 1
     if high - low < 1000:  # an unusual range: take any unprivileged port
         high = 65535
+    if len(_GIVEN) > (high - low) // 2:  # a long-lived caller: start over
+        _GIVEN.clear()
     chosen: list[int] = []
     while len(chosen) < count:
         port = random.randint(low, high)
-        if port in chosen:
+        if port in chosen or port in _GIVEN:  # not bound yet, maybe, by whom it was given
             continue
         with socket.socket() as sock:
             try:
@@ -61,6 +64,7 @@ def free_ports(count: int) -> list[int]:
             except OSError:
                 continue
         chosen.append(port)
+    _GIVEN.update(chosen)
     return chosen
 
 
