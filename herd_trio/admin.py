@@ -102,7 +102,7 @@ class AdminApp:
             await _respond(send, 431, b"headers too large\n", extra=extra)
             return
         reloading = path == "/reload" and self.reload is not None
-        if method not in ("GET", "HEAD") and not (reloading and method == "POST"):
+        if method not in (("POST",) if reloading else ("GET", "HEAD")):
             allow, only = (b"POST", b"POST only\n") if reloading else (b"GET, HEAD", b"GET only\n")
             await _respond(send, 405, only, extra=[(b"allow", allow), *extra])
             return
@@ -119,9 +119,6 @@ class AdminApp:
             await self._events(receive, _StallWatch(send), extra, _connection(scope))
             return
         if reloading and self.reload is not None:
-            if method != "POST":
-                await _respond(send, 405, b"POST only\n", extra=[(b"allow", b"POST"), *extra])
-                return
             done = self.reload()
             await _respond(send, 200 if done["ok"] else 400, _json(done), b"application/json")
             return

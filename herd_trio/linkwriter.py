@@ -25,8 +25,6 @@ so a sync of a large store is paced by the socket and never copied into memory.
 from __future__ import annotations
 
 import math
-import os
-import socket
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -36,7 +34,7 @@ import attrs
 import trio
 
 from herd_trio.bus import Outbox
-from herd_trio.net import send_within
+from herd_trio.net import send_now, send_within
 from herd_trio.protocol import Record
 
 PING = b"PING"
@@ -81,21 +79,19 @@ class Timers:
 
 @contextmanager
 def direct_sender(stream: trio.abc.SendStream) -> Iterator[Callable[[bytes], int] | None]:
-    """A non-blocking `send` on `stream`'s socket, or None where there is none (TLS).
+    """A non-blocking send on `stream`'s socket (net.send_now): the number of bytes the
+    kernel took. None where there is no socket of our own (TLS, memory streams).
 
-    It works on a duplicate of the socket's descriptor, closed with the block; the
-    trio stream stays the socket's owner, and the writer uses the duplicate only while
-    its task is idle, so the two never write at the same time.
+    The writer uses it only while its task is idle, so the two never write at once.
     """
     if not isinstance(stream, trio.SocketStream):
         yield None
         return
-    raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
-    try:
-        raw.setblocking(False)
-        yield raw.send
-    finally:
-        raw.close()
+
+    def send(data: bytes) -> int:
+        return len(data) - len(send_now(stream, data))
+
+    yield send
 
 
 @attrs.define(eq=False)
@@ -157,9 +153,7 @@ class LinkWriter:
         data = b"\n".join([record.at_line for record in batch]) + b"\n"
         try:
             sent = send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._send = None  # the task and the reader will meet the error
             sent = 0
         self.records_sent += len(batch)
