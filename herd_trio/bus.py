@@ -77,15 +77,6 @@ class Outbox:
         if wake:
             self._wakeup.set()
 
-    def pass_by(self) -> int:
-        """Number a record that the writer sent straight past the empty queue; its number.
-
-        Only valid while nothing is pending (the writer checks), so it counts as taken.
-        """
-        self._queued += 1
-        self._taken = self._queued
-        return self._queued
-
     def wake(self) -> None:
         """Wake the writer without a record (it has a direct send's tail to finish)."""
         self._wakeup.set()

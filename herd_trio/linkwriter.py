@@ -164,10 +164,6 @@ class LinkWriter:
         else:
             self._written = mark
 
-    def queue(self, record: Record) -> None:
-        """Queue `record` behind what is pending (no direct send)."""
-        self.outbox.put(record)
-
     def send_line(self, line: bytes) -> None:
         """Send a reconciliation line (without LF) with the next write; never blocks."""
         self._lines.append(line + b"\n")

@@ -59,12 +59,23 @@ def test_take_returns_oldest_first_up_to_the_limit() -> None:
     assert len(outbox) == 0
 
 
-def test_a_record_sent_past_the_queue_counts_as_taken() -> None:
+async def test_a_quiet_put_does_not_wake_the_writer(nursery: trio.Nursery) -> None:
     outbox = Outbox()
-    outbox.put(rec("1"))
-    outbox.take_nowait()
-    assert outbox.pass_by() == 2
-    assert outbox.taken == outbox.queued == 2
+    woke: list[bool] = []
+
+    async def writer() -> None:
+        await outbox.wait()
+        woke.append(True)
+
+    nursery.start_soon(writer)
+    await trio.testing.wait_all_tasks_blocked()
+    outbox.put(rec("1"), wake=False)  # held for the writer's push
+    await trio.testing.wait_all_tasks_blocked()
+    assert (woke, len(outbox), outbox.queued) == ([], 1, 1)
+    outbox.put(rec("2"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert woke == [True]
+    assert outbox.take_nowait() == [rec("2")]  # the newer one replaced the held one
 
 
 async def test_wait_returns_on_a_put(nursery: trio.Nursery) -> None:
