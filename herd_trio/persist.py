@@ -22,7 +22,9 @@ Durability (WAL journal, `synchronous=NORMAL`):
 - An OS crash or power cut can also lose the last commits: with NORMAL the WAL is
   fsynced at checkpoints, not at every commit. The file stays consistent (never
   half a batch); FULL would fsync every batch, which costs a disk flush per 50 ms
-  for records the rest of the herd usually still holds.
+  for records the rest of the herd usually still holds. Checkpoints come every
+  WAL_CHECKPOINT_PAGES pages of WAL; between them the kernel's own writeback (about
+  30 s on Linux) bounds what an OS crash can take.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ from herd_trio.log import plural
 from herd_trio.protocol import Record
 from herd_trio.store import Store
 
+# Pages of WAL between checkpoints (SQLite's default is 1,000, about 4 MB). Client ids
+# hash all over the table, so a batch dirties pages everywhere, and a checkpoint copies
+# each dirty page once however many batches changed it: at 10,000 pages (about 40 MB
+# of WAL on disk) a row costs about a quarter less CPU and a third less time (13.0-13.9
+# against 16.7-18.3 us of CPU; 300,000 random clients written in batches of 500).
+WAL_CHECKPOINT_PAGES = 10_000
 BATCH_INTERVAL = 0.05  # seconds between batches: one transaction per 50 ms at most
 # A failed write is retried after about 0.1 s, doubling up to about 5 s: a full disk
 # is retried, not hammered.
@@ -85,6 +93,7 @@ def connect(path: Path) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
     except BaseException:
         conn.close()
         raise
