@@ -116,9 +116,10 @@ def _throughput(
     return {
         "rps": run["rps"],
         "cpu_us_per_update": sum(run["server_cpu_s"].values()) / replies * 1e6,
-        # per process, keyed by pid as the load generator reports it; the entry first
-        "cpu_us_per_update_by_pid": {
-            str(pid): seconds / replies * 1e6 for pid, seconds in run["server_cpu_s"].items()
+        # and each server's share, by name (cpu_us_Clark, ...): where the CPU goes
+        **{
+            f"cpu_us_{name}": run["server_cpu_s"][str(proc.pid)] / replies * 1e6
+            for name, proc in servers.items()
         },
         "errors": run["errors"],
         "foreign_cores": max(
@@ -275,6 +276,17 @@ ROWS: list[tuple[str, tuple[str, str], tuple[str, str], str, str, bool]] = [
         "limit herd",
         "<= 1.5",
         False,
+    ),
+    *(
+        (
+            f"(context) CPU per update at {name} (us)",
+            ("tp_herd", f"cpu_us_{name}"),
+            ("tp_anchor", f"cpu_us_{name}"),
+            "limit herd",
+            "-",
+            False,
+        )
+        for name in procs.DEFAULT_NAMES
     ),
     (
         "Clark alone, 100 x 1 (replies/s)",
