@@ -241,17 +241,9 @@ def too_far_ahead(sent: Decimal, now_ns: int, max_skew: float | None) -> bool:
 
 def make_record(server: bytes, received_ns: int, iamat: Iamat) -> Record:
     """The record (and its AT line) for an IAMAT that arrived complete at `received_ns`."""
-    client, coords, time, sent = iamat
-    whole, _, frac = time.partition(b".")  # checked digits: parse_command made `iamat`
-    if len(whole) <= _INT_DIGITS and len(frac) <= 9:  # the common case, inline
-        skew = received_ns - int(whole) * NS_PER_S - (int(frac.ljust(9, b"0")) if frac else 0)
-        if 0 <= skew < _INT_LIMIT:
-            seconds, ns = divmod(skew, NS_PER_S)
-            at_line = b"AT %s +%d.%09d %s %s %s" % (server, seconds, ns, client, coords, time)
-            return Record(client, coords, sent, server, at_line)
-    skew_field = format_skew(received_ns - time_ns(time))
-    at_line = b"AT %s %s %s %s %s" % (server, skew_field, client, coords, time)
-    return Record(client, coords, sent, server, at_line)
+    skew = format_skew(received_ns - time_ns(iamat.time))
+    at_line = b"AT %s %s %s %s %s" % (server, skew, iamat.client, iamat.coords, iamat.time)
+    return Record(iamat.client, iamat.coords, iamat.sent, server, at_line)
 
 
 def parse_at(line: bytes) -> Record:
