@@ -245,12 +245,11 @@ def _parse(peer: str, line: bytes, parse: Callable[[bytes], T]) -> T:
 def _take(node: Node, peer: str, record: Record, counts: PeerStats) -> str:
     """Offer a peer's record to the store, flood it on if it stands; the verdict to log."""
     standing = node.store.offer(record)
+    said = verdict(standing is record, record.at_line, standing.at_line)
     if standing is record:
         counts.kept += 1
         node.bus.publish(record, source=peer)
-        return "kept"
-    said = verdict(False, record.at_line, standing.at_line)
-    if said == "stale":
+    elif said == "stale":
         counts.stale += 1
     else:
         counts.duplicate += 1
