@@ -150,14 +150,12 @@ class LinkWriter:
         if not batch:
             return
         mark = self.outbox.taken
-        data = b"\n".join([record.at_line for record in batch]) + b"\n"
+        data = self._lines_of(batch)
         try:
             sent = send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._send = None  # the task and the reader will meet the error
             sent = 0
-        self.records_sent += len(batch)
-        self._traffic_at = trio.current_time()
         if sent < len(data):
             self._residue = data[sent:]  # the task sends it first
             self.outbox.wake()
@@ -255,10 +253,7 @@ class LinkWriter:
             residue, self._pong = residue + _PONG_LINE, False
         parts = [residue]
         if batch:
-            self.records_sent += len(batch)
-            self._traffic_at = trio.current_time()
-            parts.append(b"\n".join([record.at_line for record in batch]))
-            parts.append(b"\n")
+            parts.append(self._lines_of(batch))
         if self._lines:
             parts.extend(self._lines)
             self._lines.clear()
@@ -270,6 +265,12 @@ class LinkWriter:
                 self._traffic_at = trio.current_time()
                 parts.append(chunk)
         return b"".join(parts)
+
+    def _lines_of(self, batch: list[Record]) -> bytes:
+        """The AT lines of records taken for the socket, each with its LF; counted."""
+        self.records_sent += len(batch)
+        self._traffic_at = trio.current_time()
+        return b"\n".join([record.at_line for record in batch]) + b"\n"
 
     async def _write(self, data: bytes) -> None:
         mark = self.outbox.taken  # everything taken so far is in `data` or was sent before
