@@ -98,7 +98,7 @@ def cases(tmp: Path) -> dict[str, Callable[[], float]]:
         "Store.offer, repeat IAMAT (dropped)": timed(lambda: held.offer(record, repeat=True)),
         "Store.get, known client": timed(lambda: held.get(record.client)),
         "Bus.publish to 2 links": lambda: each_us(bus.publish, fresh),
-        "ServerLog.received": timed(lambda: log.received("peer Bona", AT)),
+        "ServerLog.received": timed(lambda: log.events([log.received_text("peer Bona", AT)])),
         "ServerLog.write (plain text)": timed(lambda: log.write("link to Bona up")),
         "bytes.split + join (baseline)": timed(lambda: b" ".join(AT.split())),
     }

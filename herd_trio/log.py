@@ -93,19 +93,10 @@ class ServerLog:
             if self._size > self.max_bytes:
                 self._rotate()
 
-    def received(self, who: str, line: bytes) -> None:
-        """Log a line received from `who`, escaped (a preview if it is long)."""
-        if self._file is not None:
-            self._emit(f"{self._head()}{self.received_text(who, line)}\n")
-
     def received_text(self, who: str, line: bytes) -> str:
-        """The event `received` logs, for `events`."""
+        """The event of a line received from `who`, escaped (a preview if it is long),
+        for `events`."""
         return f"{who} < {self.shown(line)}"
-
-    def peer_line(self, peer: str, line: bytes, verdict: str) -> None:
-        """Log a record line received from neighbour `peer` and what became of it."""
-        if self._file is not None:  # whole: a peer's lines are bounded by its link
-            self._emit(f"{self._head()}peer {peer} < {line!r} {verdict}\n")
 
     def peer_lines(self, peer: str, entries: list[tuple[bytes, str]]) -> None:
         """Log record lines received together from `peer`, each with its verdict, and

@@ -24,7 +24,7 @@ def test_each_entry_is_one_physical_line_with_the_bytes_escaped(tmp_path: Path) 
     path = tmp_path / "logs" / "Clark.log"
     log = ServerLog(path, "Clark")  # creates the folder
     hostile = b"IAMAT x\n2026-01-01T00:00:00.000 Clark forged entry\r\x1b[31mred\x00\xff"
-    log.received("127.0.0.1:5000", hostile)
+    log.events([log.received_text("127.0.0.1:5000", hostile)])
     log.sent("127.0.0.1:5000", b"? " + hostile + b"\n")
     log.write("link to Bona up")
     log.close()
@@ -131,7 +131,7 @@ def test_a_log_appends_to_an_existing_file(tmp_path: Path) -> None:
 def test_a_log_without_a_file_accepts_everything() -> None:
     log = ServerLog(None, "Clark")
     log.write("x")
-    log.received("who", b"\xff")
+    log.events([log.received_text("who", b"\xff")])
     log.sent("who", b"y")
     log.flush()
     log.close()
@@ -245,8 +245,8 @@ def logged(path: Path) -> list[str]:
 def test_a_long_line_is_logged_as_a_preview_and_its_length(tmp_path: Path) -> None:
     path = tmp_path / "Clark.log"
     log = ServerLog(path, "Clark", line_limit=1024)
-    log.received("who", b"A" * 200_000)
-    log.received("who", b"B" * 1024)  # at the limit: whole
+    log.events([log.received_text("who", b"A" * 200_000)])
+    log.events([log.received_text("who", b"B" * 1024)])  # at the limit: whole
     log.close()
     assert logged(path) == [f"who < {b'A' * 128!r}... (200000 bytes)", f"who < {b'B' * 1024!r}"]
 
@@ -255,9 +255,11 @@ def test_bytes_that_escape_badly_are_previewed_within_twice_their_size(tmp_path:
     path = tmp_path / "Clark.log"
     log = ServerLog(path, "Clark")
     hostile = bytes(range(128, 256)) * 2  # 256 bytes, each escaped as \xNN
-    log.received("who", hostile)
+    log.events([log.received_text("who", hostile)])
     log.sent("who", b"? " + hostile + b"\n")
-    log.received("who", "IAMAT ünïcödé +1+1 5".encode())  # a little escaping: whole
+    log.events(
+        [log.received_text("who", "IAMAT ünïcödé +1+1 5".encode())]
+    )  # a little escaping: whole
     log.close()
     entries = logged(path)
     assert entries[0] == f"who < {hostile[:32]!r}... (256 bytes)"
@@ -324,8 +326,8 @@ def test_a_peer_line_is_logged_with_its_verdict(tmp_path: Path) -> None:
     path = tmp_path / "Bona.log"
     log = ServerLog(path, "Bona")
     line = b"AT Clark +0.263873386 kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.9"
-    log.peer_line("Clark", line, "kept")
-    log.peer_line("Clark", b"AT \x1b'x", "stale")
+    log.peer_lines("Clark", [(line, "kept")])
+    log.peer_lines("Clark", [(b"AT \x1b'x", "stale")])
     log.close()
     first, second = path.read_text(encoding="utf-8").splitlines()
     assert re.fullmatch(STAMP + " Bona peer Clark < " + re.escape(repr(line)) + " kept", first)
