@@ -257,9 +257,8 @@ def test_bytes_that_escape_badly_are_previewed_within_twice_their_size(tmp_path:
     hostile = bytes(range(128, 256)) * 2  # 256 bytes, each escaped as \xNN
     log.events([log.received_text("who", hostile)])
     log.sent("who", b"? " + hostile + b"\n")
-    log.events(
-        [log.received_text("who", "IAMAT ünïcödé +1+1 5".encode())]
-    )  # a little escaping: whole
+    unicode = "IAMAT ünïcödé +1+1 5".encode()
+    log.events([log.received_text("who", unicode)])  # a little escaping: whole
     log.close()
     entries = logged(path)
     assert entries[0] == f"who < {hostile[:32]!r}... (256 bytes)"
