@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import ipaddress
 import logging
 import resource
@@ -50,6 +51,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 SECRET_BYTES = 32  # 256 bits from `secrets`: --all's per-process peer secret
 FD_RESERVE = 64  # descriptors kept for listeners, links, logs, state and the places source
+GC_YOUNG = 50_000  # container allocations between young collections (collect_less)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -225,6 +227,20 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def collect_less() -> None:
+    """Let the cyclic garbage collector's young collections run GC_YOUNG allocations apart.
+
+    A server allocates a few short-lived tuples and lists per line, and the default
+    (a young collection every 700 container allocations, whose survivors, the store's
+    cached records, move on to be scanned again in the older generations) cost 15% of
+    the CPU of a server answering pipelined IAMATs (25.1-25.9 against 29.5-30.7 us per
+    reply, measured side by side). Reference counting frees records and lines; what
+    waits longer for the collector is the odd cycle (a trio traceback), a few MB at most.
+    """
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG, middle, old)
+
+
 def locations(herd: HerdConfig) -> list[str]:
     """Where this process's logs and state go, one line each, for stdout at start-up."""
     settings = herd.herd
@@ -302,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             secured = {name: attrs.evolve(s, keyring=keyring) for name, s in secured.items()}
         return new, secured
 
+    collect_less()
     raise_fd_limit()  # before max_clients is sized by the descriptor limit
     max_clients = min(herd.herd.max_clients, fd_budget())
     failed: list[BaseException] = []

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
 
 from herd_trio import config
-from herd_trio.__main__ import apply_overrides, locations, main, parse_args, unprotected
+from herd_trio.__main__ import (
+    GC_YOUNG,
+    apply_overrides,
+    collect_less,
+    locations,
+    main,
+    parse_args,
+    unprotected,
+)
 from herd_trio.security import PeerSecurity
 
 
@@ -88,3 +97,14 @@ def test_an_unprotected_server_beyond_loopback_gets_a_warning() -> None:
     assert "A listens on example.com without" in (
         unprotected("A", "example.com", PeerSecurity()) or ""
     )
+
+
+def test_collect_less_spaces_young_collections_and_keeps_the_older_ones() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 7, 9)
+        collect_less()
+        assert gc.get_threshold() == (GC_YOUNG, 7, 9)
+        assert gc.isenabled()
+    finally:
+        gc.set_threshold(*before)
