@@ -94,9 +94,11 @@ def _arrives(check: Callable[[], bool], seconds: float) -> bool:
     return True
 
 
-def _throughput(
+def throughput(
     herd: Herd, servers: dict[str, Proc], conns: int, depth: int, prefix: str, plan: AnchorPlan
 ) -> Result:
+    """`conns` x `depth` pipelined IAMATs (new clients) to Clark, or to the only server:
+    replies/s and server CPU per reply, in all and per server (cpu_us_NAME)."""
     entry = servers[ENTRY] if ENTRY in servers else next(iter(servers.values()))
     pids = [entry.pid, *(p.pid for p in servers.values() if p is not entry)]
     suite.settle(pids)
@@ -229,14 +231,14 @@ def _measure(
         order = herds[r % 4 :] + herds[: r % 4]
         for kind in order:
             suite.say(f"anchor rep {r + 1}: {kind} 100 x 16 to Clark, whole herd up")
-            rep[f"tp_{kind}"] = _throughput(
+            rep[f"tp_{kind}"] = throughput(
                 configs[kind], up[kind], 100, 16, f"a{kind[:2]}{r}-", plan
             )
         for conns, depth in ((100, 1), (100, 16)):
             pair = [("limit", limit), ("solo", solo)]
             for kind, proc in pair if r % 2 == 0 else pair[::-1]:
                 suite.say(f"anchor rep {r + 1}: {kind} {conns} x {depth}")
-                rep[f"{kind}_{conns}x{depth}"] = _throughput(
+                rep[f"{kind}_{conns}x{depth}"] = throughput(
                     configs["herd"], {ENTRY: proc}, conns, depth, f"s{kind[0]}{depth}r{r}-", plan
                 )
         herd_pids = [p.pid for p in up["herd"].values()]
