@@ -1,6 +1,6 @@
 """Several herd_trio checkouts side by side: `python -m bench.sidebyside NAME=PATH ...`.
 
-    python -m bench.sidebyside before=/tmp/old after=. [--reps 6]
+    python -m bench.sidebyside before=/tmp/old after=. [--reps 6] [--set KEY=VALUE]
 
 Starts one five-server herd per checkout (PATH goes first on the servers' PYTHONPATH;
 the bench code is this checkout's), all at once on their own ports, then runs 100
@@ -21,6 +21,7 @@ import argparse
 import shutil
 import statistics
 import sys
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("checkouts", nargs="+", metavar="NAME=PATH")
     parser.add_argument("--reps", type=int, default=6, help="repetitions (default 6)")
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per window")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [herd] setting of every herd (TOML value), e.g. --set 'state_dir=\"state\"'",
+    )
     args = parser.parse_args(argv)
+    try:
+        settings = {**suite.SETTINGS, **tomllib.loads("\n".join(args.set))}
+    except tomllib.TOMLDecodeError as exc:
+        parser.error(f"--set wants KEY=VALUE with a TOML value: {exc}")
     checkouts = parse_checkouts(args.checkouts)
     plan = anchor.AnchorPlan(warmup=0.5, duration=args.duration)
     run_dir = procs.ROOT / "bench-results" / "sidebyside"
@@ -103,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 run_dir / name / "herd.toml",
                 procs.DEFAULT_NAMES,
                 procs.DEFAULT_EDGES,
-                dict(suite.SETTINGS),
+                settings,
             )
             up[name] = suite.start_herd(herds[name], run_dir / name, env={"PYTHONPATH": str(root)})
         runs: dict[str, list[Result]] = {name: [] for name in checkouts}

@@ -30,10 +30,12 @@ Durability (WAL journal, `synchronous=NORMAL`):
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import re
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -67,7 +69,7 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS records (client BLOB PRIMARY KEY, at_line 
 # The store only ever notifies records newer than the last one it notified for that
 # client, and batches are written one at a time in the order they were taken, so
 # the last write for a client is always its newest record: a plain REPLACE is enough.
-_UPSERT = "INSERT OR REPLACE INTO records (client, at_line) VALUES (?, ?)"
+UPSERT_ROWS = 256  # rows per INSERT statement at most (512 parameters)
 _SELECT = "SELECT client, at_line FROM records"
 # The shape of a stored AT line's client time and coordinates (protocol.py's rules).
 _TIME = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
@@ -179,12 +181,39 @@ def write_records(path: str | Path, records: Iterable[Record]) -> None:
         try:
             conn.execute(_SCHEMA)
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_UPSERT, ((r.client, r.at_line) for r in records))
+            rest = iter(records)
+            while chunk := list(itertools.islice(rest, 4096)):
+                upsert(conn, [(r.client, r.at_line) for r in chunk])
             conn.execute("COMMIT")
         finally:
             conn.close()
     except (sqlite3.Error, OSError) as exc:
         raise PersistError(f"cannot write records to {path}: {exc}") from exc
+
+
+def upsert(conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes]]) -> None:
+    """Insert `rows` (client, AT line), replacing a client's row if it has one.
+
+    One statement per up to UPSERT_ROWS rows (256, 128, ... 1: a few statement texts,
+    each prepared once), not executemany's one per row. Each statement is one step of
+    SQLite, and sqlite3 lets go of the GIL for every step and takes it back after: a
+    worker thread writing row by row beside a busy event loop gave the GIL back and
+    forth about 20 times per row (a batch of 750 rows: ~15,000 context switches,
+    against ~2,500 this way), and a row costs less CPU even without a loop beside it
+    (2.0-3.0 against 2.7-3.5 us).
+    """
+    start = 0
+    while start < len(rows):
+        count = min(UPSERT_ROWS, 1 << ((len(rows) - start).bit_length() - 1))
+        chunk = rows[start : start + count]
+        conn.execute(_upsert_sql(count), [field for row in chunk for field in row])
+        start += count
+
+
+@functools.cache
+def _upsert_sql(rows: int) -> str:
+    values = ", ".join(["(?, ?)"] * rows)
+    return f"INSERT OR REPLACE INTO records (client, at_line) VALUES {values}"
 
 
 @attrs.frozen
@@ -404,7 +433,7 @@ class Persister:
     def _write(conn: sqlite3.Connection, batch: dict[bytes, Record]) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(_UPSERT, ((r.client, r.at_line) for r in batch.values()))
+            upsert(conn, [(r.client, r.at_line) for r in batch.values()])
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

@@ -16,12 +16,16 @@ import trio.testing
 
 from herd_trio.backoff import Backoff
 from herd_trio.persist import (
+    _SCHEMA,
+    UPSERT_ROWS,
     Persister,
     PersistError,
     PersisterStatistics,
+    connect,
     load_records,
     open_persister,
     state_path,
+    upsert,
     write_records,
 )
 from herd_trio.protocol import Record, parse_at
@@ -220,6 +224,22 @@ async def test_open_persister_saves_what_the_store_keeps_on_exit(tmp_path: Path)
         rec(b"kiwi", 1),
         rec(b"pear", 2),
     ]
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, UPSERT_ROWS, UPSERT_ROWS + 1, 3 * UPSERT_ROWS + 117])
+def test_upsert_writes_every_row_and_replaces_a_clients_old_one(tmp_path: Path, count: int) -> None:
+    path = tmp_path / "s.sqlite3"
+    conn = connect(path)
+    try:
+        conn.execute(_SCHEMA)
+        upsert(conn, [(b"c%d" % n, b"old %d" % n) for n in range(0, 2 * count, 2)])
+        # Half of these clients have a row already; the statements come in several sizes.
+        upsert(conn, [(b"c%d" % n, b"new %d" % n) for n in range(count, 2 * count + count)])
+    finally:
+        conn.close()
+    expected = {b"c%d" % n: b"old %d" % n for n in range(0, 2 * count, 2)}
+    expected |= {b"c%d" % n: b"new %d" % n for n in range(count, 3 * count)}
+    assert rows(path) == expected
 
 
 def test_write_records_makes_a_file_load_records_reads(tmp_path: Path) -> None:
