@@ -66,10 +66,7 @@ BUSY_TIMEOUT = 1.0  # seconds sqlite waits for a lock held by another connection
 FAILURE_LOG_EVERY = 20  # while writes keep failing, log every 20th failure
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS records (client BLOB PRIMARY KEY, at_line BLOB NOT NULL)"
-# The store only ever notifies records newer than the last one it notified for that
-# client, and batches are written one at a time in the order they were taken, so
-# the last write for a client is always its newest record: a plain REPLACE is enough.
-UPSERT_ROWS = 256  # rows per INSERT statement at most (512 parameters)
+UPSERT_ROWS = 256  # rows per INSERT statement at most (512 parameters): see upsert()
 _SELECT = "SELECT client, at_line FROM records"
 # The shape of a stored AT line's client time and coordinates (protocol.py's rules).
 _TIME = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
@@ -212,6 +209,11 @@ def upsert(conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes]]) -> Non
 
 @functools.cache
 def _upsert_sql(rows: int) -> str:
+    # The store only ever notifies records newer than the last one it notified for
+    # that client, and batches are written one at a time in the order they were
+    # taken, so the last write for a client is always its newest record: a plain
+    # REPLACE is enough. Within one statement, too, a later row replaces an earlier
+    # row of the same client.
     values = ", ".join(["(?, ?)"] * rows)
     return f"INSERT OR REPLACE INTO records (client, at_line) VALUES {values}"
 

@@ -227,7 +227,8 @@ class Store:
 
         In batches and in order, the member lists are touched one after the other
         instead of one at random per new record: with this, a herd under a flood of
-        new clients spent 0.92x the CPU per update (median of 6 side-by-side runs).
+        new clients spent 0.88-0.92x the CPU per update (two side-by-side runs,
+        bench.sidebyside).
         """
         fresh, leaves = self._fresh, self._fresh_leaves
         if not fresh:

@@ -235,10 +235,14 @@ def test_upsert_writes_every_row_and_replaces_a_clients_old_one(tmp_path: Path, 
         upsert(conn, [(b"c%d" % n, b"old %d" % n) for n in range(0, 2 * count, 2)])
         # Half of these clients have a row already; the statements come in several sizes.
         upsert(conn, [(b"c%d" % n, b"new %d" % n) for n in range(count, 2 * count + count)])
+        # One client several times in one call: the last row stands.
+        upsert(conn, [(b"twice", b"first"), *[(b"x%d" % n, b"x") for n in range(count)]])
+        upsert(conn, [(b"twice", b"second"), (b"twice", b"third")])
     finally:
         conn.close()
     expected = {b"c%d" % n: b"old %d" % n for n in range(0, 2 * count, 2)}
     expected |= {b"c%d" % n: b"new %d" % n for n in range(count, 3 * count)}
+    expected |= {b"x%d" % n: b"x" for n in range(count)} | {b"twice": b"third"}
     assert rows(path) == expected
 
 
