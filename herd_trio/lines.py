@@ -74,12 +74,18 @@ class LineReader:
                     self._lines.append(bytes(self._buffer))
                     self._buffer.clear()
                 break
-            if self._buffer:  # a line has begun: it gets line_timeout to end
-                data = await self._receive_rest()
-            else:  # the hot path: whole lines, no deadline to arm
+            if self._buffer and self._line_timeout != math.inf:
+                data = await self._receive_rest()  # a line has begun: it gets line_timeout
+            else:  # the hot path: no deadline to arm (a cancel scope costs a few us)
                 data = await self._stream.receive_some(self._chunk)
             received = True
             if data:
+                if isinstance(data, bytes) and not self._buffer and data.endswith(b"\n"):
+                    # Whole lines in a plain socket's bytes: split them without a copy.
+                    lines = data.split(b"\n")
+                    lines.pop()  # the empty piece after the last LF
+                    self._take(lines, data)
+                    continue
                 self._buffer += data
                 self._split()
                 # The unfinished tail began in this chunk iff it fits inside it (a LF in
@@ -116,18 +122,21 @@ class LineReader:
         end = buffer.rfind(b"\n")
         if end >= 0:
             block = bytes(buffer[:end])
-            lines = block.split(b"\n")
             del buffer[: end + 1]
-            # Checked for the whole block at once (C loops); line by line only if needed.
-            if max(map(len, lines)) > self._max_line:
-                index = next(i for i, line in enumerate(lines) if len(line) > self._max_line)
-                self._fail(lines[index])
-                del lines[index:]
-            if b"\r" in block:
-                lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
-            self._lines.extend(lines)
+            self._take(block.split(b"\n"), block)
         if self._error is None and len(buffer) > self._max_line:
             self._fail(bytes(buffer))
+
+    def _take(self, lines: list[bytes], block: bytes) -> None:
+        """Queue `lines` (the LF-separated pieces of `block`), CRs before LFs dropped."""
+        # Checked for the whole block at once (C loops); line by line only if needed.
+        if max(map(len, lines)) > self._max_line:
+            index = next(i for i, line in enumerate(lines) if len(line) > self._max_line)
+            self._fail(lines[index])
+            del lines[index:]
+        if b"\r" in block:
+            lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+        self._lines.extend(lines)
 
     def _fail(self, line: bytes) -> None:
         self._error = LineTooLong(self._max_line, line[:64])

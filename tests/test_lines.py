@@ -91,6 +91,22 @@ async def test_crlf_split_between_chunks_drops_the_cr() -> None:
     assert await all_lines(reader) == [b"abc", b"def\r"]
 
 
+class ByteArrays(Script):
+    """Hands out its chunks as bytearrays, as a TLS stream may."""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytearray:  # type: ignore[override]
+        return bytearray(await super().receive_some(max_bytes))
+
+
+@pytest.mark.parametrize("stream", [Script, ByteArrays])
+async def test_lines_are_bytes_whole_chunks_or_not(stream: type[Script]) -> None:
+    reader = LineReader(stream([b"a\r\nbb\n", b"c", b"c\n", b"dd\n"]), max_line=64)
+    lines = [*await reader.receive_lines(), *await reader.receive_lines()]
+    lines += await reader.receive_lines()
+    assert lines == [b"a", b"bb", b"cc", b"dd"]
+    assert {type(line) for line in lines} == {bytes}  # hashable: store keys, log entries
+
+
 async def test_empty_stream_gives_no_lines() -> None:
     reader = LineReader(Script([]), max_line=64)
     assert await reader.receive_lines() == []
