@@ -2,10 +2,11 @@
 
     python -m bench.sidebyside before=/tmp/old after=. [--reps 6] [--set KEY=VALUE]
 
-Starts one five-server herd per checkout (PATH goes first on the servers' PYTHONPATH;
-the bench code is this checkout's), all at once on their own ports, then runs 100
-connections x 16 pipelined IAMATs to Clark against each herd in turn, the order
-rotated from one repetition to the next, exactly as bench.anchor measures a herd.
+Every repetition starts one five-server herd per checkout (PATH goes first on the
+servers' PYTHONPATH; the bench code is this checkout's), all at once on their own
+ports, runs 100 connections x 16 pipelined IAMATs to Clark against each herd in turn
+(the order rotated from one repetition to the next), exactly as bench.anchor measures
+a herd, and stops them.
 Prints, per herd after the first, the median of the per-repetition ratios to the
 first herd, and how many repetitions came out below 1.
 
@@ -105,34 +106,54 @@ def main(argv: Sequence[str] | None = None) -> None:
     checkouts = parse_checkouts(args.checkouts)
     plan = anchor.AnchorPlan(warmup=0.5, duration=args.duration)
     run_dir = procs.ROOT / "bench-results" / "sidebyside"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    herds: dict[str, procs.Herd] = {}
-    up: dict[str, dict[str, procs.Proc]] = {}
+    runs: dict[str, list[Result]] = {name: [] for name in checkouts}
+    names = list(checkouts)
     try:
-        for name, root in checkouts.items():
-            suite.say(f"sidebyside: starting herd {name} from {root}")
-            herds[name] = procs.write_herd(
-                run_dir / name / "herd.toml",
-                procs.DEFAULT_NAMES,
-                procs.DEFAULT_EDGES,
-                settings,
-            )
-            up[name] = suite.start_herd(herds[name], run_dir / name, env={"PYTHONPATH": str(root)})
-        runs: dict[str, list[Result]] = {name: [] for name in checkouts}
-        names = list(checkouts)
         for rep in range(args.reps):
-            for name in names[rep % len(names) :] + names[: rep % len(names)]:
-                result = anchor.throughput(herds[name], up[name], 100, 16, f"x{name}{rep}-", plan)
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            for name, result in measure_once(checkouts, order, settings, plan, run_dir, rep):
                 runs[name].append(result)
                 suite.say(
                     f"sidebyside rep {rep + 1}: {name} {result['rps']:,.0f} replies/s,"
                     f" {result['cpu_us_per_update']:.1f} us CPU per update"
                 )
-        print(table(runs))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    print(table(runs))
+
+
+def measure_once(
+    checkouts: dict[str, Path],
+    order: list[str],
+    settings: dict[str, Any],
+    plan: anchor.AnchorPlan,
+    run_dir: Path,
+    rep: int,
+) -> list[tuple[str, Result]]:
+    """Start a fresh herd per checkout, measure each once in `order`, stop them all.
+
+    Fresh processes every repetition: a herd kept up for the whole comparison keeps
+    whatever luck its processes drew (hash seeds, memory layout, placement on the
+    cores), and two herds of the very same code then differed by 9% in every
+    repetition; restarted, that luck is drawn again and averages out.
+    """
+    shutil.rmtree(run_dir, ignore_errors=True)
+    up: dict[str, dict[str, procs.Proc]] = {}
+    herds: dict[str, procs.Herd] = {}
+    try:
+        for name in order:
+            herds[name] = procs.write_herd(
+                run_dir / name / "herd.toml", procs.DEFAULT_NAMES, procs.DEFAULT_EDGES, settings
+            )
+            root = str(checkouts[name])
+            up[name] = suite.start_herd(herds[name], run_dir / name, env={"PYTHONPATH": root})
+        return [
+            (name, anchor.throughput(herds[name], up[name], 100, 16, f"x{name}{rep}-", plan))
+            for name in order
+        ]
     finally:
         for servers in up.values():
             procs.stop(servers.values())
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
