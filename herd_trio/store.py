@@ -6,10 +6,8 @@ range-based reconciliation needs (herd_trio/sync.py): every client has a 64-bit 
 (`key_of`, XXH3-64 of its id), the key space is a tree of fan-out 16, and for the top
 five levels (root to 65,536 leaves, by the key's leading 16 bits) the store keeps the
 XOR of its records' fingerprints and how many records each node holds, updated on
-every change (a new client joins its leaf's member list in a batch of up to FRESH,
-before anything reads the lists). Nodes below the leaves (down to one key per node
-at level 16) are computed from the leaf's members when asked; a leaf holds ~15
-clients at 1M.
+every change. Nodes below the leaves (down to one key per node at level 16) are
+computed from the leaf's members when asked; a leaf holds ~15 clients at 1M.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ KEY_BITS = 64
 _LEAF_SHIFT = KEY_BITS - 4 * LEAF_LEVEL
 _MID = 2  # the inner level kept up to date beside the root and the leaves
 _MID_SHIFT = 4 * (LEAF_LEVEL - _MID)  # leaf index -> its level-2 node
-FRESH = 4096  # new clients gathered before they are filed into their leaves
 CACHE = 4096  # records per cache generation: ~2 MB, the clients active right now
 
 
@@ -120,11 +117,6 @@ class Store:
         self._mid_counts = array("I", bytes(4 * FANOUT**_MID))
         self._leaf_fps = array("Q", bytes(8 * LEAVES))
         self._members: list[list[bytes] | None] = [None] * LEAVES  # leaf -> its clients
-        # New clients not yet in their leaf's member list, and their leaves: offer()
-        # only appends here, and _settle() files them in leaf order before anything
-        # reads the member lists (or when FRESH have gathered).
-        self._fresh: list[bytes] = []
-        self._fresh_leaves = array("H")
         # Records recently kept or asked for, with their leaf and fingerprint (-1 if
         # not known yet), so the hot paths (a client's IAMAT and WHATSAT, a flood's
         # duplicates, a client's next update) neither parse the line nor hash again:
@@ -194,11 +186,11 @@ class Store:
         if held_line is None:
             change = fp
             leaf = key_of(client) >> _LEAF_SHIFT
-            fresh = self._fresh
-            fresh.append(client)
-            self._fresh_leaves.append(leaf)
-            if len(fresh) >= FRESH:
-                self._settle()
+            members = self._members[leaf]
+            if members is None:
+                self._members[leaf] = [client]
+            else:
+                members.append(client)
             self._mid_counts[leaf >> _MID_SHIFT] += 1
         else:
             held, leaf, held_fp = self._cached(client, held_line)
@@ -221,28 +213,6 @@ class Store:
         for listener in self._listeners:
             listener(record)
         return record
-
-    def _settle(self) -> None:
-        """File the fresh clients into their leaves' member lists, in leaf order.
-
-        In batches and in order, the member lists are touched one after the other
-        instead of one at random per new record: with this, a herd under a flood of
-        new clients spent 0.88-0.92x the CPU per update (two side-by-side runs,
-        bench.sidebyside).
-        """
-        fresh, leaves = self._fresh, self._fresh_leaves
-        if not fresh:
-            return
-        members = self._members
-        for index in sorted(range(len(fresh)), key=leaves.__getitem__):
-            leaf = leaves[index]
-            held = members[leaf]
-            if held is None:
-                members[leaf] = [fresh[index]]
-            else:
-                held.append(fresh[index])
-        fresh.clear()
-        del leaves[:]
 
     def on_change(self, listener: Callable[[Record], None]) -> None:
         """Call `listener` (sync, must not raise) with every record the store keeps."""
@@ -277,7 +247,6 @@ class Store:
         if level == _MID:
             return self._mid_fps[index], self._mid_counts[index]
         if level == LEAF_LEVEL:
-            self._settle()
             return self._leaf_fps[index], len(self._members[index] or ())
         if level < LEAF_LEVEL:  # 1 or 3: combine the 16 children kept up to date
             fps = self._mid_fps if level < _MID else self._leaf_fps
@@ -298,7 +267,6 @@ class Store:
             return len(self._lines)
         if level == _MID:
             return self._mid_counts[index]
-        self._settle()
         if level == LEAF_LEVEL:
             return len(self._members[index] or ())
         first = index * FANOUT
@@ -308,7 +276,6 @@ class Store:
 
     def leaf_size(self, level: int, index: int) -> int:
         """Clients a scan of node (level, index) below the leaves looks at (its leaf's)."""
-        self._settle()
         members = self._members[index >> (4 * (level - LEAF_LEVEL))]
         return 0 if members is None else len(members)
 
@@ -320,7 +287,6 @@ class Store:
         the members of the one leaf when level > LEAF_LEVEL. Large ranges are walked
         leaf by leaf (`leaves`, `leaf_clients`, `line`).
         """
-        self._settle()
         lines = self._lines
         if level > LEAF_LEVEL:
             leaf = index >> (4 * (level - LEAF_LEVEL))
@@ -340,7 +306,6 @@ class Store:
         Empty level-2 nodes are skipped by their counts; inside the others every leaf
         slot is looked at (256 list reads), so a sparse store is walked quickly.
         """
-        self._settle()
         members = self._members
         if level < _MID:
             width = FANOUT ** (_MID - level)
@@ -356,12 +321,10 @@ class Store:
 
     def leaf_clients(self, leaf: int) -> list[bytes]:
         """The clients of one leaf (do not modify the list)."""
-        self._settle()
         return self._members[leaf] or []
 
     def find(self, key: int) -> bytes | None:
         """The AT line of the client whose key is `key`, if held (a scan of its leaf)."""
-        self._settle()
         for client in self._members[key >> _LEAF_SHIFT] or ():
             if key_of(client) == key:
                 return unpack(self._lines[client], client)

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from herd_trio.protocol import Record
 from herd_trio.store import (
-    FRESH,
     LEAF_LEVEL,
     MAX_LEVEL,
     Store,
@@ -170,26 +169,6 @@ records = st.builds(
     coords=st.sampled_from([b"+1-1", b"+1.0-1", b"+2-1"]),
     client=st.sampled_from([b"a", b"b"]),
 )
-
-
-def test_member_lists_are_whole_whenever_read_across_batches_of_new_clients() -> None:
-    # New clients are filed into their leaves in batches (FRESH at a time, or when a
-    # list is read): every read sees every record so far, wherever a batch stands.
-    store, held = Store(), []
-    for n in range(2 * FRESH + 5):
-        held.append(store.offer(rec("1", client=b"n%d" % n)))
-        if n in (0, 1, FRESH - 1, FRESH, FRESH + 1, 2 * FRESH + 4):
-            probe = held[n // 2]
-            leaf = node_of(key_of(probe.client), LEAF_LEVEL)
-            assert probe.client in store.leaf_clients(leaf)
-            assert store.find(key_of(probe.client)) == probe.at_line
-            expected = sum(1 for r in held if node_of(key_of(r.client), LEAF_LEVEL) == leaf)
-            assert store.summary(LEAF_LEVEL, leaf)[1] == expected
-            assert store.count(3, leaf >> 4) == sum(
-                1 for r in held if node_of(key_of(r.client), 3) == leaf >> 4
-            )
-    assert sum(store.count(1, index) for index in range(16)) == len(held)
-    assert sorted(line for _, line in store.members(0, 0)) == sorted(r.at_line for r in held)
 
 
 @given(st.lists(records, max_size=12), st.randoms(use_true_random=False))
