@@ -19,6 +19,7 @@ with the feature cut out (docs/performance.md has such a table).
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import statistics
 import sys
@@ -50,8 +51,9 @@ def parse_checkouts(specs: Sequence[str]) -> dict[str, Path]:
 
 
 def compare(runs: dict[str, list[Result]], figure: str) -> dict[str, Result]:
-    """Each herd's median of `figure`, and (after the first) the median and the list of
-    its per-repetition ratios to the first herd."""
+    """Each herd's median of `figure`, and (after the first) the median, the list and
+    the middle half (first to third quartile) of its per-repetition ratios to the
+    first herd."""
     first = next(iter(runs))
     out: dict[str, Result] = {}
     for name, results in runs.items():
@@ -64,6 +66,9 @@ def compare(runs: dict[str, list[Result]], figure: str) -> dict[str, Result]:
             )
             row["ratio"] = statistics.median(ratios) if ratios else float("nan")
             row["ratios"] = ratios
+            # The middle half of the ratios: how far one repetition is to be trusted.
+            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            row["middle"] = (quartiles[0], quartiles[-1]) if quartiles else (math.nan,) * 2
         out[name] = row
     return out
 
@@ -77,9 +82,10 @@ def table(runs: dict[str, list[Result]]) -> str:
         cells = [f"{first} {rows[first]['median']:,.1f}"]
         for name, row in list(rows.items())[1:]:
             below = sum(1 for ratio in row["ratios"] if ratio < 1)
+            low, high = row["middle"]
             cells.append(
                 f"{name} {row['median']:,.1f} = {row['ratio']:.3f}x"
-                f" ({below} of {len(row['ratios'])} below 1)"
+                f" ({below} of {len(row['ratios'])} below 1, middle half {low:.2f}-{high:.2f})"
             )
         lines.append(f"{figure:20s} " + "   ".join(cells))
     return "\n".join(lines)

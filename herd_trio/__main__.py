@@ -233,9 +233,10 @@ def collect_less() -> None:
     A server allocates a few short-lived tuples and lists per line, and the default
     (a young collection every 700 container allocations, whose survivors, the store's
     cached records, move on to be scanned again in the older generations) cost 15% of
-    the CPU of a server answering pipelined IAMATs (25.1-25.9 against 29.5-30.7 us per
-    reply, measured side by side). Reference counting frees records and lines; what
-    waits longer for the collector is the odd cycle (a trio traceback), a few MB at most.
+    the CPU of a server alone answering pipelined IAMATs (25.1-25.9 against 29.5-30.7
+    us per reply) and about 8% of a whole herd's (bench.sidebyside). Reference
+    counting frees records and lines; what waits longer for the collector is the odd
+    cycle (a trio traceback), a few MB at most.
     """
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG, middle, old)

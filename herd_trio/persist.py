@@ -194,10 +194,10 @@ def upsert(conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes]]) -> Non
     One statement per up to UPSERT_ROWS rows (256, 128, ... 1: a few statement texts,
     each prepared once), not executemany's one per row. Each statement is one step of
     SQLite, and sqlite3 lets go of the GIL for every step and takes it back after: a
-    worker thread writing row by row beside a busy event loop gave the GIL back and
+    worker thread writing row by row beside a busy main thread handed the GIL back and
     forth about 20 times per row (a batch of 750 rows: ~15,000 context switches,
-    against ~2,500 this way), and a row costs less CPU even without a loop beside it
-    (2.0-3.0 against 2.7-3.5 us).
+    against ~2,500 this way), and a row costs less CPU even alone (2.0-3.0 against
+    2.7-3.5 us). In a loaded herd the difference is inside the noise.
     """
     start = 0
     while start < len(rows):

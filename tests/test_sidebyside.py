@@ -54,6 +54,7 @@ def test_ratios_are_taken_per_repetition_then_the_median() -> None:
     assert rows["cut"]["median"] == 90
     assert rows["cut"]["ratios"] == [0.8, 0.9, 0.9]
     assert rows["cut"]["ratio"] == 0.9
+    assert rows["cut"]["middle"] == pytest.approx((0.8, 0.9))
     text = table(runs)
-    assert "cut 90.0 = 0.900x (3 of 3 below 1)" in text
-    assert "cut 11,000.0 = 1.100x (0 of 3 below 1)" in text
+    assert "cut 90.0 = 0.900x (3 of 3 below 1, middle half 0.80-0.90)" in text
+    assert "cut 11,000.0 = 1.100x (0 of 3 below 1, middle half 1.10-1.25)" in text
