@@ -50,7 +50,7 @@ def line_of(number: int, version: int) -> tuple[bytes, bytes]:
 
 
 def write_state(path: Path, records: int, newer: set[int]) -> None:
-    """A state file (herd_trio/persist.py's schema) with `records` records."""
+    """A state file (herd_trio/statefile.py's schema) with `records` records."""
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE records (client BLOB PRIMARY KEY, at_line BLOB NOT NULL)")
     conn.executemany(

@@ -37,11 +37,11 @@ from herd_trio.auth import Keyring
 from herd_trio.config import ConfigError, HerdConfig
 from herd_trio.errors import leaves
 from herd_trio.log import ServerLog
-from herd_trio.persist import state_path
 from herd_trio.places import open_places
 from herd_trio.reconfig import Reloader
 from herd_trio.security import PeerSecurity, load_security
 from herd_trio.server import StartupError, listening, log_path, serve
+from herd_trio.statefile import state_path
 
 PROG = "herd_trio"
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {

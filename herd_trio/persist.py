@@ -6,10 +6,7 @@ to its store writes every record the store keeps, off the event loop, in batches
 Neighbours catch a restarted server up by digest, so persistence matters most when the
 WHOLE herd restarts: then the files are the only copy.
 
-The file holds one table, `records(client BLOB PRIMARY KEY, at_line BLOB NOT NULL)`.
-Only the AT line is stored: it carries every field of a record (`parse_at` rebuilds
-the Record), and keeping it byte for byte keeps WHATSAT's first line exact across a
-restart.
+The file's format, and reading and writing it whole, are herd_trio/statefile.py's.
 
 Durability (WAL journal, `synchronous=NORMAL`):
 
@@ -23,21 +20,17 @@ Durability (WAL journal, `synchronous=NORMAL`):
   fsynced at checkpoints, not at every commit. The file stays consistent (never
   half a batch); FULL would fsync every batch, which costs a disk flush per 50 ms
   for records the rest of the herd usually still holds. Checkpoints come every
-  WAL_CHECKPOINT_PAGES pages of WAL; between them the kernel's own writeback (about
-  30 s on Linux) bounds what an OS crash can take.
+  statefile.WAL_CHECKPOINT_PAGES pages of WAL; between them the kernel's own
+  writeback (about 30 s on Linux) bounds what an OS crash can take.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import itertools
-import re
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from decimal import Decimal
 from pathlib import Path
 from typing import NoReturn
 
@@ -47,14 +40,9 @@ import trio
 from herd_trio.backoff import Backoff
 from herd_trio.log import plural
 from herd_trio.protocol import Record
+from herd_trio.statefile import PersistError, commit_records, open_file
 from herd_trio.store import Store
 
-# Pages of WAL between checkpoints (SQLite's default is 1,000, about 4 MB). Client ids
-# hash all over the table, so a batch dirties pages everywhere, and a checkpoint copies
-# each dirty page once however many batches changed it: at 10,000 pages (about 40 MB
-# of WAL on disk) a row costs about a quarter less CPU and a third less time (13.0-13.9
-# against 16.7-18.3 us of CPU; 300,000 random clients written in batches of 500).
-WAL_CHECKPOINT_PAGES = 10_000
 BATCH_INTERVAL = 0.05  # seconds between batches: one transaction per 50 ms at most
 # A failed write is retried after about 0.1 s, doubling up to about 5 s: a full disk
 # is retried, not hammered.
@@ -62,160 +50,7 @@ RETRY = Backoff(initial=0.1, cap=5.0)
 # A clean stop writes what is pending within this; PROTOCOL.md §5 gives the whole
 # server 3 s to stop after SIGTERM, and a batch takes milliseconds.
 FINAL_DEADLINE = 2.0
-BUSY_TIMEOUT = 1.0  # seconds sqlite waits for a lock held by another connection
 FAILURE_LOG_EVERY = 20  # while writes keep failing, log every 20th failure
-
-_SCHEMA = "CREATE TABLE IF NOT EXISTS records (client BLOB PRIMARY KEY, at_line BLOB NOT NULL)"
-UPSERT_ROWS = 256  # rows per INSERT statement at most (512 parameters): see upsert()
-_SELECT = "SELECT client, at_line FROM records"
-# The shape of a stored AT line's client time and coordinates (protocol.py's rules).
-_TIME = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
-_COORDS = re.compile(rb"[+-][0-9]{1,2}(?:\.[0-9]+)?[+-][0-9]{1,3}(?:\.[0-9]+)?")
-
-
-class PersistError(Exception):
-    """The state file could not be read or written; the message names the file."""
-
-
-def state_path(state_dir: str | Path, name: str) -> Path:
-    """Where server `name` keeps its records."""
-    return Path(state_dir) / f"{name}.sqlite3"
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-    # check_same_thread=False: trio's worker threads differ from call to call; the
-    # Persister's lock makes sure only one of them uses the connection at a time.
-    conn = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-    )
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def row_record(client: object, at_line: object) -> Record | None:
-    """The record a state-file row holds, or None if the row is not an AT line for its key.
-
-    The file holds only records this server accepted, so a row is checked for shape
-    (an AT line for the row's client, canonical spacing, a valid time and coordinates)
-    rather than parsed field by field as a peer's line is (`protocol.parse_at`): that
-    halves the cost of a restart.
-    """
-    if not isinstance(at_line, bytes) or not isinstance(client, bytes):
-        return None
-    fields = at_line.split()
-    if (
-        len(fields) != 6
-        or fields[0] != b"AT"
-        or fields[3] != client
-        or b" ".join(fields) != at_line
-        or not _TIME.fullmatch(fields[5])
-        or not _COORDS.fullmatch(fields[4])
-    ):
-        return None
-    return Record(client, fields[4], Decimal(fields[5].decode("ascii")), fields[1], at_line)
-
-
-def parse_rows(rows: Iterable[tuple[object, object]]) -> tuple[list[Record], int]:
-    """The records of state-file `rows`, and how many rows were skipped as not valid."""
-    records: list[Record] = []
-    skipped = 0
-    for client, at_line in rows:
-        record = row_record(client, at_line)
-        if record is None:
-            skipped += 1
-        else:
-            records.append(record)
-    return records, skipped
-
-
-def load_records(path: str | Path, *, log: Callable[[str], None] | None = None) -> list[Record]:
-    """Every record stored in `path`; [] if there is no such file yet.
-
-    Blocking: call it from a thread (`trio.to_thread.run_sync`) or before `trio.run`.
-    A server loads its file with herd_trio/restore.py instead, in chunks, while it
-    serves; this is for tests and tools. Rows that are not a valid AT line for their
-    client are skipped and counted (the count goes to `log`, the only thing logged
-    here); a file that is not a readable records database raises PersistError, rather
-    than letting the server start empty and overwrite it.
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    try:
-        conn = connect(path)
-        try:
-            tables = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
-            ).fetchall()
-            rows = conn.execute(_SELECT).fetchall() if tables else []
-        finally:
-            conn.close()
-    except (sqlite3.Error, OSError) as exc:
-        raise PersistError(f"cannot read records from {path}: {exc}") from exc
-    records, skipped = parse_rows(rows)
-    if log is not None and skipped:  # the caller logs how many were loaded
-        log(f"skipped {skipped} rows of {path} that are not valid AT lines")
-    return records
-
-
-def write_records(path: str | Path, records: Iterable[Record]) -> None:
-    """Store `records` in `path` in one transaction, as a Persister would (blocking).
-
-    For tests and benchmarks that need a state file of a given size quickly; a server
-    writes through its Persister.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        conn = connect(path)
-        try:
-            conn.execute(_SCHEMA)
-            conn.execute("BEGIN IMMEDIATE")
-            rest = iter(records)
-            while chunk := list(itertools.islice(rest, 4096)):
-                upsert(conn, [(r.client, r.at_line) for r in chunk])
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-    except (sqlite3.Error, OSError) as exc:
-        raise PersistError(f"cannot write records to {path}: {exc}") from exc
-
-
-def upsert(conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes]]) -> None:
-    """Insert `rows` (client, AT line), replacing a client's row if it has one.
-
-    One statement per up to UPSERT_ROWS rows (256, 128, ... 1: a few statement texts,
-    each prepared once), not executemany's one per row. Each statement is one step of
-    SQLite, and sqlite3 lets go of the GIL for every step and takes it back after: a
-    worker thread writing row by row beside a busy main thread handed the GIL back and
-    forth about 20 times per row (a batch of 750 rows: ~15,000 context switches,
-    against ~2,500 this way), and a row costs less CPU even alone (2.0-3.0 against
-    2.7-3.5 us). In a loaded herd the difference is inside the noise.
-    """
-    start = 0
-    while start < len(rows):
-        count = min(UPSERT_ROWS, 1 << ((len(rows) - start).bit_length() - 1))
-        chunk = rows[start : start + count]
-        conn.execute(_upsert_sql(count), [field for row in chunk for field in row])
-        start += count
-
-
-@functools.cache
-def _upsert_sql(rows: int) -> str:
-    # The store only ever notifies records newer than the last one it notified for
-    # that client, and batches are written one at a time in the order they were
-    # taken, so the last write for a client is always its newest record: a plain
-    # REPLACE is enough. Within one statement, too, a later row replaces an earlier
-    # row of the same client.
-    values = ", ".join(["(?, ?)"] * rows)
-    return f"INSERT OR REPLACE INTO records (client, at_line) VALUES {values}"
 
 
 @attrs.frozen
@@ -411,7 +246,7 @@ class Persister:
                     conn = self._connection()
                     if batch:
                         self.before_write()
-                        self._write(conn, batch)
+                        commit_records(conn, batch.values())
             except (sqlite3.Error, OSError) as exc:
                 self._drop_connection()  # the next attempt starts from a fresh open
                 raise PersistError(f"cannot write records to {self.path}: {exc}") from exc
@@ -421,27 +256,8 @@ class Persister:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = connect(self.path)
-            try:
-                conn.execute(_SCHEMA)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+            self._conn = open_file(self.path)
         return self._conn
-
-    @staticmethod
-    def _write(conn: sqlite3.Connection, batch: dict[bytes, Record]) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            upsert(conn, [(r.client, r.at_line) for r in batch.values()])
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            raise
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

@@ -43,8 +43,9 @@ import attrs
 import trio
 
 from herd_trio.log import plural
-from herd_trio.persist import Persister, PersistError, connect, parse_rows
+from herd_trio.persist import Persister
 from herd_trio.protocol import Record
+from herd_trio.statefile import PersistError, connect, parse_rows
 from herd_trio.store import Store
 
 CHUNK = 8192  # rows a worker thread reads per call

@@ -28,11 +28,12 @@ from herd_trio.log import ServerLog
 from herd_trio.net import hostport
 from herd_trio.node import Node
 from herd_trio.peerport import PeerPort
-from herd_trio.persist import PersistError, open_persister, state_path
+from herd_trio.persist import open_persister
 from herd_trio.places import PlacesSource
 from herd_trio.reconfig import Links, Reloader
 from herd_trio.restore import Restore
 from herd_trio.security import PeerSecurity
+from herd_trio.statefile import PersistError, state_path
 from herd_trio.store import Store
 
 

@@ -15,20 +15,17 @@ import trio
 import trio.testing
 
 from herd_trio.backoff import Backoff
-from herd_trio.persist import (
-    _SCHEMA,
+from herd_trio.persist import Persister, PersisterStatistics, open_persister
+from herd_trio.protocol import Record, parse_at
+from herd_trio.statefile import (
     UPSERT_ROWS,
-    Persister,
     PersistError,
-    PersisterStatistics,
-    connect,
     load_records,
-    open_persister,
+    open_file,
     state_path,
     upsert,
     write_records,
 )
-from herd_trio.protocol import Record, parse_at
 from herd_trio.store import Store
 from tests.e2e.herd import poll
 
@@ -229,9 +226,8 @@ async def test_open_persister_saves_what_the_store_keeps_on_exit(tmp_path: Path)
 @pytest.mark.parametrize("count", [0, 1, 3, UPSERT_ROWS, UPSERT_ROWS + 1, 3 * UPSERT_ROWS + 117])
 def test_upsert_writes_every_row_and_replaces_a_clients_old_one(tmp_path: Path, count: int) -> None:
     path = tmp_path / "s.sqlite3"
-    conn = connect(path)
+    conn = open_file(path)
     try:
-        conn.execute(_SCHEMA)
         upsert(conn, [(b"c%d" % n, b"old %d" % n) for n in range(0, 2 * count, 2)])
         # Half of these clients have a row already; the statements come in several sizes.
         upsert(conn, [(b"c%d" % n, b"new %d" % n) for n in range(count, 2 * count + count)])

@@ -13,9 +13,10 @@ import trio
 import trio.testing
 
 from herd_trio.lines import LineReader
-from herd_trio.persist import Persister, PersistError, load_records, write_records
+from herd_trio.persist import Persister
 from herd_trio.protocol import Record, parse_at
 from herd_trio.restore import SLICE, Restore, clients_named
+from herd_trio.statefile import PersistError, load_records, write_records
 from herd_trio.store import Store
 from tests.helpers import herd_config, make_node, record
 from tests.test_links import EMPTY_ROUND, PEER_MAX, carry_collecting

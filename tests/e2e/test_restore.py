@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from herd_trio.persist import write_records
 from herd_trio.protocol import Record
+from herd_trio.statefile import write_records
 from tests.e2e.herd import Herd, poll, running
 
 RECORDS = 200_000
