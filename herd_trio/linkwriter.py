@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
 from typing import NoReturn
 
 import attrs
@@ -77,21 +76,19 @@ class Timers:
         return now < self.next_sync
 
 
-@contextmanager
-def direct_sender(stream: trio.abc.SendStream) -> Iterator[Callable[[bytes], int] | None]:
+def direct_sender(stream: trio.abc.SendStream) -> Callable[[bytes], int] | None:
     """A non-blocking send on `stream`'s socket (net.send_now): the number of bytes the
     kernel took. None where there is no socket of our own (TLS, memory streams).
 
     The writer uses it only while its task is idle, so the two never write at once.
     """
     if not isinstance(stream, trio.SocketStream):
-        yield None
-        return
+        return None
 
     def send(data: bytes) -> int:
         return len(data) - len(send_now(stream, data))
 
-    yield send
+    return send
 
 
 @attrs.define(eq=False)
@@ -103,9 +100,7 @@ class LinkWriter:
     on_progress: Callable[[], None]  # told after every write (the bus's waiters)
     outbox: Outbox = attrs.field(factory=Outbox)
     # Gives the direct-send path its non-blocking send (tests give a fake socket's).
-    sender: Callable[
-        [trio.abc.SendStream], AbstractContextManager[Callable[[bytes], int] | None]
-    ] = direct_sender
+    sender: Callable[[trio.abc.SendStream], Callable[[bytes], int] | None] = direct_sender
     _send: Callable[[bytes], int] | None = attrs.field(default=None, init=False)
     _idle: bool = attrs.field(default=False, init=False)  # the task waits with nothing to do
     _busy: bool = attrs.field(default=False, init=False)  # the task is inside a send
@@ -215,23 +210,22 @@ class LinkWriter:
 
     async def run(self, timers: Timers, start_round: Callable[[], bytes]) -> NoReturn:
         """Write until the link fails: raises TooSlowError, OutboxClosed or the stream's error."""
-        with self.sender(self.stream) as send:
-            self._send = send
-            try:
-                while True:
-                    now = trio.current_time()
-                    if timers.sync_due(now, self._traffic_at):
-                        await self._write(start_round() + b"\n")
-                        continue
-                    with trio.move_on_at(timers.wake_at(now)) as quiet:
-                        await self._wait_for_work()
-                    if data := self._take():
-                        await self._write(data)
-                    elif quiet.cancelled_caught and timers.ping_due(now := trio.current_time()):
-                        self._ping_at = now
-                        await self._write(_PING_LINE)
-            finally:
-                self._send = None  # the duplicate descriptor closes with the block
+        self._send = self.sender(self.stream)
+        try:
+            while True:
+                now = trio.current_time()
+                if timers.sync_due(now, self._traffic_at):
+                    await self._write(start_round() + b"\n")
+                    continue
+                with trio.move_on_at(timers.wake_at(now)) as quiet:
+                    await self._wait_for_work()
+                if data := self._take():
+                    await self._write(data)
+                elif quiet.cancelled_caught and timers.ping_due(now := trio.current_time()):
+                    self._ping_at = now
+                    await self._write(_PING_LINE)
+        finally:
+            self._send = None  # no direct sends once the task is gone
 
     async def _wait_for_work(self) -> None:
         if self.outbox or self._residue or self._pong or self._lines or self._streams:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from decimal import Decimal
 
 import attrs
@@ -37,9 +36,8 @@ class FakeSocket:
         self.calls.append(taken)
         return len(taken)
 
-    @contextmanager
-    def sender(self, _stream: trio.abc.SendStream) -> Iterator[Callable[[bytes], int] | None]:
-        yield self.send
+    def sender(self, _stream: trio.abc.SendStream) -> Callable[[bytes], int] | None:
+        return self.send
 
 
 def written(stream: trio.testing.MemorySendStream) -> bytes:
