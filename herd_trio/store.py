@@ -203,10 +203,7 @@ class Store:
         self._lines[client] = pack(line, client)
         # Cached new or not: the flood's echoes of it (holds) and the client's next
         # WHATSAT or update come within moments.
-        young = self._young
-        young[client] = (record, leaf, fp)
-        if len(young) >= CACHE:
-            self._old, self._young = young, {}
+        self._remember(client, (record, leaf, fp))
         self._leaf_fps[leaf] ^= change
         self._mid_fps[leaf >> _MID_SHIFT] ^= change
         self._root ^= change
