@@ -1,12 +1,12 @@
 """Fan-out of accepted records to the peer links, one coalescing outbox per link.
 
-The bus does no I/O. It hands each record to every link's subscriber (the link's
-writer, herd_trio/linkwriter.py, which owns the socket) and lets a client wait until
-what it published has reached the links ("flood first, then reply"). Publishing never
-waits: a link that cannot keep up does not slow the server, the clients or the other
-links. A link's outbox holds at most one pending record per client (a storm of updates
-for one client coalesces to the newest), so its memory is bounded by the number of
-clients, never by the update rate.
+The bus does no I/O. It hands each record (its client and AT line: the line is all a
+link sends) to every link's subscriber (the link's writer, herd_trio/linkwriter.py,
+which owns the socket) and lets a client wait until what it published has reached the
+links ("flood first, then reply"). Publishing never waits: a link that cannot keep up
+does not slow the server, the clients or the other links. A link's outbox holds at
+most one pending record per client (a storm of updates for one client coalesces to the
+newest), so its memory is bounded by the number of clients, never by the update rate.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from typing import Protocol
 
 import attrs
 import trio
-
-from herd_trio.protocol import Record
 
 
 class OutboxClosed(Exception):
@@ -35,7 +33,7 @@ class Outbox:
     compares against what the writer has written.
     """
 
-    _pending: dict[bytes, Record] = attrs.field(factory=dict, init=False)
+    _pending: dict[bytes, bytes] = attrs.field(factory=dict, init=False)  # client -> AT line
     _seq: dict[bytes, int] = attrs.field(factory=dict, init=False)  # the number of each pending one
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _closed: bool = attrs.field(default=False, init=False)
@@ -60,20 +58,21 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def put(self, record: Record, *, wake: bool = True) -> None:
-        """Queue `record`, replacing an older pending record of the same client, and
-        wake the writer (unless `wake` is False: the writer's push() sends it).
+    def put(self, client: bytes, line: bytes, wake: bool = True) -> None:
+        """Queue AT line `line`, replacing a pending line of the same `client`, and wake
+        the writer (unless `wake` is False: the writer's push() sends it).
 
-        The replacement goes to the back of the queue, so the queue stays in sequence
-        order and "everything up to N was taken" is exact for partial takes.
+        What is published is what the store kept, and the store keeps a client's
+        record only if it supersedes the one it held: a later line for a client is
+        always the newer one, so it replaces without a comparison. The replacement
+        goes to the back of the queue, so the queue stays in sequence order and
+        "everything up to N was taken" is exact for partial takes.
         """
-        held = self._pending.pop(record.client, None)
-        if held is not None and not record.supersedes(held):
-            self._pending[record.client] = held  # not newer: the pending one stays
-            return
-        self._queued += 1
-        self._pending[record.client] = record
-        self._seq[record.client] = self._queued
+        pending = self._pending
+        pending.pop(client, None)
+        self._queued = queued = self._queued + 1
+        pending[client] = line
+        self._seq[client] = queued
         if wake:
             self._wakeup.set()
 
@@ -96,8 +95,8 @@ class Outbox:
         if self._closed:
             raise OutboxClosed
 
-    def take_nowait(self, limit: int = 4096) -> list[Record]:
-        """Up to `limit` pending records, oldest first (an empty list if none)."""
+    def take_nowait(self, limit: int = 4096) -> list[bytes]:
+        """Up to `limit` pending AT lines, oldest first (an empty list if none)."""
         if len(self._pending) <= limit:
             batch = list(self._pending.values())
             self._pending.clear()
@@ -114,8 +113,8 @@ class Outbox:
 class Subscriber(Protocol):
     """A link's writer as the bus sees it."""
 
-    def deliver(self, record: Record) -> bool:
-        """Take `record` for the peer; never blocks. True if it waits for push()."""
+    def deliver(self, client: bytes, line: bytes) -> bool:
+        """Take `client`'s AT line for the peer; never blocks. True if it waits for push()."""
 
     def push(self) -> None:
         """Send what deliver() held, without blocking."""
@@ -156,8 +155,9 @@ class Bus:
             subscriber.close()
             self.progress()  # a client waiting for this link waits no longer
 
-    def publish(self, record: Record, *, source: str | None = None) -> None:
-        """Deliver `record` to every link except `source`'s; never blocks.
+    def publish(self, client: bytes, line: bytes, source: str | None = None) -> None:
+        """Deliver the AT line of a record the store kept for `client` to every link
+        except `source`'s; never blocks.
 
         A publisher calls push() at the end of the burst it publishes in (a batch of
         client lines, a batch of peer lines): links whose writers were idle send the
@@ -166,7 +166,7 @@ class Bus:
         wait_handed_off push first.
         """
         for link, subscriber in self._subscribers.items():
-            if link != source and subscriber.deliver(record):
+            if link != source and subscriber.deliver(client, line):
                 self._held.append(subscriber)
 
     def push(self) -> None:

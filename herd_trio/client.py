@@ -19,10 +19,19 @@ import trio
 
 from herd_trio import protocol
 from herd_trio.lines import LineReader, LineTimeout, LineTooLong
+from herd_trio.log import RECEIVED, SENT
 from herd_trio.net import describe, host_of, linger, send_within
 from herd_trio.node import Node
 from herd_trio.places import JSON, PlacesSource, error_body, legacy_body, render
-from herd_trio.protocol import ProtocolError, Whatsat, make_record, parse_command, question
+from herd_trio.protocol import (
+    ProtocolError,
+    Whatsat,
+    format_at,
+    make_record,
+    parse_command,
+    question,
+)
+from herd_trio.store import pack
 
 # A browser or scanner that talks HTTP to a client port gets its `?` and is closed
 # at once rather than answered header by header.
@@ -53,15 +62,22 @@ def answer_line(node: Node, line: bytes, received_ns: int) -> tuple[bytes | What
     if isinstance(command, Whatsat):
         node.stats.whatsat += 1
         return (command if node.store.get(command.client) is not None else question(line)), False
-    if protocol.too_far_ahead(command.sent, received_ns, node.settings.max_future_skew):
+    max_skew = node.settings.max_future_skew
+    if max_skew is not None and protocol.too_far_ahead(command.sent, received_ns, max_skew):
         return question(line), False
     node.stats.iamat += 1
-    record = make_record(node.wire_name, received_ns, command)
-    standing = node.store.offer(record, repeat=True)
-    if standing is not record:
-        return standing.at_line + b"\n", False
-    node.bus.publish(record)
-    return record.at_line + b"\n", True
+    client = command.client
+    if client not in node.store.held:  # a new client: kept without building a Record
+        at_line = format_at(node.wire_name, received_ns, command)
+        node.store.add_new(client, pack(at_line, client), at_line)
+    else:
+        record = make_record(node.wire_name, received_ns, command)
+        standing = node.store.offer(record, repeat=True)
+        if standing is not record:
+            return standing.at_line + b"\n", False
+        at_line = record.at_line
+    node.bus.publish(client, at_line)
+    return at_line + b"\n", True
 
 
 async def whatsat(node: Node, places: PlacesSource, command: Whatsat) -> bytes:
@@ -304,17 +320,17 @@ class Session:
             await trio.lowlevel.cancel_shielded_checkpoint()
         if not node.restore.done:  # the state file is still loading: fetch what they name
             await node.restore.ensure(lines)
-        logged: list[str] = []  # this batch's log events: one time stamp, one write
+        logged: list[tuple[bytes, bytes]] = []  # lines and replies: one time stamp, one write
         try:
             for index, line in enumerate(lines, 1):
                 if index % FAIR_SHARE == 0 and self._replies:
-                    log.events(logged)
+                    log.exchanges(who, logged)
                     await self._flush()  # a pipelining client must not hold the loop for long
-                logged.append(log.received_text(who, line))
+                logged.append((RECEIVED, line))
                 if not line or line.isspace():  # bytes.isspace(): the six white-space bytes
                     continue  # blank lines are ignored, also in one_shot mode
                 if self._first and HTTP_REQUEST.match(line):
-                    log.events(logged)
+                    log.exchanges(who, logged)
                     await self._reply(question(line))
                     log.write(f"{who} sent an HTTP request to the client port; closing")
                     return False
@@ -323,20 +339,20 @@ class Session:
                 reply, flooded = answer_line(node, line, received_ns)
                 self._flooded |= flooded
                 if isinstance(reply, Whatsat):
-                    log.events(logged)  # the places source may log while we wait
+                    log.exchanges(who, logged)  # the places source may log while we wait
                     if self._replies:  # earlier answers must not wait for the places source
                         await self._flush()
                     reply = await whatsat(node, self.places, reply)
                 node.stats.requests.observe(time.perf_counter() - began)
                 if node.settings.one_shot:
-                    log.events(logged)
+                    log.exchanges(who, logged)
                     await self._reply(reply)
                     log.write(f"{who} closed after one reply (one_shot)")
                     return False
-                logged.append(log.sent_text(who, reply))
+                logged.append((SENT, reply))
                 self._replies.append(reply)
         finally:
-            log.events(logged)  # before the replies go (and if a line ends the session)
+            log.exchanges(who, logged)  # before the replies go (and if a line ends the session)
         if self._replies:
             await self._flush()
         return True

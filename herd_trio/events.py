@@ -15,6 +15,7 @@ import trio
 
 from herd_trio.protocol import Record
 from herd_trio.stats import Event
+from herd_trio.store import record_of
 
 SUBSCRIBER_BUFFER = 256  # events a reader may fall behind before it is dropped
 
@@ -63,7 +64,7 @@ class EventHub:
                 send.close()  # the reader drains what it holds, then sees the end
                 self._subscribers.discard(send)
 
-    def record_kept(self, record: Record) -> None:
-        """Store listener: a record was kept."""
+    def record_kept(self, client: bytes, at_line: bytes) -> None:
+        """Store listener: a record was kept (Store.on_change)."""
         if self._subscribers:  # the store calls this for every record: stay cheap
-            self.publish(record_event(record))
+            self.publish(record_event(record_of(at_line)))

@@ -37,6 +37,7 @@ from herd_trio.protocol import (
     SYNC_PREFIXES,
     ProtocolError,
     Record,
+    canonical_at,
     parse_at,
     parse_sync,
     too_far_ahead,
@@ -44,6 +45,7 @@ from herd_trio.protocol import (
 from herd_trio.security import PeerSecurity
 from herd_trio.silence import Silence
 from herd_trio.stats import PeerStats
+from herd_trio.store import split_client
 from herd_trio.sync import PeerMisbehaved, Reconciler
 from herd_trio.tls import wrap_dialled
 
@@ -176,6 +178,8 @@ async def read_peer(
     ahead = RateLimiter()
     handled = 0  # lines since the last checkpoint: a sync stream's batch is thousands
     max_skew = node.settings.max_future_skew
+    store, bus = node.store, node.bus
+    held = store.held
     logged: list[tuple[bytes, str]] = []  # record lines and verdicts, logged per batch
     while True:
         silence.waiting()
@@ -198,17 +202,29 @@ async def read_peer(
                 if handled >= LINES_PER_CHECKPOINT:  # clients get the loop meanwhile
                     handled = 0
                     node.log.peer_lines(peer, logged)  # before anyone else logs
-                    node.bus.push()  # the records kept so far go on before we yield
+                    bus.push()  # the records kept so far go on before we yield
                     await trio.lowlevel.checkpoint()
+                # Most record lines are a flood's echoes of a line held already, or a
+                # new client's first record; both are settled here by comparing the
+                # line, packed, with the held one, without building a Record.
+                if max_skew is None and (split := split_client(line)) is not None:
+                    client, packed = split
+                    standing = held.get(client)
+                    if standing == packed:  # equal to a checked line: the same line
+                        counts.duplicate += 1
+                        logged.append((line, "duplicate"))
+                        continue
+                    if standing is None and canonical_at(line):
+                        store.add_new(client, packed, line)
+                        counts.kept += 1
+                        bus.publish(client, line, peer)
+                        logged.append((line, "kept"))
+                        continue
                 if line.startswith(SYNC_PREFIXES):
                     parsed = _parse(peer, line, parse_sync)
                     node.log.peer_lines(peer, logged)  # sync may log: keep the order
                     if node.restore.done:  # loading: we would ask for most of the store
                         sync.handle(parsed, trio.current_time())
-                    continue
-                if max_skew is None and _is_stored(node, line):  # an echo of the flood
-                    counts.duplicate += 1
-                    logged.append((line, "duplicate"))
                     continue
                 record = _parse(peer, line, parse_at)
                 if max_skew is not None and too_far_ahead(record.sent, node.now_ns(), max_skew):
@@ -218,21 +234,7 @@ async def read_peer(
                 logged.append((line, _take(node, peer, record, counts)))
         finally:
             node.log.peer_lines(peer, logged)
-            node.bus.push()  # the batch's kept records go on, one write per link
-
-
-def _is_stored(node: Node, line: bytes) -> bool:
-    """True if `line` is byte for byte the AT line stored for its client.
-
-    On a graph with cycles most record lines a server receives are such echoes of a
-    flood (4 of the 8 per update in the default herd); what parse_at and the store
-    would make of one is known without asking them: a duplicate. A line that is not
-    in canonical form never equals a stored line, which parse_at accepted.
-    """
-    fields = line.split(b" ", 4)
-    if len(fields) != 5:
-        return False
-    return node.store.holds(fields[3], line)  # no Record built
+            bus.push()  # the batch's kept records go on, one write per link
 
 
 def _parse(peer: str, line: bytes, parse: Callable[[bytes], T]) -> T:
@@ -248,7 +250,7 @@ def _take(node: Node, peer: str, record: Record, counts: PeerStats) -> str:
     said = verdict(standing is record, record.at_line, standing.at_line)
     if standing is record:
         counts.kept += 1
-        node.bus.publish(record, source=peer)
+        node.bus.publish(record.client, record.at_line, peer)
     elif said == "stale":
         counts.stale += 1
     else:

@@ -34,7 +34,6 @@ import trio
 
 from herd_trio.bus import Outbox
 from herd_trio.net import send_now, send_within
-from herd_trio.protocol import Record
 
 PING = b"PING"
 PONG = b"PONG"
@@ -114,9 +113,9 @@ class LinkWriter:
     _pong: bool = attrs.field(default=False, init=False)  # the peer's PING awaits its PONG
     _ping_at: float | None = attrs.field(default=None, init=False)  # our unanswered PING
 
-    def deliver(self, record: Record) -> bool:
-        """Queue `record` for the peer; never blocks. True if the bus must push() this
-        writer: the record is held for a direct send.
+    def deliver(self, client: bytes, line: bytes) -> bool:
+        """Queue `client`'s AT line for the peer; never blocks. True if the bus must
+        push() this writer: the line is held for a direct send.
 
         While the writer task is idle, records delivered in one burst (a client's
         pipelined IAMATs, a batch of peer lines) are held without waking the task, and
@@ -126,10 +125,10 @@ class LinkWriter:
         is busy, is the task's to write. Only the first held record returns True.
         """
         if self._send is not None and self._idle and not self._residue:
-            self.outbox.put(record, wake=False)
+            self.outbox.put(client, line, False)
             first, self._holding = not self._holding, True
             return first
-        self.outbox.put(record)
+        self.outbox.put(client, line)
         return False
 
     def push(self) -> None:
@@ -260,11 +259,11 @@ class LinkWriter:
                 parts.append(chunk)
         return b"".join(parts)
 
-    def _lines_of(self, batch: list[Record]) -> bytes:
-        """The AT lines of records taken for the socket, each with its LF; counted."""
+    def _lines_of(self, batch: list[bytes]) -> bytes:
+        """AT lines taken for the socket, each with its LF; counted."""
         self.records_sent += len(batch)
         self._traffic_at = trio.current_time()
-        return b"\n".join([record.at_line for record in batch]) + b"\n"
+        return b"\n".join(batch) + b"\n"
 
     async def _write(self, data: bytes) -> None:
         mark = self.outbox.taken  # everything taken so far is in `data` or was sent before

@@ -24,6 +24,12 @@ import trio
 
 FLUSH_INTERVAL = 0.25  # seconds: PROTOCOL.md wants lines in the file within a second
 PREVIEW_SLACK = 64  # characters an escaped line may add beyond twice its bytes
+RECEIVED = b"<"  # ServerLog.exchanges: a line received from a client
+SENT = b">"  # ... and a reply sent to it
+# The bytes that repr() of a bytes object writes as they are (printable ASCII but the
+# quote and the backslash), and what follows a peer line in its entry, by verdict.
+_UNESCAPED = bytes(c for c in range(0x20, 0x7F) if c not in b"'\\")
+_VERDICT_TAILS = {verdict: f"' {verdict}\n".encode() for verdict in ("kept", "duplicate", "stale")}
 
 
 class ServerLog:
@@ -99,11 +105,61 @@ class ServerLog:
         return f"{who} < {self.shown(line)}"
 
     def peer_lines(self, peer: str, entries: list[tuple[bytes, str]]) -> None:
-        """Log record lines received together from `peer`, each with its verdict, and
-        empty `entries`; one time stamp and one write for the lot."""
+        """Log record lines received together from `peer`, each with its verdict
+        ("kept", "duplicate" or "stale"), and empty `entries`; one time stamp and one
+        write for the lot.
+
+        Each entry reads `<head>peer <peer> < b'<line>' <verdict>`, as repr() writes
+        the line. A batch of lines that repr() would not change inside the quotes (no
+        quote, backslash or unprintable byte: every line of a well-behaved herd) is
+        joined as bytes in one go, at half the cost of a repr() per line.
+        """
         if entries and self._file is not None:  # whole: a peer's lines are bounded by its link
             head = f"{self._head()}peer {peer} < "
-            self._emit("".join([f"{head}{line!r} {verdict}\n" for line, verdict in entries]))
+            marked = f"{head}b'".encode()
+            parts: list[bytes] = []
+            for line, verdict in entries:
+                parts += (marked, line, _VERDICT_TAILS[verdict])
+            if b"".join(parts[1::3]).translate(None, _UNESCAPED):  # some line needs repr()
+                self._emit("".join([f"{head}{line!r} {verdict}\n" for line, verdict in entries]))
+            else:
+                self._emit(b"".join(parts).decode("ascii"))
+        entries.clear()
+
+    def exchanges(self, who: str, entries: list[tuple[bytes, bytes]]) -> None:
+        """Log lines received from client `who` (RECEIVED, line) and replies sent to it
+        (SENT, reply), in order, and empty `entries`; one time stamp and one write.
+
+        The entries read as `received_text` and `sent_text` make them. When every line
+        and reply of the batch is shorter than `line_limit` and needs no escaping but
+        a reply's final LF (a telnet session; a load of IAMATs and their AT replies),
+        they are joined as bytes in one go, at a fifth of the cost of a repr() and two
+        f-strings each.
+        """
+        if entries and self._file is not None:
+            head = f"{self._head()}{who} "
+            received, sent = f"{head}< b'".encode(), f"{head}> b'".encode()
+            parts: list[bytes] = []
+            for mark, data in entries:
+                if mark == RECEIVED:
+                    parts += (received, data, b"'\n")
+                elif data[-1:] == b"\n":
+                    parts += (sent, data[:-1], b"\\n'\n")
+                else:
+                    parts += (sent, data, b"'\n")
+            texts = parts[1::3]
+            if max(map(len, texts)) < self.line_limit and not b"".join(texts).translate(
+                None, _UNESCAPED
+            ):
+                self._emit(b"".join(parts).decode("ascii"))
+            else:  # a long line, or something to escape: entry by entry
+                text = self.received_text
+                self.events(
+                    [
+                        text(who, data) if mark == RECEIVED else self.sent_text(who, data)
+                        for mark, data in entries
+                    ]
+                )
         entries.clear()
 
     def sent(self, who: str, reply: bytes) -> None:

@@ -39,7 +39,6 @@ import trio
 
 from herd_trio.backoff import Backoff
 from herd_trio.log import plural
-from herd_trio.protocol import Record
 from herd_trio.statefile import PersistError, commit_records, open_file
 from herd_trio.store import Store
 
@@ -99,7 +98,7 @@ class Persister:
     final_deadline: float = FINAL_DEADLINE
     log_every: int = FAILURE_LOG_EVERY
     before_write: Callable[[], None] = _no_hook
-    _pending: dict[bytes, Record] = attrs.field(factory=dict, init=False)
+    _pending: dict[bytes, bytes] = attrs.field(factory=dict, init=False)  # client -> AT line
     _wake: trio.Event = attrs.field(factory=trio.Event, init=False)
     _db_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _conn: sqlite3.Connection | None = attrs.field(default=None, init=False)
@@ -111,17 +110,18 @@ class Persister:
     _noted: set[bytes] | None = attrs.field(default=None, init=False)
     _from_file: bool = attrs.field(default=False, init=False)
 
-    def note(self, record: Record) -> None:
-        """Queue `record` for writing (sync, O(1)); a later note for its client replaces it."""
+    def note(self, client: bytes, at_line: bytes) -> None:
+        """Queue `client`'s record (its AT line) for writing (sync, O(1)); a later note
+        for the client replaces it. A store listener (Store.on_change)."""
         if (noted := self._noted) is not None:
             if self._from_file:
                 # The file holds this record already, unless the client was noted during
                 # the load: then an older record of it may be pending or being written.
-                if record.client not in noted:
+                if client not in noted:
                     return
             else:
-                noted.add(record.client)
-        self._pending[record.client] = record
+                noted.add(client)
+        self._pending[client] = at_line
         self._wake.set()
 
     def track_clients(self, on: bool) -> None:
@@ -200,8 +200,8 @@ class Persister:
         except BaseException:
             # Failed, or abandoned on cancel (the thread may still commit it, which
             # a rewrite makes harmless). A newer note for the same client wins.
-            for client, record in batch.items():
-                self._pending.setdefault(client, record)
+            for client, at_line in batch.items():
+                self._pending.setdefault(client, at_line)
             if self._pending:
                 self._wake.set()
             raise
@@ -238,7 +238,7 @@ class Persister:
             with contextlib.suppress(sqlite3.Error):
                 conn.interrupt()
 
-    def _sync(self, batch: dict[bytes, Record]) -> None:
+    def _sync(self, batch: dict[bytes, bytes]) -> None:
         """In a worker thread: open if needed, write `batch` in one transaction."""
         with self._db_lock:
             try:
@@ -246,7 +246,7 @@ class Persister:
                     conn = self._connection()
                     if batch:
                         self.before_write()
-                        commit_records(conn, batch.values())
+                        commit_records(conn, batch.items())
             except (sqlite3.Error, OSError) as exc:
                 self._drop_connection()  # the next attempt starts from a fresh open
                 raise PersistError(f"cannot write records to {self.path}: {exc}") from exc

@@ -59,8 +59,13 @@ class Iamat(NamedTuple):
 
     client: bytes
     coords: bytes
-    time: bytes
-    sent: Decimal  # the client's clock, exact
+    time: bytes  # the client's clock, as sent (checked when the line was parsed)
+
+    @property
+    def sent(self) -> Decimal:
+        """The client's clock, exact. Built when asked: a new client's IAMAT is kept
+        without comparing it with anything (PROTOCOL.md §2 ranks by it)."""
+        return Decimal(self.time.decode())
 
     @property
     def lat_lon(self) -> tuple[Decimal, Decimal]:
@@ -187,7 +192,7 @@ def parse_command(line: bytes) -> Command:
     match = _IAMAT_LINE.fullmatch(line)
     if match is not None:  # the common case, in one regex
         client, coords, time = match.groups()
-        return Iamat(client, coords, time, Decimal(time.decode()))
+        return Iamat(client, coords, time)
     return parse_command_fields(line)
 
 
@@ -200,7 +205,8 @@ def parse_command_fields(line: bytes) -> Command:
     if verb == b"IAMAT":
         client, coords, time = fields[1], fields[2], fields[3]
         parse_coords(coords)  # checked here; Iamat.lat_lon gives the values
-        return Iamat(_client_id(client), coords, time, parse_time(time))
+        parse_time(time)  # checked here; Iamat.sent gives the value
+        return Iamat(_client_id(client), coords, time)
     if verb in (b"WHATSAT", b"WHATISAT"):
         radius, bound = fields[2], fields[3]
         if not _RADIUS.fullmatch(radius):
@@ -241,9 +247,15 @@ def too_far_ahead(sent: Decimal, now_ns: int, max_skew: float | None) -> bool:
 
 def make_record(server: bytes, received_ns: int, iamat: Iamat) -> Record:
     """The record (and its AT line) for an IAMAT that arrived complete at `received_ns`."""
-    skew = format_skew(received_ns - time_ns(iamat.time))
-    at_line = b"AT %s %s %s %s %s" % (server, skew, iamat.client, iamat.coords, iamat.time)
+    at_line = format_at(server, received_ns, iamat)
     return Record(iamat.client, iamat.coords, iamat.sent, server, at_line)
+
+
+def format_at(server: bytes, received_ns: int, iamat: Iamat) -> bytes:
+    """The AT line (without LF) that `server` answers an IAMAT with that arrived
+    complete at `received_ns`."""
+    skew = format_skew(received_ns - time_ns(iamat.time))
+    return b"AT %s %s %s %s %s" % (server, skew, iamat.client, iamat.coords, iamat.time)
 
 
 def parse_at(line: bytes) -> Record:
@@ -257,6 +269,15 @@ def parse_at(line: bytes) -> Record:
         origin, client, coords, time = match.groups()
         return Record(client, coords, Decimal(time.decode()), origin, line)
     return parse_at_fields(line)
+
+
+def canonical_at(line: bytes) -> bool:
+    """True if `line` is an AT line that parse_at takes on its fast path (one regex).
+
+    For the hot path that keeps a new client's record from its line without building
+    a Record. False does not mean invalid: parse_at then says, checking field by field.
+    """
+    return _AT_LINE.fullmatch(line) is not None
 
 
 def parse_at_fields(line: bytes) -> Record:

@@ -141,13 +141,13 @@ def open_file(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def commit_records(conn: sqlite3.Connection, records: Iterable[Record]) -> None:
-    """Write `records` in one transaction (rolled back if anything fails)."""
+def commit_records(conn: sqlite3.Connection, rows: Iterable[tuple[bytes, bytes]]) -> None:
+    """Write `rows` (client, AT line) in one transaction (rolled back if anything fails)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        rest = iter(records)
+        rest = iter(rows)
         while chunk := list(itertools.islice(rest, 4096)):  # any number, a slice at a time
-            upsert(conn, [(r.client, r.at_line) for r in chunk])
+            upsert(conn, chunk)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -166,7 +166,7 @@ def write_records(path: str | Path, records: Iterable[Record]) -> None:
     try:
         conn = open_file(path)
         try:
-            commit_records(conn, records)
+            commit_records(conn, ((r.client, r.at_line) for r in records))
         finally:
             conn.close()
     except (sqlite3.Error, OSError) as exc:

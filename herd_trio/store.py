@@ -13,7 +13,7 @@ computed from the leaf's members when asked; a leaf holds ~15 clients at 1M.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
 
 from xxhash import xxh3_64_intdigest
@@ -64,18 +64,27 @@ def node_of(key: int, level: int) -> int:
     return key >> (KEY_BITS - 4 * level)
 
 
-def pack(line: bytes, client: bytes) -> bytes:
-    """`line` without its client field (two spaces mark the spot), as the store keeps it.
+def split_client(line: bytes) -> tuple[bytes, bytes] | None:
+    """(client, packed): the fourth field of AT line `line` and the line without it (two
+    spaces mark the spot), as the store keeps it; None if `line` has fewer fields.
 
     The client is the dict key already; keeping it twice would cost ~30 B a record.
-    A line whose fourth field is not `client` (never, for a checked AT line) is kept
-    whole.
+    This runs for every record line a server receives (a flood's echoes are found by
+    comparing packed forms): one split and one join, half the cost of slicing around
+    searches for the spaces.
     """
     fields = line.split(b" ", 4)  # AT origin skew client rest
-    if len(fields) != 5 or fields[3] != client:
-        return line
-    fields[3] = b""
-    return b" ".join(fields)
+    if len(fields) != 5:
+        return None
+    client, fields[3] = fields[3], b""
+    return client, b" ".join(fields)
+
+
+def pack(line: bytes, client: bytes) -> bytes:
+    """`line` without its client field (see split_client). A line whose fourth field is
+    not `client` (never, for a checked AT line) is kept whole."""
+    split = split_client(line)
+    return split[1] if split is not None and split[0] == client else line
 
 
 def unpack(packed: bytes, client: bytes) -> bytes:
@@ -106,7 +115,7 @@ class Store:
 
     def __init__(self, records: Iterable[Record] = ()) -> None:
         self._lines: dict[bytes, bytes] = {}  # client -> packed AT line, first-arrival order
-        self._listeners: list[Callable[[Record], None]] = []
+        self._listeners: list[Callable[[bytes, bytes], None]] = []
         # The XOR of the fingerprints of the records under the root, under each level-2
         # node and under each leaf, and how many records each level-2 node holds (a
         # leaf's count is its member list's length); levels 1 and 3 are 16 of these
@@ -117,10 +126,11 @@ class Store:
         self._mid_counts = array("I", bytes(4 * FANOUT**_MID))
         self._leaf_fps = array("Q", bytes(8 * LEAVES))
         self._members: list[list[bytes] | None] = [None] * LEAVES  # leaf -> its clients
-        # Records recently kept or asked for, with their leaf and fingerprint (-1 if
-        # not known yet), so the hot paths (a client's IAMAT and WHATSAT, a flood's
-        # duplicates, a client's next update) neither parse the line nor hash again:
-        # two generations of at most CACHE each, the older dropped when the newer fills.
+        # Records recently kept by offer() or asked for, with their leaf and fingerprint
+        # (-1 if not known yet), so a client's WHATSAT and its next update neither parse
+        # the line nor hash again: two generations of at most CACHE each, the older
+        # dropped when the newer fills. (add_new caches nothing: a flood's new records
+        # are rarely asked for on every server, and its echoes compare packed lines.)
         self._young: dict[bytes, _Cached] = {}
         self._old: dict[bytes, _Cached] = {}
         for record in records:
@@ -131,17 +141,12 @@ class Store:
         packed = self._lines.get(client)
         return None if packed is None else self._cached(client, packed)[0]
 
-    def holds(self, client: bytes, at_line: bytes) -> bool:
-        """True if `at_line` is byte for byte the AT line held for `client`.
-
-        The check for a flood's echoes (most record lines a server receives on a graph
-        with cycles): a cached record answers without rebuilding the line.
-        """
-        entry = self._young.get(client) or self._old.get(client)
-        if entry is not None:
-            return entry[0].at_line == at_line
-        packed = self._lines.get(client)
-        return packed is not None and unpack(packed, client) == at_line
+    @property
+    def held(self) -> Mapping[bytes, bytes]:
+        """Every client's packed AT line (split_client), for the hot paths' checks: a
+        client not in it is new (add_new), and a line whose packed form equals its
+        client's is byte for byte the line held (a flood's echo). Do not modify."""
+        return self._lines
 
     def line(self, client: bytes) -> bytes | None:
         """The AT line held for `client`, if any."""
@@ -153,7 +158,8 @@ class Store:
 
         A cached record is always the held one: offer() caches every record it keeps
         in the young generation, which is looked at first, and an old generation is
-        dropped when the young one takes its place.
+        dropped when the young one takes its place; add_new() keeps only clients that
+        were not held, so none of them has an entry.
         """
         entry = self._young.get(client)
         if entry is not None:
@@ -182,37 +188,53 @@ class Store:
         """
         client, line = record.client, record.at_line
         held_line = self._lines.get(client)
-        fp = fingerprint_line(line) if held_line is None else -1
         if held_line is None:
-            change = fp
+            self.add_new(client, pack(line, client), line)
+            # The client's WHATSAT or next update comes within moments.
+            self._remember(client, (record, -1, -1))
+            return record
+        held, leaf, held_fp = self._cached(client, held_line)
+        if (repeat and record.rank <= held.rank) or not record.supersedes(held):
+            return held
+        fp = fingerprint_line(line)
+        change = fp ^ (held_fp if held_fp >= 0 else fingerprint_line(held.at_line))
+        if leaf < 0:
             leaf = key_of(client) >> _LEAF_SHIFT
-            members = self._members[leaf]
-            if members is None:
-                self._members[leaf] = [client]
-            else:
-                members.append(client)
-            self._mid_counts[leaf >> _MID_SHIFT] += 1
-        else:
-            held, leaf, held_fp = self._cached(client, held_line)
-            if (repeat and record.rank <= held.rank) or not record.supersedes(held):
-                return held
-            fp = fingerprint_line(line)
-            change = fp ^ (held_fp if held_fp >= 0 else fingerprint_line(held.at_line))
-            if leaf < 0:
-                leaf = key_of(client) >> _LEAF_SHIFT
         self._lines[client] = pack(line, client)
-        # Cached new or not: the flood's echoes of it (holds) and the client's next
-        # WHATSAT or update come within moments.
         self._remember(client, (record, leaf, fp))
+        self._xor(leaf, change)
+        for listener in self._listeners:
+            listener(client, line)
+        return record
+
+    def add_new(self, client: bytes, packed: bytes, line: bytes) -> None:
+        """Keep the first record of `client`: its AT line, checked, and the line's packed
+        form (split_client). The caller has seen that `client` is not `held`.
+
+        The hot paths' way in (a new client's IAMAT, a flood's new records): no Record
+        is built, and nothing is compared.
+        """
+        self._lines[client] = packed
+        leaf = key_of(client) >> _LEAF_SHIFT
+        members = self._members[leaf]
+        if members is None:
+            self._members[leaf] = [client]
+        else:
+            members.append(client)
+        self._mid_counts[leaf >> _MID_SHIFT] += 1
+        self._xor(leaf, fingerprint_line(line))
+        for listener in self._listeners:
+            listener(client, line)
+
+    def _xor(self, leaf: int, change: int) -> None:
+        """XOR `change` into the fingerprints of `leaf`, its level-2 node and the root."""
         self._leaf_fps[leaf] ^= change
         self._mid_fps[leaf >> _MID_SHIFT] ^= change
         self._root ^= change
-        for listener in self._listeners:
-            listener(record)
-        return record
 
-    def on_change(self, listener: Callable[[Record], None]) -> None:
-        """Call `listener` (sync, must not raise) with every record the store keeps."""
+    def on_change(self, listener: Callable[[bytes, bytes], None]) -> None:
+        """Call `listener(client, at_line)` (sync, must not raise) for every record the
+        store keeps."""
         self._listeners.append(listener)
 
     def __len__(self) -> int:

@@ -18,7 +18,7 @@ from herd_trio.peerport import PeerPort
 from herd_trio.places import JSON, legacy_body
 from herd_trio.protocol import Iamat, Record, make_record, parse_command
 from herd_trio.security import PeerSecurity, load_security
-from herd_trio.store import Store
+from herd_trio.store import Store, record_of
 
 KIWI = b"IAMAT kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.959498503"
 
@@ -111,6 +111,11 @@ def record(origin: str, line: bytes, received_ns: int = 2_000_000_000) -> Record
     return make_record(origin.encode(), received_ns, command)
 
 
+def publish(bus: Bus, record: Record, source: str | None = None) -> None:
+    """Publish `record` as the store's hot paths do: its client and AT line."""
+    bus.publish(record.client, record.at_line, source)
+
+
 class Recording:
     """A bus subscriber that keeps what it is given (a neighbour's link, in tests)."""
 
@@ -118,7 +123,9 @@ class Recording:
         self.records: list[Record] = []
         self.closed = False
 
-    def deliver(self, record: Record) -> bool:
+    def deliver(self, client: bytes, line: bytes) -> bool:
+        record = record_of(line)
+        assert record.client == client
         self.records.append(record)
         return False
 
@@ -138,5 +145,5 @@ class Recording:
 def kept_by(node: Node) -> list[Record]:
     """A list that will hold every record `node`'s store keeps from now on."""
     kept: list[Record] = []
-    node.store.on_change(kept.append)
+    node.store.on_change(lambda client, line: kept.append(record_of(line)))
     return kept

@@ -556,6 +556,9 @@ class BrokenStore(Store):
     def offer(self, record: Record, *, repeat: bool = False) -> Record:
         raise TypeError("bug in the store")
 
+    def add_new(self, client: bytes, packed: bytes, line: bytes) -> None:
+        raise TypeError("bug in the store")
+
 
 async def test_a_bug_inside_a_link_ends_it_instead_of_being_retried(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
@@ -611,7 +614,7 @@ async def test_handle_peer_accepts_a_neighbour_on_loopback(nursery: trio.Nursery
     beta = make_server("Beta")
     beta.store.offer(held := record("Beta", b"IAMAT apple +1-1 5"))
     arrived = trio.Event()
-    beta.store.on_change(lambda record: arrived.set())
+    beta.store.on_change(lambda client, line: arrived.set())
     listener = await serve_peer_port(nursery, door(beta))
     with trio.fail_after(5):
         async with await trio.testing.open_stream_to_socket_listener(listener) as stream:

@@ -13,6 +13,7 @@ import trio.testing
 from herd_trio.bus import Bus
 from herd_trio.linkwriter import LinkWriter, Timers
 from herd_trio.protocol import Record
+from tests.helpers import publish
 
 
 def rec(client: bytes, time: str = "5") -> Record:
@@ -71,7 +72,7 @@ async def test_a_burst_to_an_idle_writer_leaves_in_one_send_at_push(nursery: tri
     writer, receive = await start(nursery, bus, fake)
     burst = [rec(b"a"), rec(b"b"), rec(b"c")]
     for record in burst:
-        bus.publish(record)
+        publish(bus, record)
     await trio.testing.wait_all_tasks_blocked()
     assert fake.calls == []  # held: nothing sent, the task not woken
     assert bus.handed_off()  # asking pushes, and the socket took it all
@@ -88,7 +89,7 @@ async def test_what_the_kernel_does_not_take_the_task_sends_in_order(
     writer, receive = await start(nursery, bus, fake)
     burst = [rec(b"a"), rec(b"b")]
     for record in burst:
-        bus.publish(record)
+        publish(bus, record)
     bus.push()
     assert not bus.handed_off()  # the tail is the task's
     with trio.fail_after(1):
@@ -101,9 +102,9 @@ async def test_records_for_a_busy_writer_go_through_its_task(nursery: trio.Nurse
     bus, fake = Bus(), FakeSocket(room=0)  # the socket takes nothing: the task sends
     _writer, receive = await start(nursery, bus, fake)
     first, second = rec(b"a"), rec(b"b")
-    bus.publish(first)
+    publish(bus, first)
     bus.push()  # the task is woken for the whole of it
-    bus.publish(second)  # while the task is busy or about to be: queued, not held
+    publish(bus, second)  # while the task is busy or about to be: queued, not held
     with trio.fail_after(1):
         await bus.wait_handed_off()
     await trio.testing.wait_all_tasks_blocked()
@@ -113,7 +114,7 @@ async def test_records_for_a_busy_writer_go_through_its_task(nursery: trio.Nurse
 async def test_a_waiting_client_pushes_held_records(nursery: trio.Nursery) -> None:
     bus, fake = Bus(), FakeSocket()
     await start(nursery, bus, fake)
-    bus.publish(one := rec(b"a"))
+    publish(bus, one := rec(b"a"))
     with trio.fail_after(1):
         await bus.wait_handed_off()  # flood first, then reply: it sends what is held
     assert fake.calls == [lines(one)]
@@ -124,13 +125,13 @@ async def test_a_burst_after_the_task_took_held_records_is_pushed_too(
 ) -> None:
     bus, fake = Bus(), FakeSocket()
     writer, receive = await start(nursery, bus, fake)
-    bus.publish(first := rec(b"a"))  # held for a push ...
+    publish(bus, first := rec(b"a"))  # held for a push ...
     writer.pong()  # ... but the task wakes first (a PING to answer) and takes it along
     await trio.testing.wait_all_tasks_blocked()
     assert written(receive) == b"PONG\n" + lines(first)
     bus.push()  # nothing left to push
     assert fake.calls == []
-    bus.publish(second := rec(b"b"))  # the next burst to the idle task: held again
+    publish(bus, second := rec(b"b"))  # the next burst to the idle task: held again
     bus.push()
     assert fake.calls == [lines(second)]
     assert bus.handed_off()

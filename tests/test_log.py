@@ -12,9 +12,19 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from herd_trio.client import Admission, handle_client
-from herd_trio.log import FLUSH_INTERVAL, RateLimiter, ServerLog, plural, utc_offset
+from herd_trio.log import (
+    FLUSH_INTERVAL,
+    RECEIVED,
+    SENT,
+    RateLimiter,
+    ServerLog,
+    plural,
+    utc_offset,
+)
 from tests.helpers import NoPlaces, herd_config, make_node
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"  # ISO 8601 with UTC offset
@@ -355,3 +365,67 @@ def test_lines_handled_together_are_logged_as_one_write_with_one_stamp(tmp_path:
     ]
     assert all(re.fullmatch(STAMP, ln.split(" ", 1)[0]) for ln in lines)
     assert len({ln.split(" ", 1)[0] for ln in lines[:3]}) == 1  # one stamp per batch
+
+
+def logged_events(path: Path) -> list[str]:
+    """The entries of a closed log file without their time stamps."""
+    return [line.split(" ", 1)[1] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+ANY_LINE = st.binary(max_size=80) | st.sampled_from(
+    [b"IAMAT kiwi +34-118 5", b"AT Clark +0.1 kiwi +34-118 5\n", b"AT x\n{}\n\n", b"x\\'y\n"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([RECEIVED, SENT]), ANY_LINE), max_size=12))
+@example([(RECEIVED, b"IAMAT kiwi +34-118 5"), (SENT, b"AT Clark +0.1 kiwi +34-118 5\n")])
+@example([(RECEIVED, b""), (SENT, b"? no LF"), (RECEIVED, b"x" * 64), (SENT, b"y" * 64 + b"\n")])
+@example([(RECEIVED, b"x" * 65)])
+def test_exchanges_log_exactly_what_received_and_sent_log(
+    tmp_path_factory: pytest.TempPathFactory, entries: list[tuple[bytes, bytes]]
+) -> None:
+    # The joined fast path must write byte for byte what the entry-by-entry path
+    # writes, whatever the lines hold: quotes, backslashes, control bytes, non-ASCII,
+    # replies with and without their LF, WHATSAT replies, lines over the limit (64).
+    folder = tmp_path_factory.mktemp("exchanges")
+    fast, slow = (
+        ServerLog(folder / "fast.log", "Clark", line_limit=64),
+        ServerLog(folder / "slow.log", "Clark", line_limit=64),
+    )
+    given_entries = list(entries)
+    fast.exchanges("who", entries)
+    assert entries == []
+    slow.events(
+        [
+            slow.received_text("who", data) if mark == RECEIVED else slow.sent_text("who", data)
+            for mark, data in given_entries
+        ]
+    )
+    fast.close()
+    slow.close()
+    assert logged_events(folder / "fast.log") == logged_events(folder / "slow.log")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            ANY_LINE.filter(lambda b: b"\n" not in b),
+            st.sampled_from(["kept", "stale", "duplicate"]),
+        ),
+        max_size=12,
+    )
+)
+@example(
+    [(b"AT Clark +0.1 kiwi +34-118 5", "kept"), (b"AT Clark +0.1 kiwi +34-118 5", "duplicate")]
+)
+def test_peer_lines_are_logged_as_repr_writes_them(
+    tmp_path_factory: pytest.TempPathFactory, entries: list[tuple[bytes, str]]
+) -> None:
+    path = tmp_path_factory.mktemp("peer") / "Bona.log"
+    log = ServerLog(path, "Bona")
+    expected = [f"Bona peer Clark < {line!r} {verdict}" for line, verdict in entries]
+    log.peer_lines("Clark", entries)
+    log.close()
+    assert logged_events(path) == expected

@@ -30,6 +30,11 @@ from herd_trio.store import Store
 from tests.e2e.herd import poll
 
 
+def note(persister: Persister, record: Record) -> None:
+    """What the store tells the persister when it keeps `record`."""
+    persister.note(record.client, record.at_line)
+
+
 def rec(client: bytes, time: int, origin: bytes = b"Clark") -> Record:
     return parse_at(b"AT %s +0.000000001 %s +34.068930-118.445127 %d" % (origin, client, time))
 
@@ -139,7 +144,7 @@ async def test_round_trip_of_a_thousand_records(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(persister.run)
         for record in records:
-            persister.note(record)
+            note(persister, record)
         stats = await wait_for_batches(persister, 1)  # one batch: no checkpoint in between
         assert stats == PersisterStatistics(
             pending=0, rows_written=1000, batches_written=1, failures=0
@@ -178,8 +183,8 @@ async def test_later_batches_replace_earlier_rows(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(persister.run)
         for sent in range(5):
-            persister.note(rec(b"kiwi", sent))
-            persister.note(rec(b"pear", sent, origin=b"Bona"))
+            note(persister, rec(b"kiwi", sent))
+            note(persister, rec(b"pear", sent, origin=b"Bona"))
             await wait_for_batches(persister, sent + 1)
             assert rows(path)[b"kiwi"] == rec(b"kiwi", sent).at_line
         nursery.cancel_scope.cancel()
@@ -196,11 +201,11 @@ async def test_cancellation_writes_what_is_pending(tmp_path: Path) -> None:
     persister = Persister(path, batch_interval=3600)
     async with trio.open_nursery() as nursery:
         await nursery.start(persister.run)
-        persister.note(rec(b"first", 1))
+        note(persister, rec(b"first", 1))
         await wait_for_batches(persister, 1)  # the first batch goes out at once
         records = [rec(b"client-%d" % i, i) for i in range(300)]
         for record in records:
-            persister.note(record)
+            note(persister, record)
         assert persister.statistics().pending == 300
         nursery.cancel_scope.cancel()
     assert persister.statistics() == PersisterStatistics(
@@ -258,12 +263,12 @@ async def test_reopen_after_close_keeps_old_rows_and_adds_new(tmp_path: Path) ->
     first = Persister(path)
     async with trio.open_nursery() as nursery:
         await nursery.start(first.run)
-        first.note(rec(b"kiwi", 1))
+        note(first, rec(b"kiwi", 1))
         nursery.cancel_scope.cancel()
     second = Persister(path)
     async with trio.open_nursery() as nursery:
         await nursery.start(second.run)
-        second.note(rec(b"pear", 2))
+        note(second, rec(b"pear", 2))
         nursery.cancel_scope.cancel()
     assert set(rows(path)) == {b"kiwi", b"pear"}
     # Each run left the database closed and consistent: the WAL was checkpointed.
@@ -312,7 +317,7 @@ async def test_unwritable_path_is_logged_and_retried_without_raising(tmp_path: P
             [line] = log.lines  # reported, not raised
             assert line.startswith(f"cannot write records to {path}: ")
             assert line.endswith("(0 records pending, failure 1)")
-            persister.note(rec(b"kiwi", 1))
+            note(persister, rec(b"kiwi", 1))
             await log.wait_for("(1 record pending, failure 3)")  # retried, and kept
             blocker.unlink()  # the operator fixes it: the next retry succeeds
             await log.wait_for(f"writing {path} works again after ")
@@ -351,7 +356,7 @@ async def test_failed_writes_are_retried_with_backoff_and_logged_sparingly(
     async with trio.open_nursery() as nursery:
         with wall_clock_limit(nursery.cancel_scope, 10):  # a failing test ends, not hangs
             await nursery.start(persister.run)
-            persister.note(rec(b"kiwi", 1))
+            note(persister, rec(b"kiwi", 1))
             await log.wait_for("works again")
         nursery.cancel_scope.cancel()
     assert attempts == [0, 1, 3, 7, 11]  # waits of 1, 2, 4, then the cap of 4
@@ -374,10 +379,10 @@ async def test_a_note_made_during_a_failed_write_beats_the_failed_record(
     persister = Persister(path, log=log, retry=quick, log_every=1, before_write=gate)
     async with trio.open_nursery() as nursery:
         await nursery.start(persister.run)
-        persister.note(rec(b"kiwi", 1))
+        note(persister, rec(b"kiwi", 1))
         await gate.wait_entered()  # the write holds kiwi 1 and waits at the gate
         assert persister.statistics().pending == 0  # taken by the write
-        persister.note(rec(b"kiwi", 2))
+        note(persister, rec(b"kiwi", 2))
         gate.opened.set()  # let the write fail now
         assert await wait_for_batches(persister, 1) == PersisterStatistics(
             pending=0, rows_written=1, batches_written=1, failures=0
@@ -397,8 +402,8 @@ async def test_stopping_with_an_unwritable_path_logs_the_loss(tmp_path: Path) ->
     persister = Persister(path, log=log.append, batch_interval=3600)
     async with trio.open_nursery() as nursery:
         await nursery.start(persister.run)
-        persister.note(rec(b"kiwi", 1))
-        persister.note(rec(b"pear", 1))
+        note(persister, rec(b"kiwi", 1))
+        note(persister, rec(b"pear", 1))
         nursery.cancel_scope.cancel()
     assert log[-1].startswith("stopping with 2 records not saved: cannot write records to")
 
@@ -415,7 +420,7 @@ async def test_a_final_write_that_overruns_its_deadline_is_abandoned_and_logged(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(persister.run)
-            persister.note(rec(b"kiwi", 1))
+            note(persister, rec(b"kiwi", 1))
             await gate.wait_entered()
             nursery.cancel_scope.cancel()
         assert log == [f"stopping: {path} not written within 0.1 s, 1 record may be lost"]

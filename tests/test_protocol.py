@@ -17,6 +17,7 @@ from herd_trio.protocol import (
     ProtocolError,
     Record,
     Whatsat,
+    canonical_at,
     check_coords,
     format_skew,
     make_record,
@@ -62,8 +63,8 @@ def test_iamat_fields_are_parsed_exactly() -> None:
         client=b"kiwi.cs.ucla.edu",
         coords=b"+34.068930-118.445127",
         time=b"1621464827.959498503",
-        sent=Decimal("1621464827.959498503"),
     )
+    assert command.sent == Decimal("1621464827.959498503")
     assert command.lat_lon == (Decimal("34.068930"), Decimal("-118.445127"))
 
 
@@ -516,6 +517,7 @@ def test_parse_at_rebuilds_the_record() -> None:
 def test_parse_at_refuses_non_canonical_and_garbage_lines(line: bytes) -> None:
     with pytest.raises(ProtocolError):
         parse_at(line)
+    assert not canonical_at(line)
 
 
 def test_question_echoes_the_line_exactly() -> None:
@@ -548,6 +550,7 @@ def test_parse_at_gives_a_record_or_protocol_error(line: bytes) -> None:
     try:
         record = parse_at(line)
     except ProtocolError:
+        assert not canonical_at(line)
         return
     assert record.at_line == line
 
@@ -748,6 +751,8 @@ def test_parse_at_fast_path_agrees_with_the_field_checks(
             parse_at(line)
     else:
         assert parse_at(line) == expected
+    if canonical_at(line):  # the hot path's check takes only lines parse_at accepts
+        assert parse_at_fields(line).at_line == line
 
 
 @given(

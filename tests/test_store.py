@@ -18,6 +18,8 @@ from herd_trio.store import (
     key_of,
     node_of,
     pack,
+    record_of,
+    split_client,
     unpack,
 )
 
@@ -88,7 +90,7 @@ def test_equal_times_with_different_spelling_tie_break_on_origin() -> None:
 def test_a_repeated_record_is_refused() -> None:
     store = Store()
     heard: list[Record] = []
-    store.on_change(heard.append)
+    store.on_change(lambda client, line: heard.append(record_of(line)))
     first = rec("5")
     assert store.offer(first) is first
     assert (
@@ -127,17 +129,17 @@ def test_clients_are_independent() -> None:
 
 def test_on_change_hears_every_kept_record_and_nothing_else() -> None:
     store = Store()
-    heard: list[Record] = []
-    also: list[Record] = []
-    store.on_change(heard.append)
-    store.on_change(also.append)
+    heard: list[tuple[bytes, bytes]] = []
+    also: list[tuple[bytes, bytes]] = []
+    store.on_change(lambda client, line: heard.append((client, line)))
+    store.on_change(lambda client, line: also.append((client, line)))
     first, newer, other = rec("1"), rec("2"), rec("1", client=b"apple")
     store.offer(first)
     store.offer(rec("0.5"))
     store.offer(newer)
     store.offer(rec("2"))
     store.offer(other)
-    assert heard == [first, newer, other]
+    assert heard == [(r.client, r.at_line) for r in (first, newer, other)]
     assert also == heard
 
 
@@ -260,6 +262,44 @@ def test_a_packed_line_unpacks_to_the_same_line(client: bytes, skew: bytes) -> N
     assert unpack(packed, client) == line
     assert pack(line, b"other") == line  # not its client: kept whole
     assert unpack(line, b"other") == line
+    assert split_client(line) == (client, packed)
+
+
+def test_split_client_wants_five_fields() -> None:
+    assert split_client(b"AT Clark +0.1 kiwi") is None
+    assert split_client(b"SUMS 1 0 ab cd ef") == (b"ab", b"SUMS 1 0  cd ef")
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"a", b"b", b"c", b"d"]), st.integers(0, 9), st.booleans()),
+        max_size=30,
+    )
+)
+def test_add_new_and_offer_keep_the_same_store(updates: list[tuple[bytes, int, bool]]) -> None:
+    # The hot paths keep a new client's first record with add_new (no Record built);
+    # a store fed that way holds, digests and indexes exactly what offer() alone keeps.
+    fast, slow = Store(), Store()
+    heard: list[tuple[bytes, bytes]] = []
+    fast.on_change(lambda client, line: heard.append((client, line)))
+    for client, time, by_origin in updates:
+        record = rec(str(time), client=client, origin=b"Bona" if by_origin else b"Clark")
+        slow.offer(record)
+        split = split_client(record.at_line)
+        assert split is not None
+        assert split[0] == client
+        if client not in fast.held:
+            fast.add_new(client, split[1], record.at_line)
+        elif fast.held[client] != split[1]:  # not the held line: offer() decides
+            fast.offer(record)
+    assert fast.snapshot() == slow.snapshot()
+    assert fast.digest() == slow.digest()
+    assert fast.summary(0, 0) == slow.summary(0, 0)
+    assert [fast.summary(4, leaf) for leaf in range(0, 65536, 4099)] == [
+        slow.summary(4, leaf) for leaf in range(0, 65536, 4099)
+    ]
+    assert {client: line for client, line in heard} == {r.client: r.at_line for r in slow}
+    assert all(fast.get(r.client) == r for r in slow)
 
 
 def test_a_store_of_a_thousand_clients_gives_back_every_line() -> None:
