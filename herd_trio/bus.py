@@ -11,7 +11,7 @@ newest), so its memory is bounded by the number of clients, never by the update 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from typing import Protocol
@@ -58,9 +58,10 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def put(self, client: bytes, line: bytes, wake: bool = True) -> None:
-        """Queue AT line `line`, replacing a pending line of the same `client`, and wake
-        the writer (unless `wake` is False: the writer's push() sends it).
+    def put(self, kept: Iterable[tuple[bytes, bytes]], wake: bool = True) -> None:
+        """Queue records (client, AT line), each replacing a pending line of its
+        client, and wake the writer (unless `wake` is False: the writer's push() sends
+        them).
 
         What is published is what the store kept, and the store keeps a client's
         record only if it supersedes the one it held: a later line for a client is
@@ -68,11 +69,13 @@ class Outbox:
         goes to the back of the queue, so the queue stays in sequence order and
         "everything up to N was taken" is exact for partial takes.
         """
-        pending = self._pending
-        pending.pop(client, None)
-        self._queued = queued = self._queued + 1
-        pending[client] = line
-        self._seq[client] = queued
+        pending, seq, queued = self._pending, self._seq, self._queued
+        for client, line in kept:
+            pending.pop(client, None)
+            queued += 1
+            pending[client] = line
+            seq[client] = queued
+        self._queued = queued
         if wake:
             self._wakeup.set()
 
@@ -113,8 +116,9 @@ class Outbox:
 class Subscriber(Protocol):
     """A link's writer as the bus sees it."""
 
-    def deliver(self, client: bytes, line: bytes) -> bool:
-        """Take `client`'s AT line for the peer; never blocks. True if it waits for push()."""
+    def deliver(self, kept: Sequence[tuple[bytes, bytes]]) -> bool:
+        """Take records (client, AT line) for the peer; never blocks. True if they wait
+        for push()."""
 
     def push(self) -> None:
         """Send what deliver() held, without blocking."""
@@ -155,9 +159,9 @@ class Bus:
             subscriber.close()
             self.progress()  # a client waiting for this link waits no longer
 
-    def publish(self, client: bytes, line: bytes, source: str | None = None) -> None:
-        """Deliver the AT line of a record the store kept for `client` to every link
-        except `source`'s; never blocks.
+    def publish(self, kept: Sequence[tuple[bytes, bytes]], source: str | None = None) -> None:
+        """Deliver records the store kept, as (client, AT line) in the order it kept
+        them, to every link except `source`'s; never blocks.
 
         A publisher calls push() at the end of the burst it publishes in (a batch of
         client lines, a batch of peer lines): links whose writers were idle send the
@@ -166,7 +170,7 @@ class Bus:
         wait_handed_off push first.
         """
         for link, subscriber in self._subscribers.items():
-            if link != source and subscriber.deliver(client, line):
+            if link != source and subscriber.deliver(kept):
                 self._held.append(subscriber)
 
     def push(self) -> None:

@@ -54,17 +54,29 @@ def answer_line(node: Node, line: bytes, received_ns: int) -> tuple[bytes | What
     returns, so it is on its way to the neighbours before the client sees the reply.
     A stale or repeated IAMAT gets the stored line (PROTOCOL.md §2).
     """
+    kept: list[tuple[bytes, bytes]] = []
+    reply = answer(node, line, received_ns, kept)
+    if kept:
+        node.bus.publish(kept)
+    return reply, bool(kept)
+
+
+def answer(
+    node: Node, line: bytes, received_ns: int, kept: list[tuple[bytes, bytes]]
+) -> bytes | Whatsat:
+    """answer_line for a batch of lines: the record an IAMAT keeps is added to `kept`
+    as (client, AT line), for the caller to publish before any reply goes out."""
     try:
         command = parse_command(line)
     except ProtocolError:
         node.stats.invalid += 1
-        return question(line), False
+        return question(line)
     if isinstance(command, Whatsat):
         node.stats.whatsat += 1
-        return (command if node.store.get(command.client) is not None else question(line)), False
+        return command if node.store.get(command.client) is not None else question(line)
     max_skew = node.settings.max_future_skew
     if max_skew is not None and protocol.too_far_ahead(command.sent, received_ns, max_skew):
-        return question(line), False
+        return question(line)
     node.stats.iamat += 1
     client = command.client
     if client not in node.store.held:  # a new client: kept without building a Record
@@ -74,10 +86,10 @@ def answer_line(node: Node, line: bytes, received_ns: int) -> tuple[bytes | What
         record = make_record(node.wire_name, received_ns, command)
         standing = node.store.offer(record, repeat=True)
         if standing is not record:
-            return standing.at_line + b"\n", False
+            return standing.at_line + b"\n"
         at_line = record.at_line
-    node.bus.publish(client, at_line)
-    return at_line + b"\n", True
+    kept.append((client, at_line))
+    return at_line + b"\n"
 
 
 async def whatsat(node: Node, places: PlacesSource, command: Whatsat) -> bytes:
@@ -252,6 +264,7 @@ class Session:
     who: str
     ticket: Ticket  # its admission: activity time and the scope that evicts it
     _replies: list[bytes] = attrs.field(factory=list, init=False)
+    _kept: list[tuple[bytes, bytes]] = attrs.field(factory=list, init=False)  # to publish
     _flooded: bool = attrs.field(default=False, init=False)  # `_replies` hold an update
     _first: bool = attrs.field(default=True, init=False)  # no line answered yet
 
@@ -336,8 +349,7 @@ class Session:
                     return False
                 self._first = False
                 began = time.perf_counter()
-                reply, flooded = answer_line(node, line, received_ns)
-                self._flooded |= flooded
+                reply = answer(node, line, received_ns, self._kept)
                 if isinstance(reply, Whatsat):
                     log.exchanges(who, logged)  # the places source may log while we wait
                     if self._replies:  # earlier answers must not wait for the places source
@@ -353,6 +365,7 @@ class Session:
                 self._replies.append(reply)
         finally:
             log.exchanges(who, logged)  # before the replies go (and if a line ends the session)
+            self._publish()  # every record kept is flooded, whatever happens to the session
         if self._replies:
             await self._flush()
         return True
@@ -362,7 +375,15 @@ class Session:
         self._replies.append(reply)
         await self._flush()
 
+    def _publish(self) -> None:
+        """Hand the records kept since the last call to the links, in one publish."""
+        if self._kept:
+            self.node.bus.publish(self._kept)
+            self._kept.clear()
+            self._flooded = True
+
     async def _flush(self) -> None:
+        self._publish()
         if self._flooded and not self.node.bus.handed_off():  # flood first, then reply
             with trio.move_on_after(HANDOFF_DEADLINE):
                 await self.node.bus.wait_handed_off()

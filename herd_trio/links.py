@@ -178,9 +178,10 @@ async def read_peer(
     ahead = RateLimiter()
     handled = 0  # lines since the last checkpoint: a sync stream's batch is thousands
     max_skew = node.settings.max_future_skew
-    store, bus = node.store, node.bus
+    store = node.store
     held = store.held
     logged: list[tuple[bytes, str]] = []  # record lines and verdicts, logged per batch
+    kept: list[tuple[bytes, bytes]] = []  # records kept, flooded on per batch
     while True:
         silence.waiting()
         lines = await reader.receive_lines()
@@ -201,8 +202,7 @@ async def read_peer(
                 handled += 1
                 if handled >= LINES_PER_CHECKPOINT:  # clients get the loop meanwhile
                     handled = 0
-                    node.log.peer_lines(peer, logged)  # before anyone else logs
-                    bus.push()  # the records kept so far go on before we yield
+                    _hand_on(node, peer, logged, kept)  # before anyone else logs or floods
                     await trio.lowlevel.checkpoint()
                 # Most record lines are a flood's echoes of a line held already, or a
                 # new client's first record; both are settled here by comparing the
@@ -217,7 +217,7 @@ async def read_peer(
                     if standing is None and canonical_at(line):
                         store.add_new(client, packed, line)
                         counts.kept += 1
-                        bus.publish(client, line, peer)
+                        kept.append((client, line))
                         logged.append((line, "kept"))
                         continue
                 if line.startswith(SYNC_PREFIXES):
@@ -231,10 +231,21 @@ async def read_peer(
                     node.log.peer_lines(peer, logged)
                     _refuse_ahead(node, peer, ahead, line)
                     continue
-                logged.append((line, _take(node, peer, record, counts)))
+                logged.append((line, _take(node, record, counts, kept)))
         finally:
-            node.log.peer_lines(peer, logged)
-            bus.push()  # the batch's kept records go on, one write per link
+            _hand_on(node, peer, logged, kept)  # the batch's records go on, one write per link
+
+
+def _hand_on(
+    node: Node, peer: str, logged: list[tuple[bytes, str]], kept: list[tuple[bytes, bytes]]
+) -> None:
+    """Log the lines taken from `peer` so far, flood on the records kept (in the order
+    they were kept: a client's later record is its newer) and send them; empty both."""
+    node.log.peer_lines(peer, logged)
+    if kept:
+        node.bus.publish(kept, peer)
+        kept.clear()
+    node.bus.push()
 
 
 def _parse(peer: str, line: bytes, parse: Callable[[bytes], T]) -> T:
@@ -244,13 +255,14 @@ def _parse(peer: str, line: bytes, parse: Callable[[bytes], T]) -> T:
         raise LinkError(f"{peer} sent a bad line {line[:80]!r}: {exc}") from exc
 
 
-def _take(node: Node, peer: str, record: Record, counts: PeerStats) -> str:
-    """Offer a peer's record to the store, flood it on if it stands; the verdict to log."""
+def _take(node: Node, record: Record, counts: PeerStats, kept: list[tuple[bytes, bytes]]) -> str:
+    """Offer a peer's record to the store, add it to `kept` (to flood on) if it stands;
+    the verdict to log."""
     standing = node.store.offer(record)
     said = verdict(standing is record, record.at_line, standing.at_line)
     if standing is record:
         counts.kept += 1
-        node.bus.publish(record.client, record.at_line, peer)
+        kept.append((record.client, record.at_line))
     elif said == "stale":
         counts.stale += 1
     else:

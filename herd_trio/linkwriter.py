@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 import attrs
@@ -113,22 +113,22 @@ class LinkWriter:
     _pong: bool = attrs.field(default=False, init=False)  # the peer's PING awaits its PONG
     _ping_at: float | None = attrs.field(default=None, init=False)  # our unanswered PING
 
-    def deliver(self, client: bytes, line: bytes) -> bool:
-        """Queue `client`'s AT line for the peer; never blocks. True if the bus must
-        push() this writer: the line is held for a direct send.
+    def deliver(self, kept: Sequence[tuple[bytes, bytes]]) -> bool:
+        """Queue records (client, AT line) for the peer; never blocks. True if the bus
+        must push() this writer: they are held for a direct send.
 
         While the writer task is idle, records delivered in one burst (a client's
         pipelined IAMATs, a batch of peer lines) are held without waking the task, and
         the publisher's push() at the end of the burst sends them all with one
         non-blocking send on the socket (one syscall, one segment, no task switch).
         What the kernel does not take at once, or anything that arrives while the task
-        is busy, is the task's to write. Only the first held record returns True.
+        is busy, is the task's to write. Only the first delivery held returns True.
         """
         if self._send is not None and self._idle and not self._residue:
-            self.outbox.put(client, line, False)
+            self.outbox.put(kept, False)
             first, self._holding = not self._holding, True
             return first
-        self.outbox.put(client, line)
+        self.outbox.put(kept)
         return False
 
     def push(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def record(origin: str, line: bytes, received_ns: int = 2_000_000_000) -> Record
 
 def publish(bus: Bus, record: Record, source: str | None = None) -> None:
     """Publish `record` as the store's hot paths do: its client and AT line."""
-    bus.publish(record.client, record.at_line, source)
+    bus.publish([(record.client, record.at_line)], source)
 
 
 class Recording:
@@ -121,12 +122,15 @@ class Recording:
 
     def __init__(self) -> None:
         self.records: list[Record] = []
+        self.deliveries = 0  # deliver() calls: a publisher's batches
         self.closed = False
 
-    def deliver(self, client: bytes, line: bytes) -> bool:
-        record = record_of(line)
-        assert record.client == client
-        self.records.append(record)
+    def deliver(self, kept: Sequence[tuple[bytes, bytes]]) -> bool:
+        self.deliveries += 1
+        for client, line in kept:
+            record = record_of(line)
+            assert record.client == client
+            self.records.append(record)
         return False
 
     def push(self) -> None:

@@ -22,7 +22,7 @@ def rec(time: str, client: bytes = b"kiwi", origin: bytes = b"Clark") -> Record:
 
 
 def put(outbox: Outbox, record: Record, wake: bool = True) -> None:
-    outbox.put(record.client, record.at_line, wake)
+    outbox.put([(record.client, record.at_line)], wake)
 
 
 def take(outbox: Outbox, limit: int = 4096) -> list[Record]:
@@ -40,6 +40,13 @@ def test_thousand_updates_of_one_client_coalesce_to_the_newest() -> None:
     assert take(outbox) == [rec("999")]
     assert len(outbox) == 0
     assert take(outbox) == []
+
+
+def test_a_batch_keeps_its_order_and_each_clients_last_line() -> None:
+    outbox = Outbox()
+    outbox.put([(b"a", b"AT a 1"), (b"b", b"AT b 1"), (b"a", b"AT a 2")])
+    assert outbox.take_nowait() == [b"AT b 1", b"AT a 2"]
+    assert outbox.queued == outbox.taken == 3
 
 
 def test_take_returns_oldest_first_up_to_the_limit() -> None:

@@ -332,6 +332,22 @@ class Session:
         return data
 
 
+async def test_updates_that_arrive_together_are_published_together_before_the_replies(
+    nursery: trio.Nursery,
+) -> None:
+    server = make_server()
+    session = Session(nursery, server)
+    lines = [b"IAMAT c%d +34-118 %d" % (n, 5 + n) for n in range(16)]
+    lines[7] = b"IAMAT c0 +34-118 1"  # stale for c0 (earlier in this very batch): not flooded
+    await session.client.send_all(b"".join(line + b"\n" for line in lines))
+    replies = await session.read(1)
+    while replies.count(b"\n") < 16:
+        replies += await session.read(1)
+    assert server.bona.deliveries == 1  # one publish for the batch, before the first reply
+    assert [r.client for r in server.bona.records] == [b"c%d" % n for n in range(16) if n != 7]
+    assert replies.split(b"\n")[7] == server.store.line(b"c0")  # the stale one: the stored line
+
+
 async def test_a_session_answers_many_crlf_lines_in_order(nursery: trio.Nursery) -> None:
     server = make_server()
     session = Session(nursery, server)
