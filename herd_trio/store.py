@@ -12,7 +12,6 @@ computed from the leaf's members when asked; a leaf holds ~15 clients at 1M.
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
 
@@ -122,9 +121,11 @@ class Store:
         # summed. XOR makes a summary independent of arrival order and cheap to update:
         # a replacement XORs out the old fingerprint and in the new.
         self._root = 0
-        self._mid_fps = array("Q", bytes(8 * FANOUT**_MID))
-        self._mid_counts = array("I", bytes(4 * FANOUT**_MID))
-        self._leaf_fps = array("Q", bytes(8 * LEAVES))
+        # Lists, not arrays: an array boxes and unboxes a 64-bit int on every read and
+        # write, which costs twice a list's (~100 against ~50 ns per XOR, for ~2.5 MB).
+        self._mid_fps = [0] * FANOUT**_MID
+        self._mid_counts = [0] * FANOUT**_MID
+        self._leaf_fps = [0] * LEAVES
         self._members: list[list[bytes] | None] = [None] * LEAVES  # leaf -> its clients
         # Records recently kept by offer() or asked for, with their leaf and fingerprint
         # (-1 if not known yet), so a client's WHATSAT and its next update neither parse
@@ -221,8 +222,12 @@ class Store:
             self._members[leaf] = [client]
         else:
             members.append(client)
-        self._mid_counts[leaf >> _MID_SHIFT] += 1
-        self._xor(leaf, fingerprint_line(line))
+        mid = leaf >> _MID_SHIFT
+        self._mid_counts[mid] += 1
+        fp = fingerprint_line(line)  # _xor, inline on the hot path
+        self._leaf_fps[leaf] ^= fp
+        self._mid_fps[mid] ^= fp
+        self._root ^= fp
         for listener in self._listeners:
             listener(client, line)
 
@@ -259,7 +264,7 @@ class Store:
     def summary(self, level: int, index: int) -> tuple[int, int]:
         """(fingerprint, record count) of node (level, index) of the key tree.
 
-        At most 16 array reads down to the leaves; below them, O(members of the leaf).
+        At most 16 list reads down to the leaves; below them, O(members of the leaf).
         """
         if level == 0:
             return self._root, len(self._lines)
