@@ -1,12 +1,13 @@
 """herd_trio against the limit herd (bench.limitherd), like for like, in one run (issue 15).
 
-Every herd is up at once, on its own ports: the limit herd, herd_trio as configured by
-suite.SETTINGS (logging every line, heartbeats, digests and syncs on), the same with a
-`state_dir`, the same with a secret (`secret_env`), Clark alone (no neighbours) and the
-single limit server (bench.limit). Each repetition measures every configuration once,
-back to back, the order rotated from one repetition to the next, so the noise of a
-shared machine falls on all alike; each figure is the median of the repetitions, with
-its spread (min-max), and each ratio the median of the per-repetition ratios.
+Every repetition starts, all at once and on their own ports, the limit herd, herd_trio
+as configured by suite.SETTINGS (logging every line, heartbeats, digests and syncs on),
+the same with a `state_dir`, the same with a secret (`secret_env`), Clark alone (no
+neighbours) and the single limit server (bench.limit); measures every configuration
+once, back to back, the order rotated from one repetition to the next, so the noise of
+a shared machine falls on all alike; and stops them all (fresh processes every
+repetition: see `run`). Each figure is the median of the repetitions, with its spread
+(min-max), and each ratio the median of the per-repetition ratios.
 """
 
 from __future__ import annotations
@@ -173,15 +174,49 @@ def _two_hops(herd: Herd, pids: list[int], prefix: str, plan: AnchorPlan) -> Res
 
 
 def run(quick: bool, out_dir: Path, *, profile: bool, keep_logs: bool = False) -> Result:
-    """Every configuration up at once; `reps` interleaved repetitions of every figure;
-    with `profile`, py-spy on herd_trio's Clark and Bona under 100 x 16 afterwards."""
+    """`reps` repetitions, each with every configuration started afresh and measured
+    once; with `profile`, py-spy on the last repetition's herd_trio Clark and Bona
+    under 100 x 16 before it stops.
+
+    Fresh processes every repetition, as in bench.sidebyside: a herd kept up for a
+    whole run keeps the luck its processes drew (hash seeds, memory layout, placement
+    on the cores), and two herds of the very same code then differ by 10-20%.
+    """
     budget = suite.Budget(suite.SUITE_BUDGET)
     run_dir = out_dir / "run" / "anchor"
     shutil.rmtree(run_dir, ignore_errors=True)
     plan = AnchorPlan.make(quick)
+    reps: list[Result] = []
+    result: Result = {"reps": reps, "plan": plan.__dict__}
+    try:
+        for r in range(plan.reps):
+            if not budget.allows(80 if plan.duration > 1 else 35):
+                suite.say("anchor: out of time budget, skipping the remaining repetitions")
+                break
+            rep_dir = run_dir / f"rep{r + 1}"
+            configs = _configs(rep_dir)
+            up: dict[str, dict[str, Proc]] = {}
+            try:
+                _start(configs, rep_dir, up)
+                reps.append(_measure(plan, r, configs, up))
+                if profile and r == plan.reps - 1:
+                    quick_plan = suite.Plan.make(quick)
+                    result["profile"] = suite.phase_profile(quick_plan, up["herd"], out_dir)
+            finally:
+                for group in up.values():
+                    procs.stop(group.values())
+        result["elapsed_s"] = budget.elapsed()
+        return result
+    finally:
+        if not keep_logs:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _configs(run_dir: Path) -> dict[str, Herd]:
+    """The four herds' configurations and Clark alone's, on ports of their own."""
     names, edges = procs.DEFAULT_NAMES, procs.DEFAULT_EDGES
     base = dict(suite.SETTINGS)
-    configs = {
+    return {
         "anchor": procs.write_herd(run_dir / "anchor" / "herd.toml", names, edges, base),
         "herd": procs.write_herd(run_dir / "plain" / "herd.toml", names, edges, base),
         "state": procs.write_herd(
@@ -190,73 +225,59 @@ def run(quick: bool, out_dir: Path, *, profile: bool, keep_logs: bool = False) -
         "secret": procs.write_herd(
             run_dir / "secret" / "herd.toml", names, edges, {**base, "secret_env": SECRET_ENV}
         ),
+        "alone": procs.write_herd(run_dir / "alone" / "herd.toml", [ENTRY], [], base),
     }
-    alone = procs.write_herd(run_dir / "alone" / "herd.toml", [ENTRY], [], base)
-    up: dict[str, dict[str, Proc]] = {}
-    try:
-        suite.say("anchor: starting the limit server, Clark alone and four herds (21 processes)")
-        limit = procs.launch_limit(procs.free_ports(1)[0], run_dir / "limit")
-        up["limit"] = {"limit": limit}
-        procs.wait_accepting(limit)
-        solo = procs.launch_server(alone, ENTRY, run_dir / "alone")
-        up["solo"] = {ENTRY: solo}
-        procs.wait_accepting(solo)
-        up["anchor"] = launch_limit_herd(configs["anchor"], run_dir / "anchor")
-        for kind in ("herd", "state", "secret"):
-            env = {SECRET_ENV: "bench-secret-of-issue-15"} if kind == "secret" else None
-            up[kind] = suite.start_herd(configs[kind], run_dir / kind, env=env)
-        result = _measure(plan, budget, configs, up)
-        if profile:
-            result["profile"] = suite.phase_profile(suite.Plan.make(quick), up["herd"], out_dir)
-        result["elapsed_s"] = budget.elapsed()
-        return result
-    finally:
-        for group in up.values():
-            procs.stop(group.values())
-        if not keep_logs:
-            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _start(configs: dict[str, Herd], run_dir: Path, up: dict[str, dict[str, Proc]]) -> None:
+    """Start the limit server, Clark alone and the four herds into `up` (which the
+    caller stops, also if a start fails)."""
+    suite.say("anchor: starting the limit server, Clark alone and four herds (21 processes)")
+    limit = procs.launch_limit(procs.free_ports(1)[0], run_dir / "limit")
+    up["limit"] = {"limit": limit}
+    procs.wait_accepting(limit)
+    solo = procs.launch_server(configs["alone"], ENTRY, run_dir / "alone")
+    up["solo"] = {ENTRY: solo}
+    procs.wait_accepting(solo)
+    up["anchor"] = launch_limit_herd(configs["anchor"], run_dir / "anchor")
+    for kind in ("herd", "state", "secret"):
+        env = {SECRET_ENV: "bench-secret-of-issue-15"} if kind == "secret" else None
+        up[kind] = suite.start_herd(configs[kind], run_dir / kind, env=env)
 
 
 def _measure(
-    plan: AnchorPlan, budget: suite.Budget, configs: dict[str, Herd], up: dict[str, dict[str, Proc]]
+    plan: AnchorPlan, r: int, configs: dict[str, Herd], up: dict[str, dict[str, Proc]]
 ) -> Result:
+    """One repetition: every configuration measured once, in an order rotated by `r`."""
     limit, solo = up["limit"]["limit"], up["solo"][ENTRY]
-    reps: list[Result] = []
     herds = ["anchor", "herd", "state", "secret"]
-    for r in range(plan.reps):
-        if not budget.allows(60 if plan.duration > 1 else 25):
-            suite.say("anchor: out of time budget, skipping the remaining repetitions")
-            break
-        rep: Result = {}
-        order = herds[r % 4 :] + herds[: r % 4]
-        for kind in order:
-            suite.say(f"anchor rep {r + 1}: {kind} 100 x 16 to Clark, whole herd up")
-            rep[f"tp_{kind}"] = throughput(
-                configs[kind], up[kind], 100, 16, f"a{kind[:2]}{r}-", plan
+    rep: Result = {}
+    order = herds[r % 4 :] + herds[: r % 4]
+    for kind in order:
+        suite.say(f"anchor rep {r + 1}: {kind} 100 x 16 to Clark, whole herd up")
+        rep[f"tp_{kind}"] = throughput(configs[kind], up[kind], 100, 16, f"a{kind[:2]}{r}-", plan)
+    for conns, depth in ((100, 1), (100, 16)):
+        pair = [("limit", limit), ("solo", solo)]
+        for kind, proc in pair if r % 2 == 0 else pair[::-1]:
+            suite.say(f"anchor rep {r + 1}: {kind} {conns} x {depth}")
+            rep[f"{kind}_{conns}x{depth}"] = throughput(
+                configs["herd"], {ENTRY: proc}, conns, depth, f"s{kind[0]}{depth}r{r}-", plan
             )
-        for conns, depth in ((100, 1), (100, 16)):
-            pair = [("limit", limit), ("solo", solo)]
-            for kind, proc in pair if r % 2 == 0 else pair[::-1]:
-                suite.say(f"anchor rep {r + 1}: {kind} {conns} x {depth}")
-                rep[f"{kind}_{conns}x{depth}"] = throughput(
-                    configs["herd"], {ENTRY: proc}, conns, depth, f"s{kind[0]}{depth}r{r}-", plan
-                )
-        herd_pids = [p.pid for p in up["herd"].values()]
-        anchor_pids = [p.pid for p in up["anchor"].values()]
-        pair2 = [
-            ("limit", limit, [limit.pid]),
-            ("herd", up["herd"][ENTRY], herd_pids),
-            ("anchor", up["anchor"][ENTRY], anchor_pids),
-        ]
-        for kind, proc, pids in pair2 if r % 2 == 0 else pair2[::-1]:
-            suite.say(f"anchor rep {r + 1}: sequential IAMAT, {kind}")
-            rep[f"seq_{kind}"] = _sequential(proc, pids, f"q{kind[0]}{r}-", plan)
-        for kind in ("anchor", "herd") if r % 2 == 0 else ("herd", "anchor"):
-            suite.say(f"anchor rep {r + 1}: 2-hop propagation, {kind}")
-            pids = [p.pid for p in up[kind].values()]
-            rep[f"prop_{kind}"] = _two_hops(configs[kind], pids, f"p{kind[0]}{r}-", plan)
-        reps.append(rep)
-    return {"reps": reps, "plan": plan.__dict__}
+    herd_pids = [p.pid for p in up["herd"].values()]
+    anchor_pids = [p.pid for p in up["anchor"].values()]
+    pair2 = [
+        ("limit", limit, [limit.pid]),
+        ("herd", up["herd"][ENTRY], herd_pids),
+        ("anchor", up["anchor"][ENTRY], anchor_pids),
+    ]
+    for kind, proc, pids in pair2 if r % 2 == 0 else pair2[::-1]:
+        suite.say(f"anchor rep {r + 1}: sequential IAMAT, {kind}")
+        rep[f"seq_{kind}"] = _sequential(proc, pids, f"q{kind[0]}{r}-", plan)
+    for kind in ("anchor", "herd") if r % 2 == 0 else ("herd", "anchor"):
+        suite.say(f"anchor rep {r + 1}: 2-hop propagation, {kind}")
+        pids = [p.pid for p in up[kind].values()]
+        rep[f"prop_{kind}"] = _two_hops(configs[kind], pids, f"p{kind[0]}{r}-", plan)
+    return rep
 
 
 # ---- the table ----
