@@ -78,6 +78,14 @@ def cases(tmp: Path) -> dict[str, Callable[[], float]]:
         for n in range(1, 50_001)
     ]  # the same client, each newer than the last
     known = store.Store([record])
+    fresh_rows = [(r.client, r.at_line) for r in fresh]
+    fresh_packed = [(r.client, store.pack(r.at_line, r.client), r.at_line) for r in fresh]
+    peer_batch = [(r.at_line, "kept") for r in fresh[:32]]
+
+    def add_new(row: tuple[bytes, bytes, bytes]) -> None:
+        new_clients.add_new(*row)
+
+    new_clients = store.Store()
 
     def timed(fn: Callable[[], object]) -> Callable[[], float]:
         return lambda: per_call_us(fn)
@@ -88,6 +96,12 @@ def cases(tmp: Path) -> dict[str, Callable[[], float]]:
         "parse_time": timed(lambda: protocol.parse_time(b"1621464827.959498503")),
         "time_ns": timed(lambda: protocol.time_ns(b"1621464827.959498503")),
         "make_record": timed(lambda: protocol.make_record(b"Clark", time.time_ns(), iamat)),
+        "format_at (a new client's AT line)": timed(
+            lambda: protocol.format_at(b"Clark", time.time_ns(), iamat)
+        ),
+        "canonical_at (a new peer line's check)": timed(lambda: protocol.canonical_at(AT)),
+        "store.split_client (every peer line)": timed(lambda: store.split_client(AT)),
+        "Store.add_new (a new client)": lambda: each_us(add_new, fresh_packed),
         "parse_at (peer line)": timed(lambda: protocol.parse_at(AT)),
         "Record.rank": timed(lambda: record.rank),
         "store.fingerprint": timed(lambda: store.fingerprint(record)),
@@ -97,8 +111,13 @@ def cases(tmp: Path) -> dict[str, Callable[[], float]]:
         "Store.offer, not newer (dropped)": timed(lambda: held.offer(record)),
         "Store.offer, repeat IAMAT (dropped)": timed(lambda: held.offer(record, repeat=True)),
         "Store.get, known client": timed(lambda: held.get(record.client)),
-        "Bus.publish to 2 links": lambda: each_us(bus.publish, fresh),
+        "Bus.publish to 2 links, one record": lambda: each_us(
+            lambda row: bus.publish([row]), fresh_rows
+        ),
         "ServerLog.received": timed(lambda: log.events([log.received_text("peer Bona", AT)])),
+        "ServerLog.peer_lines, a batch of 32 (per call)": timed(
+            lambda: log.peer_lines("Bona", list(peer_batch))
+        ),
         "ServerLog.write (plain text)": timed(lambda: log.write("link to Bona up")),
         "bytes.split + join (baseline)": timed(lambda: b" ".join(AT.split())),
     }

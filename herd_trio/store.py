@@ -216,7 +216,8 @@ class Store:
         is built, and nothing is compared.
         """
         self._lines[client] = packed
-        leaf = key_of(client) >> _LEAF_SHIFT
+        # key_of and fingerprint_line, called directly: this runs for every new record.
+        leaf = xxh3_64_intdigest(client) >> _LEAF_SHIFT
         members = self._members[leaf]
         if members is None:
             self._members[leaf] = [client]
@@ -224,7 +225,7 @@ class Store:
             members.append(client)
         mid = leaf >> _MID_SHIFT
         self._mid_counts[mid] += 1
-        fp = fingerprint_line(line)  # _xor, inline on the hot path
+        fp = xxh3_64_intdigest(line)  # and _xor, inline
         self._leaf_fps[leaf] ^= fp
         self._mid_fps[mid] ^= fp
         self._root ^= fp

@@ -19,6 +19,7 @@ from herd_trio.protocol import (
     Whatsat,
     canonical_at,
     check_coords,
+    format_at,
     format_skew,
     make_record,
     parse_at,
@@ -338,6 +339,21 @@ def test_format_skew_is_exact_for_any_difference(skew_ns: int) -> None:
     assert len(text.split(b".")[1]) == 9
     assert (text[:1] == b"-") == (skew_ns < 0)
     assert int(text.replace(b".", b"")) == skew_ns  # exact, no Decimal rounding
+
+
+@given(
+    st.one_of(
+        st.from_regex(rb"\A[0-9]{1,25}(\.[0-9]{1,15})?\Z"),
+        st.sampled_from([b"0", b"0.0", b"1.999999999999", b"9" * 4000 + b".5", b"9" * 4001]),
+    ),
+    st.integers(min_value=0, max_value=10**20),
+)
+def test_format_at_is_the_time_difference_as_format_skew_writes_it(
+    time: bytes, received_ns: int
+) -> None:
+    iamat = Iamat(b"kiwi", b"+1-1", time)
+    skew = format_skew(received_ns - time_ns(time))
+    assert format_at(b"Clark", received_ns, iamat) == b"AT Clark %s kiwi +1-1 %s" % (skew, time)
 
 
 def test_make_record_gives_the_classic_at_line() -> None:
