@@ -201,10 +201,11 @@ async def test_the_documented_config_error_is_what_the_user_sees(tmp_path: Path)
 
 
 def on_free_ports(text: str) -> tuple[str, dict[int, int]]:
-    """`text` with every port number of 12000-12104 moved to a free port; the mapping."""
-    documented = sorted({int(p) for p in re.findall(r"\b(12[01]0[0-9])\b", text)})
+    """`text` with every port number of 12000-12204 (client, peer and admin ports) moved to a free
+    port; the mapping."""
+    documented = sorted({int(p) for p in re.findall(r"\b(12[012]0[0-9])\b", text)})
     moved = dict(zip(documented, free_ports(len(documented)), strict=True))
-    return re.sub(r"\b(12[01]0[0-9])\b", lambda m: str(moved[int(m[1])]), text), moved
+    return re.sub(r"\b(12[012]0[0-9])\b", lambda m: str(moved[int(m[1])]), text), moved
 
 
 @pytest.fixture
