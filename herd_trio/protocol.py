@@ -254,28 +254,9 @@ def make_record(server: bytes, received_ns: int, iamat: Iamat) -> Record:
 
 def format_at(server: bytes, received_ns: int, iamat: Iamat) -> bytes:
     """The AT line (without LF) that `server` answers an IAMAT with that arrived
-    complete at `received_ns`.
-
-    What `format_skew(received_ns - time_ns(iamat.time))` would put in it, in one
-    piece: this runs for every IAMAT, and the time was checked when the line was
-    parsed. A time with more integer digits than int() takes goes the long way.
-    """
-    time = iamat.time
-    whole, _, frac = time.partition(b".")
-    if len(whole) > _INT_DIGITS:
-        skew = format_skew(received_ns - time_ns(time))
-        return b"AT %s %s %s %s %s" % (server, skew, iamat.client, iamat.coords, time)
-    skew_ns = received_ns - int(whole) * NS_PER_S - int(frac[:9].ljust(9, b"0"))
-    seconds, ns = divmod(abs(skew_ns), NS_PER_S)
-    return b"AT %s %s%d.%09d %s %s %s" % (
-        server,
-        b"-" if skew_ns < 0 else b"+",
-        seconds,
-        ns,
-        iamat.client,
-        iamat.coords,
-        time,
-    )
+    complete at `received_ns`."""
+    skew = format_skew(received_ns - time_ns(iamat.time))
+    return b"AT %s %s %s %s %s" % (server, skew, iamat.client, iamat.coords, iamat.time)
 
 
 def parse_at(line: bytes) -> Record:
