@@ -216,19 +216,14 @@ class Store:
         is built, and nothing is compared.
         """
         self._lines[client] = packed
-        # key_of and fingerprint_line, called directly: this runs for every new record.
-        leaf = xxh3_64_intdigest(client) >> _LEAF_SHIFT
+        leaf = key_of(client) >> _LEAF_SHIFT
         members = self._members[leaf]
         if members is None:
             self._members[leaf] = [client]
         else:
             members.append(client)
-        mid = leaf >> _MID_SHIFT
-        self._mid_counts[mid] += 1
-        fp = xxh3_64_intdigest(line)  # and _xor, inline
-        self._leaf_fps[leaf] ^= fp
-        self._mid_fps[mid] ^= fp
-        self._root ^= fp
+        self._mid_counts[leaf >> _MID_SHIFT] += 1
+        self._xor(leaf, fingerprint_line(line))
         for listener in self._listeners:
             listener(client, line)
 
