@@ -13,6 +13,7 @@ Timestamps are local time in ISO 8601 with the UTC offset
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -120,10 +121,10 @@ class ServerLog:
             parts: list[bytes] = []
             for line, verdict in entries:
                 parts += (marked, line, _VERDICT_TAILS[verdict])
-            if b"".join(parts[1::3]).translate(None, _UNESCAPED):  # some line needs repr()
-                self._emit("".join([f"{head}{line!r} {verdict}\n" for line, verdict in entries]))
-            else:
-                self._emit(b"".join(parts).decode("ascii"))
+            joined = _joined(parts)
+            if joined is None:  # some line needs repr()
+                joined = "".join([f"{head}{line!r} {verdict}\n" for line, verdict in entries])
+            self._emit(joined)
         entries.clear()
 
     def exchanges(self, who: str, entries: list[tuple[bytes, bytes]]) -> None:
@@ -147,16 +148,15 @@ class ServerLog:
                     parts += (sent, data[:-1], b"\\n'\n")
                 else:
                     parts += (sent, data, b"'\n")
-            texts = parts[1::3]
-            if max(map(len, texts)) < self.line_limit and not b"".join(texts).translate(
-                None, _UNESCAPED
-            ):
-                self._emit(b"".join(parts).decode("ascii"))
+            joined = _joined(parts, self.line_limit)
+            if joined is not None:
+                self._emit(joined)
             else:  # a long line, or something to escape: entry by entry
-                text = self.received_text
                 self.events(
                     [
-                        text(who, data) if mark == RECEIVED else self.sent_text(who, data)
+                        self.received_text(who, data)
+                        if mark == RECEIVED
+                        else self.sent_text(who, data)
                         for mark, data in entries
                     ]
                 )
@@ -245,6 +245,15 @@ class ServerLog:
         while True:
             await trio.sleep(FLUSH_INTERVAL)
             self.flush()
+
+
+def _joined(parts: list[bytes], limit: float = math.inf) -> str | None:
+    """Log entries given as (head, text, tail) triples in `parts`, as one string; None
+    if a text is `limit` bytes or longer or holds a byte that repr() would escape."""
+    texts = parts[1::3]
+    if max(map(len, texts)) >= limit or b"".join(texts).translate(None, _UNESCAPED):
+        return None
+    return b"".join(parts).decode("ascii")
 
 
 def preview(data: bytes, limit: int) -> str:
