@@ -251,7 +251,9 @@ def _joined(parts: list[bytes], limit: float = math.inf) -> str | None:
     """Log entries given as (head, text, tail) triples in `parts`, as one string; None
     if a text is `limit` bytes or longer or holds a byte that repr() would escape."""
     texts = parts[1::3]
-    if max(map(len, texts)) >= limit or b"".join(texts).translate(None, _UNESCAPED):
+    if limit != math.inf and max(map(len, texts)) >= limit:  # ~50 ns a text: not for peers
+        return None
+    if b"".join(texts).translate(None, _UNESCAPED):
         return None
     return b"".join(parts).decode("ascii")
 
