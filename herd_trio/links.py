@@ -192,13 +192,6 @@ async def read_peer(
             writer.note_traffic()
         try:  # what was taken is logged even if a later line drops the link
             for line in lines:
-                if line == PING:
-                    writer.pong()
-                    continue
-                if line == PONG:
-                    if (rtt := writer.ponged()) is not None:
-                        counts.rtt = rtt
-                    continue
                 handled += 1
                 if handled >= LINES_PER_CHECKPOINT:  # clients get the loop meanwhile
                     handled = 0
@@ -206,7 +199,8 @@ async def read_peer(
                     await trio.lowlevel.checkpoint()
                 # Most record lines are a flood's echoes of a line held already, or a
                 # new client's first record; both are settled here by comparing the
-                # line, packed, with the held one, without building a Record.
+                # line, packed, with the held one, without building a Record. (A
+                # heartbeat has one field: split_client gives None.)
                 if max_skew is None and (split := split_client(line)) is not None:
                     client, packed = split
                     standing = held.get(client)
@@ -220,6 +214,13 @@ async def read_peer(
                         kept.append((client, line))
                         logged.append((line, "kept"))
                         continue
+                if line == PING:
+                    writer.pong()
+                    continue
+                if line == PONG:
+                    if (rtt := writer.ponged()) is not None:
+                        counts.rtt = rtt
+                    continue
                 if line.startswith(SYNC_PREFIXES):
                     parsed = _parse(peer, line, parse_sync)
                     node.log.peer_lines(peer, logged)  # sync may log: keep the order
