@@ -31,27 +31,21 @@ _MID_SHIFT = 4 * (LEAF_LEVEL - _MID)  # leaf index -> its level-2 node
 CACHE = 4096  # records per cache generation: ~2 MB, the clients active right now
 
 
-def key_of(client: bytes) -> int:
-    """A client's 64-bit key in the reconciliation tree: the same on every server.
+# key_of(client): a client's 64-bit key in the reconciliation tree, the same on every
+# server. XXH3-64 (unseeded): a store hashes twice per new record on every server, and
+# it is 8 times as fast as BLAKE2b-64 from Python (0.09 against 0.73 us). Neither is
+# keyed, so neither keeps a client from choosing ids that share a leaf; the sync's
+# per-request budgets bound what such a leaf costs (herd_trio/sync.py). The hash
+# function itself, not a wrapper: no Python call on the hot paths.
+key_of: Callable[[bytes], int] = xxh3_64_intdigest
 
-    XXH3-64 (unseeded): a store hashes twice per new record on every server, and it
-    is 8 times as fast as BLAKE2b-64 from Python (0.09 against 0.73 us). Neither is
-    keyed, so neither keeps a client from choosing ids that share a leaf; the sync's
-    per-request budgets bound what such a leaf costs (herd_trio/sync.py).
-    """
-    return xxh3_64_intdigest(client)
-
-
-def fingerprint_line(at_line: bytes) -> int:
-    """64 bits that change whenever the record (its AT line) does; the same on every server.
-
-    XXH3-64 of the AT line. A range's fingerprint is the XOR of its records' (see
-    Store), which finds accidental differences: two sets of lines whose hashes XOR to
-    the same 64 bits by chance are as unlikely as with a cryptographic hash. A client
-    cannot aim for such a collision either: the AT line holds the time difference
-    that the server measured, down to the nanosecond.
-    """
-    return xxh3_64_intdigest(at_line)
+# fingerprint_line(at_line): 64 bits that change whenever the record (its AT line)
+# does, the same on every server: XXH3-64 of the AT line. A range's fingerprint is the
+# XOR of its records' (see Store), which finds accidental differences: two sets of
+# lines whose hashes XOR to the same 64 bits by chance are as unlikely as with a
+# cryptographic hash. A client cannot aim for such a collision either: the AT line
+# holds the time difference that the server measured, down to the nanosecond.
+fingerprint_line: Callable[[bytes], int] = xxh3_64_intdigest
 
 
 def fingerprint(record: Record) -> int:
@@ -115,6 +109,11 @@ class Store:
 
     def __init__(self, records: Iterable[Record] = ()) -> None:
         self._lines: dict[bytes, bytes] = {}  # client -> packed AT line, first-arrival order
+        # The same dict, read-only: every client's packed AT line (split_client), for the
+        # hot paths' checks: a client not in it is new (add_new), and a line whose packed
+        # form equals its client's is byte for byte the line held (a flood's echo). An
+        # attribute, not a property: one lookup per client line, no call.
+        self.held: Mapping[bytes, bytes] = self._lines
         self._listeners: list[Callable[[bytes, bytes], None]] = []
         # The XOR of the fingerprints of the records under each level-2 node and under
         # each leaf, and how many records each level-2 node holds (a leaf's count is its
@@ -142,13 +141,6 @@ class Store:
         """The newest record held for `client`, if any."""
         packed = self._lines.get(client)
         return None if packed is None else self._cached(client, packed)[0]
-
-    @property
-    def held(self) -> Mapping[bytes, bytes]:
-        """Every client's packed AT line (split_client), for the hot paths' checks: a
-        client not in it is new (add_new), and a line whose packed form equals its
-        client's is byte for byte the line held (a flood's echo). Do not modify."""
-        return self._lines
 
     def line(self, client: bytes) -> bytes | None:
         """The AT line held for `client`, if any."""
