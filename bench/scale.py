@@ -137,8 +137,12 @@ def state_rows(root: Path, name: str) -> int:
     if not path.exists():
         return 0
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    try:
-        return int(conn.execute("SELECT count(*) FROM records").fetchone()[0])
+    try:  # clients in the records table and in the journal not folded into it yet
+        return int(
+            conn.execute(
+                "SELECT count(*) FROM (SELECT client FROM records UNION SELECT client FROM journal)"
+            ).fetchone()[0]
+        )
     except sqlite3.Error:
         return 0
     finally:

@@ -39,7 +39,14 @@ import trio
 
 from herd_trio.backoff import Backoff
 from herd_trio.log import plural
-from herd_trio.statefile import PersistError, commit_records, open_file
+from herd_trio.statefile import (
+    FOLD_ROWS,
+    PersistError,
+    append_records,
+    fold,
+    journal_rows,
+    open_file,
+)
 from herd_trio.store import Store
 
 BATCH_INTERVAL = 0.05  # seconds between batches: one transaction per 50 ms at most
@@ -101,7 +108,9 @@ class Persister:
     _pending: dict[bytes, bytes] = attrs.field(factory=dict, init=False)  # client -> AT line
     _wake: trio.Event = attrs.field(factory=trio.Event, init=False)
     _db_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    fold_rows: int = FOLD_ROWS  # journal rows folded into the records table at once
     _conn: sqlite3.Connection | None = attrs.field(default=None, init=False)
+    _journal: int = attrs.field(default=0, init=False)  # rows appended since the last fold
     _closing: bool = attrs.field(default=False, init=False)
     _rows_written: int = attrs.field(default=0, init=False)
     _batches_written: int = attrs.field(default=0, init=False)
@@ -220,7 +229,10 @@ class Persister:
                 failed = exc
         if failed is not None:
             self.log(f"stopping with {plural(len(self._pending), 'record')} not saved: {failed}")
-        await trio.to_thread.run_sync(self._sync, {}, abandon_on_cancel=True)
+        try:  # folds the journal if the last batch did not (or there was none)
+            await trio.to_thread.run_sync(self._sync, {}, abandon_on_cancel=True)
+        except PersistError as exc:  # the journal keeps its rows: nothing is lost
+            self.log(f"stopping without folding the journal of {self.path}: {exc}")
 
     def _give_up(self) -> None:
         """The final write overran its deadline: stop waiting, leave the thread to close."""
@@ -239,14 +251,23 @@ class Persister:
                 conn.interrupt()
 
     def _sync(self, batch: dict[bytes, bytes]) -> None:
-        """In a worker thread: open if needed, write `batch` in one transaction."""
+        """In a worker thread: open if needed, append `batch` to the journal in one
+        transaction; fold the journal into the records table every `fold_rows` rows and
+        when closing (statefile.py says why)."""
         with self._db_lock:
             try:
-                if batch or not self._closing:
+                if batch or not self._closing or self._journal:
                     conn = self._connection()
                     if batch:
                         self.before_write()
-                        commit_records(conn, batch.items())
+                        append_records(conn, batch.items())
+                        self._journal += len(batch)
+                    # Not when the file opens: the server starts in the meantime.
+                    if (batch and self._journal >= self.fold_rows) or (
+                        self._closing and self._journal
+                    ):
+                        fold(conn)
+                        self._journal = 0
             except (sqlite3.Error, OSError) as exc:
                 self._drop_connection()  # the next attempt starts from a fresh open
                 raise PersistError(f"cannot write records to {self.path}: {exc}") from exc
@@ -256,7 +277,13 @@ class Persister:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn = open_file(self.path)
+            conn = open_file(self.path)
+            try:
+                self._journal = journal_rows(conn)  # left by a crash, or by a failed fold
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     def _drop_connection(self) -> None:

@@ -11,7 +11,8 @@ until it is done:
 
 - A batch of client lines first looks up the clients it names in the file
   (`Restore.ensure`: one indexed query, on the loop, as a thread's round trip would
-  cost more than the query; also for clients the store holds, which may be an older
+  cost more than the query, plus a scan of the journal rows a crash left, if any:
+  after a clean stop there are none; also for clients the store holds, which may be an older
   record from a peer), so a WHATSAT for a stored client is answered, never `?`, and an
   IAMAT older than the stored record gets the stored record's AT line, as it would
   after the load.
@@ -45,7 +46,7 @@ import trio
 from herd_trio.log import plural
 from herd_trio.persist import Persister
 from herd_trio.protocol import Record
-from herd_trio.statefile import PersistError, connect, parse_rows
+from herd_trio.statefile import ROWS, PersistError, connect, parse_rows, rows_query
 from herd_trio.store import Store
 
 CHUNK = 8192  # rows a worker thread reads per call
@@ -108,6 +109,9 @@ class StateReader:
     _bulk_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _point_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _closed: bool = attrs.field(default=False, init=False)
+    # The journal's last rowid when the file was opened (0: none), for lookups: rows
+    # appended since are records the store kept in this run.
+    _journal: int = attrs.field(default=0, init=False)
 
     def open(self) -> bool:
         """Open the file; False if there is no file or no records table (nothing to load).
@@ -118,12 +122,14 @@ class StateReader:
             return False
         try:
             self._bulk = connect(self.path)
-            tables = self._bulk.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
-            ).fetchall()
-            if not tables:
+            query = rows_query(self._bulk)
+            if query is None:
                 return False
-            self._rows = self._bulk.execute("SELECT client, at_line FROM records")
+            if query == ROWS:  # the rows a crash (or a failed fold) left in the journal
+                self._journal = (
+                    self._bulk.execute("SELECT max(rowid) FROM journal").fetchone()[0] or 0
+                )
+            self._rows = self._bulk.execute(query)  # one snapshot of both tables
             self._point = connect(self.path)
         except (sqlite3.Error, OSError) as exc:
             self.close()
@@ -155,7 +161,16 @@ class StateReader:
                     batch = clients[start : start + LOOKUP_BATCH]
                     marks = ",".join("?" * len(batch))
                     query = f"SELECT client, at_line FROM records WHERE client IN ({marks})"
-                    found += parse_rows(self._point.execute(query, batch).fetchall())[0]
+                    if self._journal:  # not indexed: a scan of the rows there at open
+                        query += (
+                            " UNION ALL SELECT client, at_line FROM (SELECT client, at_line"
+                            f" FROM journal WHERE rowid <= ? AND client IN ({marks})"
+                            " ORDER BY rowid)"
+                        )
+                        params: list[bytes | int] = [*batch, self._journal, *batch]
+                    else:
+                        params = [*batch]
+                    found += parse_rows(self._point.execute(query, params).fetchall())[0]
             except sqlite3.Error as exc:
                 raise PersistError(f"cannot read records from {self.path}: {exc}") from exc
         return found

@@ -1,6 +1,21 @@
 """The state file's format: `<state_dir>/<NAME>.sqlite3`, read and written whole.
 
-The file holds one table, `records(client BLOB PRIMARY KEY, at_line BLOB NOT NULL)`.
+The file holds two tables of (client, AT line) rows:
+
+- `records(client BLOB PRIMARY KEY, at_line BLOB NOT NULL)`, one row per client;
+- `journal(client BLOB NOT NULL, at_line BLOB NOT NULL)`, rows appended in the order
+  the server kept them (by rowid), newer than `records` for the same client.
+
+A server appends what it keeps to the journal (`append_records`) and folds the journal
+into `records` every FOLD_ROWS rows and when it stops (`fold`): one sorted
+`INSERT OR REPLACE ... SELECT` and a `DELETE`, in one transaction. Client ids hash all
+over the primary key's B-tree, so a row upserted alone dirties a page of its own, which
+the commit copies into the WAL whole: 11.8 us of CPU per row for 240,000 random
+clients in batches of 1,200, against 1.2 us for an append and 3.5 us per row all in
+all with a fold every 48,000 rows (the sorted fold touches each page once). Readers
+take both tables (`ROWS`, `load_records`): a client's journal rows come after its
+`records` row, and the last one read is the newest.
+
 Only the AT line is stored: it carries every field of a record (`parse_at` rebuilds
 the Record), and keeping it byte for byte keeps WHATSAT's first line exact across a
 restart. A server writes it through a Persister (herd_trio/persist.py) and loads it
@@ -29,9 +44,22 @@ from herd_trio.protocol import Record
 WAL_CHECKPOINT_PAGES = 10_000
 BUSY_TIMEOUT = 1.0  # seconds sqlite waits for a lock held by another connection
 
-_SCHEMA = "CREATE TABLE IF NOT EXISTS records (client BLOB PRIMARY KEY, at_line BLOB NOT NULL)"
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS records (client BLOB PRIMARY KEY, at_line BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS journal (client BLOB NOT NULL, at_line BLOB NOT NULL)",
+)
 UPSERT_ROWS = 256  # rows per INSERT statement at most (512 parameters): see upsert()
-_SELECT = "SELECT client, at_line FROM records"
+FOLD_ROWS = 65_536  # journal rows a server folds into `records` at once (~0.1-0.2 s)
+# Every row of the file, `records` first, then the journal in the order it was written:
+# the last row read for a client is its newest record.
+ROWS = (
+    "SELECT client, at_line FROM records"
+    " UNION ALL SELECT client, at_line FROM (SELECT client, at_line FROM journal ORDER BY rowid)"
+)
+_FOLD = (
+    "INSERT OR REPLACE INTO records (client, at_line)"
+    " SELECT client, at_line FROM journal ORDER BY client, rowid"
+)
 # The shape of a stored AT line's client time and coordinates (protocol.py's rules).
 _TIME = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
 _COORDS = re.compile(rb"[+-][0-9]{1,2}(?:\.[0-9]+)?[+-][0-9]{1,3}(?:\.[0-9]+)?")
@@ -115,26 +143,40 @@ def load_records(path: str | Path, *, log: Callable[[str], None] | None = None) 
     try:
         conn = connect(path)
         try:
-            tables = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
-            ).fetchall()
-            rows = conn.execute(_SELECT).fetchall() if tables else []
+            query = rows_query(conn)
+            rows = conn.execute(query).fetchall() if query is not None else []
         finally:
             conn.close()
     except (sqlite3.Error, OSError) as exc:
         raise PersistError(f"cannot read records from {path}: {exc}") from exc
-    records, skipped = parse_rows(rows)
+    newest = dict(rows)  # a client's last row is its newest record (ROWS)
+    records, skipped = parse_rows(newest.items())
     if log is not None and skipped:  # the caller logs how many were loaded
         log(f"skipped {skipped} rows of {path} that are not valid AT lines")
     return records
 
 
+def rows_query(conn: sqlite3.Connection) -> str | None:
+    """The query for every row of the file (ROWS); None if it has no records table. A
+    file written before the journal existed has only `records`."""
+    tables = {
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('records', 'journal')"
+        )
+    }
+    if "records" not in tables:
+        return None
+    return ROWS if "journal" in tables else "SELECT client, at_line FROM records"
+
+
 def open_file(path: Path) -> sqlite3.Connection:
-    """A connection to the state file at `path`, created (with its table) if need be."""
+    """A connection to the state file at `path`, created (with its tables) if need be."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = connect(path)
     try:
-        conn.execute(_SCHEMA)
+        for statement in _SCHEMA:
+            conn.execute(statement)
     except BaseException:
         conn.close()
         raise
@@ -142,18 +184,54 @@ def open_file(path: Path) -> sqlite3.Connection:
 
 
 def commit_records(conn: sqlite3.Connection, rows: Iterable[tuple[bytes, bytes]]) -> None:
-    """Write `rows` (client, AT line) in one transaction (rolled back if anything fails)."""
+    """Write `rows` (client, AT line) into `records` in one transaction (rolled back if
+    anything fails), replacing a client's row."""
+    _transaction(conn, rows, upsert)
+
+
+def append_records(conn: sqlite3.Connection, rows: Iterable[tuple[bytes, bytes]]) -> None:
+    """Append `rows` (client, AT line) to the journal in one transaction (rolled back if
+    anything fails); each must be newer than what the file holds for its client."""
+    _transaction(conn, rows, _append)
+
+
+def fold(conn: sqlite3.Connection) -> None:
+    """Move the journal into `records` in one transaction: a client's newest row wins."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_FOLD)
+        conn.execute("DELETE FROM journal")
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def journal_rows(conn: sqlite3.Connection) -> int:
+    """How many rows the journal holds (not folded yet)."""
+    return int(conn.execute("SELECT count(*) FROM journal").fetchone()[0])
+
+
+def _transaction(
+    conn: sqlite3.Connection,
+    rows: Iterable[tuple[bytes, bytes]],
+    write: Callable[[sqlite3.Connection, Sequence[tuple[bytes, bytes]]], None],
+) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         rest = iter(rows)
         while chunk := list(itertools.islice(rest, 4096)):  # any number, a slice at a time
-            upsert(conn, chunk)
+            write(conn, chunk)
         conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def write_records(path: str | Path, records: Iterable[Record]) -> None:
@@ -174,7 +252,7 @@ def write_records(path: str | Path, records: Iterable[Record]) -> None:
 
 
 def upsert(conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes]]) -> None:
-    """Insert `rows` (client, AT line), replacing a client's row if it has one.
+    """Insert `rows` (client, AT line) into `records`, replacing a client's row if it has one.
 
     One statement per up to UPSERT_ROWS rows (256, 128, ... 1: a few statement texts,
     each prepared once), not executemany's one per row. Each statement is one step of
@@ -184,11 +262,22 @@ def upsert(conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes]]) -> Non
     against ~2,500 this way), and a row costs less CPU even alone (2.0-3.0 against
     2.7-3.5 us). In a loaded herd the difference is inside the noise.
     """
+    _insert(conn, rows, _upsert_sql)
+
+
+def _append(conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes]]) -> None:
+    """Append `rows` (client, AT line) to the journal, the statements as upsert's."""
+    _insert(conn, rows, _append_sql)
+
+
+def _insert(
+    conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes]], sql: Callable[[int], str]
+) -> None:
     start = 0
     while start < len(rows):
         count = min(UPSERT_ROWS, 1 << ((len(rows) - start).bit_length() - 1))
         chunk = rows[start : start + count]
-        conn.execute(_upsert_sql(count), [field for row in chunk for field in row])
+        conn.execute(sql(count), [field for row in chunk for field in row])
         start += count
 
 
@@ -201,3 +290,10 @@ def _upsert_sql(rows: int) -> str:
     # row of the same client.
     values = ", ".join(["(?, ?)"] * rows)
     return f"INSERT OR REPLACE INTO records (client, at_line) VALUES {values}"
+
+
+@functools.cache
+def _append_sql(rows: int) -> str:
+    # In rowid order, which is the order the rows were written in (ROWS reads it so).
+    values = ", ".join(["(?, ?)"] * rows)
+    return f"INSERT INTO journal (client, at_line) VALUES {values}"

@@ -20,8 +20,10 @@ from herd_trio.protocol import Record, parse_at
 from herd_trio.statefile import (
     UPSERT_ROWS,
     PersistError,
+    append_records,
     load_records,
     open_file,
+    rows_query,
     state_path,
     upsert,
     write_records,
@@ -40,9 +42,12 @@ def rec(client: bytes, time: int, origin: bytes = b"Clark") -> Record:
 
 
 def rows(path: Path) -> dict[bytes, bytes]:
+    """What the file holds per client: its last row, records table and journal both."""
     conn = sqlite3.connect(path)
     try:
-        return dict(conn.execute("SELECT client, at_line FROM records").fetchall())
+        query = rows_query(conn)
+        assert query is not None
+        return dict(conn.execute(query).fetchall())
     finally:
         conn.close()
 
@@ -193,6 +198,86 @@ async def test_later_batches_replace_earlier_rows(tmp_path: Path) -> None:
         b"kiwi": rec(b"kiwi", 4).at_line,
         b"pear": rec(b"pear", 4, origin=b"Bona").at_line,
     }
+
+
+def table(path: Path, name: str) -> list[tuple[bytes, bytes]]:
+    """The rows of one table of the file, in rowid order."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"SELECT client, at_line FROM {name} ORDER BY rowid").fetchall()
+    finally:
+        conn.close()
+
+
+async def test_batches_go_to_the_journal_and_fold_into_records(tmp_path: Path) -> None:
+    """Appended while fewer than fold_rows wait; then folded, newest row per client."""
+    path = tmp_path / "Clark.sqlite3"
+    persister = Persister(path, fold_rows=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(persister.run)
+        note(persister, rec(b"kiwi", 1))
+        note(persister, rec(b"pear", 1))
+        await wait_for_batches(persister, 1)
+        assert table(path, "records") == []
+        assert table(path, "journal") == [
+            (b"kiwi", rec(b"kiwi", 1).at_line),
+            (b"pear", rec(b"pear", 1).at_line),
+        ]
+        note(persister, rec(b"kiwi", 2))
+        await wait_for_batches(persister, 2)
+        assert len(table(path, "journal")) == 3  # kiwi twice: the later row is the newer
+        assert rows(path) == {b"kiwi": rec(b"kiwi", 2).at_line, b"pear": rec(b"pear", 1).at_line}
+        note(persister, rec(b"plum", 1))
+        note(persister, rec(b"kiwi", 3))
+        await wait_for_batches(persister, 3)  # 5 rows: folded
+        assert table(path, "journal") == []
+        assert sorted(table(path, "records")) == [
+            (b"kiwi", rec(b"kiwi", 3).at_line),
+            (b"pear", rec(b"pear", 1).at_line),
+            (b"plum", rec(b"plum", 1).at_line),
+        ]
+        note(persister, rec(b"pear", 2))
+        await wait_for_batches(persister, 4)
+        assert table(path, "journal") == [(b"pear", rec(b"pear", 2).at_line)]
+        nursery.cancel_scope.cancel()
+    # A clean stop folds what is left, so the next start has no journal to scan.
+    assert table(path, "journal") == []
+    assert rows(path)[b"pear"] == rec(b"pear", 2).at_line
+    assert len(table(path, "records")) == 3
+
+
+async def test_a_journal_left_by_a_crash_is_read_and_folded_later(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.sqlite3"
+    write_records(path, [rec(b"kiwi", 1), rec(b"pear", 1)])
+    conn = open_file(path)  # what a killed server leaves: rows appended, never folded
+    append_records(conn, [(b"kiwi", rec(b"kiwi", 2).at_line), (b"plum", rec(b"plum", 1).at_line)])
+    append_records(conn, [(b"kiwi", rec(b"kiwi", 3).at_line)])
+    conn.close()
+    expected = [rec(b"kiwi", 3), rec(b"pear", 1), rec(b"plum", 1)]
+    assert sorted(load_records(path), key=lambda r: r.client) == expected
+    persister = Persister(path, fold_rows=2)  # more than that wait already
+    async with trio.open_nursery() as nursery:
+        await nursery.start(persister.run)
+        assert len(table(path, "journal")) == 3  # not folded while the server starts
+        note(persister, rec(b"fig", 1))
+        await wait_for_batches(persister, 1)  # the first batch after the start folds
+        assert table(path, "journal") == []
+        nursery.cancel_scope.cancel()
+    assert sorted(load_records(path), key=lambda r: r.client) == [rec(b"fig", 1), *expected]
+
+
+def test_a_file_from_before_the_journal_is_read_and_gains_one(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.sqlite3"
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE records (client BLOB PRIMARY KEY, at_line BLOB NOT NULL)")
+        conn.execute("INSERT INTO records VALUES (?, ?)", (b"kiwi", rec(b"kiwi", 1).at_line))
+    conn.close()
+    assert load_records(path) == [rec(b"kiwi", 1)]
+    conn = open_file(path)
+    append_records(conn, [(b"kiwi", rec(b"kiwi", 2).at_line)])
+    conn.close()
+    assert load_records(path) == [rec(b"kiwi", 2)]
 
 
 async def test_cancellation_writes_what_is_pending(tmp_path: Path) -> None:

@@ -16,7 +16,13 @@ from herd_trio.lines import LineReader
 from herd_trio.persist import Persister
 from herd_trio.protocol import Record, parse_at
 from herd_trio.restore import SLICE, Restore, clients_named
-from herd_trio.statefile import PersistError, load_records, write_records
+from herd_trio.statefile import (
+    PersistError,
+    append_records,
+    load_records,
+    open_file,
+    write_records,
+)
 from herd_trio.store import Store
 from tests.helpers import herd_config, make_node, record
 from tests.test_links import EMPTY_ROUND, PEER_MAX, carry_collecting
@@ -132,6 +138,33 @@ async def test_ensure_fetches_named_clients_before_the_load_reaches_them(tmp_pat
     assert len(store) == 2000
     await restore.ensure([b"IAMAT other +1+1 1"])  # loaded: no more lookups
     assert restore.lookups == 4
+
+
+async def test_a_crash_journal_is_loaded_and_looked_up(tmp_path: Path) -> None:
+    """Rows a killed server appended and never folded: the load and the lookups see
+    them, newer than the records table's row of the same client."""
+    path = tmp_path / "Clark.sqlite3"
+    write_records(path, [rec(b"client-%d" % i, 100 + i) for i in range(500)])
+    conn = open_file(path)
+    append_records(conn, [(b"client-7", rec(b"client-7", 9000).at_line)])
+    append_records(conn, [(b"journal-only", rec(b"journal-only", 5).at_line)])
+    conn.close()
+    store = Store()
+    restore, persister = await opened(path, store)
+    # A row the persister appends during this run is not a lookup's business.
+    append_late = open_file(path)
+    append_records(append_late, [(b"late", rec(b"late", 1).at_line)])
+    append_late.close()
+    await restore.ensure(
+        [b"WHATSAT journal-only 10 5", b"IAMAT client-7 +1+1 1", b"IAMAT late +1+1 1"]
+    )
+    assert store.get(b"journal-only") == rec(b"journal-only", 5)
+    assert store.get(b"client-7") == rec(b"client-7", 9000)
+    assert store.get(b"late") is None
+    assert persister.statistics().pending == 0
+    await restore.run()
+    assert len(store) == 501  # the rows of the snapshot taken at open: not "late"
+    assert store.get(b"client-7") == rec(b"client-7", 9000)
 
 
 async def test_records_from_peers_during_the_load_win_or_lose_by_rank(

@@ -30,6 +30,7 @@ import attrs
 import trio
 
 from herd_trio.protocol import Record, parse_at
+from herd_trio.statefile import rows_query
 from tests.e2e.herd import Herd, reachable
 
 PROBE_CONNECT_DEADLINE = 2.0  # seconds to reach a live server's client port
@@ -401,7 +402,8 @@ def durable_lines(path: Path) -> dict[bytes, bytes]:
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
         try:
-            rows = conn.execute("SELECT client, at_line FROM records").fetchall()
+            query = rows_query(conn)  # the records table, then the journal
+            rows = conn.execute(query).fetchall() if query is not None else []
         finally:
             conn.close()
     except sqlite3.Error:
