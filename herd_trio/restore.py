@@ -11,11 +11,11 @@ until it is done:
 
 - A batch of client lines first looks up the clients it names in the file
   (`Restore.ensure`: one indexed query, on the loop, as a thread's round trip would
-  cost more than the query, plus a scan of the journal rows a crash left, if any:
-  after a clean stop there are none; also for clients the store holds, which may be an older
-  record from a peer), so a WHATSAT for a stored client is answered, never `?`, and an
-  IAMAT older than the stored record gets the stored record's AT line, as it would
-  after the load.
+  cost more than the query, plus the journal rows a crash left, if any, read into
+  memory once: after a clean stop there are none; also for clients the store holds,
+  which may be an older record from a peer), so a WHATSAT for a stored client is
+  answered, never `?`, and an IAMAT older than the stored record gets the stored
+  record's AT line, as it would after the load.
 - Records from peers are offered to the store as usual: last writer wins, so the order
   in which loaded and flooded records meet does not matter.
 - The server starts no anti-entropy sync and answers none (links.py): its store would
@@ -110,7 +110,8 @@ class StateReader:
     _point_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _closed: bool = attrs.field(default=False, init=False)
     # The journal's last rowid when the file was opened (0: none), for lookups: rows
-    # appended since are records the store kept in this run.
+    # appended since are records the store kept in this run (and if a fold emptied the
+    # journal meanwhile, rowids start again at 1: such rows are harmless, as old news).
     _journal: int = attrs.field(default=0, init=False)
 
     def open(self) -> bool:
@@ -151,7 +152,8 @@ class StateReader:
             return rows
 
     def lookup(self, clients: list[bytes]) -> list[Record]:
-        """The stored records of those of `clients` the file holds (invalid rows left out)."""
+        """The stored records of those of `clients` the records table holds (invalid rows
+        left out); `journal` has the rest."""
         found: list[Record] = []
         with self._point_lock:
             if self._point is None or self._closed:
@@ -161,19 +163,32 @@ class StateReader:
                     batch = clients[start : start + LOOKUP_BATCH]
                     marks = ",".join("?" * len(batch))
                     query = f"SELECT client, at_line FROM records WHERE client IN ({marks})"
-                    if self._journal:  # not indexed: a scan of the rows there at open
-                        query += (
-                            " UNION ALL SELECT client, at_line FROM (SELECT client, at_line"
-                            f" FROM journal WHERE rowid <= ? AND client IN ({marks})"
-                            " ORDER BY rowid)"
-                        )
-                        params: list[bytes | int] = [*batch, self._journal, *batch]
-                    else:
-                        params = [*batch]
-                    found += parse_rows(self._point.execute(query, params).fetchall())[0]
+                    found += parse_rows(self._point.execute(query, batch).fetchall())[0]
             except sqlite3.Error as exc:
                 raise PersistError(f"cannot read records from {self.path}: {exc}") from exc
         return found
+
+    def journal(self) -> dict[bytes, bytes]:
+        """The journal rows the file held when opened (a crash's, or a failed fold's), the
+        newest per client; {} if none. Blocking: from a worker thread. The journal has no
+        index, so lookups use this instead of a scan each (65,536 rows: ~70 ms once,
+        against ~10 ms for every lookup)."""
+        with self._point_lock:
+            if self._point is None or self._closed or not self._journal:
+                return {}
+            try:
+                rows = self._point.execute(
+                    "SELECT client, at_line FROM journal WHERE rowid <= ? ORDER BY rowid",
+                    (self._journal,),
+                )
+                return dict(rows)
+            except sqlite3.Error as exc:
+                raise PersistError(f"cannot read records from {self.path}: {exc}") from exc
+
+    @property
+    def has_journal(self) -> bool:
+        """True if the file held journal rows when opened."""
+        return self._journal > 0
 
     def close(self) -> None:
         """Close both connections; one a worker thread still uses closes when it is done."""
@@ -223,6 +238,8 @@ class Restore:
     log: Callable[[str], None] = _ignore
     done: bool = True
     _finished: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _journal: dict[bytes, bytes] | None = attrs.field(default=None, init=False)  # read once
+    _journal_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
     lookups: int = attrs.field(default=0, init=False)  # clients looked up while loading
 
     @classmethod
@@ -303,6 +320,17 @@ class Restore:
     def _finish(self) -> None:
         self.done = True
         self._finished.set()
+        self._journal = {}  # no more lookups
+
+    async def _read_journal(self, reader: StateReader) -> dict[bytes, bytes]:
+        """The journal rows the file held at open, read in a worker thread the first time
+        a lookup needs them (client lines wait for it meanwhile, not the loop)."""
+        async with self._journal_lock:
+            if self._journal is None:
+                self._journal = await trio.to_thread.run_sync(
+                    reader.journal, abandon_on_cancel=True
+                )
+        return self._journal
 
     async def ensure(self, lines: Iterable[bytes]) -> None:
         """While loading: offer the store the file's records of the clients `lines` name,
@@ -322,6 +350,9 @@ class Restore:
         try:
             # On the loop: an indexed read of a few rows costs less than a thread's round trip.
             found = reader.lookup(named)
+            if reader.has_journal:  # newer than the records table's rows
+                journal = await self._read_journal(reader)
+                found += parse_rows((c, journal[c]) for c in named if c in journal)[0]
         except PersistError as exc:
             self.log(f"{exc}; waiting for the load instead")
             await self.wait()
