@@ -112,7 +112,7 @@ class StateReader:
     # The journal's last rowid when the file was opened (0: none), for lookups: rows
     # appended since are records the store kept in this run (and if a fold emptied the
     # journal meanwhile, rowids start again at 1: such rows are harmless, as old news).
-    _journal: int = attrs.field(default=0, init=False)
+    _journal_end: int = attrs.field(default=0, init=False)
 
     def open(self) -> bool:
         """Open the file; False if there is no file or no records table (nothing to load).
@@ -127,7 +127,7 @@ class StateReader:
             if query is None:
                 return False
             if query == ROWS:  # the rows a crash (or a failed fold) left in the journal
-                self._journal = (
+                self._journal_end = (
                     self._bulk.execute("SELECT max(rowid) FROM journal").fetchone()[0] or 0
                 )
             self._rows = self._bulk.execute(query)  # one snapshot of both tables
@@ -174,12 +174,12 @@ class StateReader:
         index, so lookups use this instead of a scan each (65,536 rows: ~70 ms once,
         against ~10 ms for every lookup)."""
         with self._point_lock:
-            if self._point is None or self._closed or not self._journal:
+            if self._point is None or self._closed or not self._journal_end:
                 return {}
             try:
                 rows = self._point.execute(
                     "SELECT client, at_line FROM journal WHERE rowid <= ? ORDER BY rowid",
-                    (self._journal,),
+                    (self._journal_end,),
                 )
                 return dict(rows)
             except sqlite3.Error as exc:
@@ -188,7 +188,7 @@ class StateReader:
     @property
     def has_journal(self) -> bool:
         """True if the file held journal rows when opened."""
-        return self._journal > 0
+        return self._journal_end > 0
 
     def close(self) -> None:
         """Close both connections; one a worker thread still uses closes when it is done."""
