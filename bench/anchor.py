@@ -265,12 +265,16 @@ def _measure(
             )
     herd_pids = [p.pid for p in up["herd"].values()]
     anchor_pids = [p.pid for p in up["anchor"].values()]
-    pair2 = [
+    # Sequential IAMATs like for like: one server against one (Clark alone, the limit
+    # server), and a herd against a herd (Clark with its neighbours flooded before each
+    # reply, the limit herd's Clark).
+    singles_and_herds = [
         ("limit", limit, [limit.pid]),
+        ("solo", solo, [solo.pid]),
         ("herd", up["herd"][ENTRY], herd_pids),
         ("anchor", up["anchor"][ENTRY], anchor_pids),
     ]
-    for kind, proc, pids in pair2 if r % 2 == 0 else pair2[::-1]:
+    for kind, proc, pids in singles_and_herds if r % 2 == 0 else singles_and_herds[::-1]:
         suite.say(f"anchor rep {r + 1}: sequential IAMAT, {kind}")
         rep[f"seq_{kind}"] = _sequential(proc, pids, f"q{kind[0]}{r}-", plan)
     for kind in ("anchor", "herd") if r % 2 == 0 else ("herd", "anchor"):
@@ -328,18 +332,34 @@ ROWS: list[tuple[str, tuple[str, str], tuple[str, str], str, str, bool]] = [
         True,
     ),
     (
-        "sequential IAMAT p50 (us)",
-        ("seq_herd", "p50_us"),
+        "sequential IAMAT p50, Clark alone (us)",
+        ("seq_solo", "p50_us"),
         ("seq_limit", "p50_us"),
         "limit server",
         "<= 1.1",
         False,
     ),
     (
-        "sequential IAMAT p99 (us)",
-        ("seq_herd", "p99_us"),
+        "sequential IAMAT p99, Clark alone (us)",
+        ("seq_solo", "p99_us"),
         ("seq_limit", "p99_us"),
         "limit server",
+        "<= 1.3",
+        False,
+    ),
+    (
+        "sequential IAMAT p50, whole herd up (us)",
+        ("seq_herd", "p50_us"),
+        ("seq_anchor", "p50_us"),
+        "limit herd",
+        "<= 1.1",
+        False,
+    ),
+    (
+        "sequential IAMAT p99, whole herd up (us)",
+        ("seq_herd", "p99_us"),
+        ("seq_anchor", "p99_us"),
+        "limit herd",
         "<= 1.3",
         False,
     ),
