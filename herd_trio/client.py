@@ -26,12 +26,11 @@ from herd_trio.places import JSON, PlacesSource, error_body, legacy_body, render
 from herd_trio.protocol import (
     ProtocolError,
     Whatsat,
-    format_at,
+    at_parts,
     make_record,
     parse_command,
     question,
 )
-from herd_trio.store import pack
 
 # A browser or scanner that talks HTTP to a client port gets its `?` and is closed
 # at once rather than answered header by header.
@@ -80,8 +79,9 @@ def answer(
     node.stats.iamat += 1
     client = command.client
     if client not in node.store.held:  # a new client: kept without building a Record
-        at_line = format_at(node.wire_name, received_ns, command)
-        node.store.add_new(client, pack(at_line, client), at_line)
+        head, tail = at_parts(node.wire_name, received_ns, command)
+        at_line = head + client + tail
+        node.store.add_new(client, head + tail, at_line)  # head + tail: store.pack's form
     else:
         record = make_record(node.wire_name, received_ns, command)
         standing = node.store.offer(record, repeat=True)

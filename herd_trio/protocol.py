@@ -260,8 +260,29 @@ def make_record(server: bytes, received_ns: int, iamat: Iamat) -> Record:
 def format_at(server: bytes, received_ns: int, iamat: Iamat) -> bytes:
     """The AT line (without LF) that `server` answers an IAMAT with that arrived
     complete at `received_ns`."""
-    skew = format_skew(received_ns - time_ns(iamat.time))
-    return b"AT %s %s %s %s %s" % (server, skew, iamat.client, iamat.coords, iamat.time)
+    head, tail = at_parts(server, received_ns, iamat)
+    return head + iamat.client + tail
+
+
+def at_parts(server: bytes, received_ns: int, iamat: Iamat) -> tuple[bytes, bytes]:
+    """format_at's line as the bytes before its client field and the bytes after it:
+    the line is `head + client + tail`, and `head + tail` is the form a store keeps
+    (store.pack), so a new client's IAMAT is kept without splitting its line again.
+
+    A time of up to 18 whole digits (every clock of this era) is read here, without
+    time_ns's checks: an Iamat's time was checked when its line was parsed.
+    """
+    time = iamat.time
+    whole, _, frac = time.partition(b".")
+    if len(whole) <= 18:
+        skew = received_ns - (int(whole) * NS_PER_S + int(frac[:9].ljust(9, b"0")))
+        sign = b"+"
+        if skew < 0:
+            sign, skew = b"-", -skew
+        head = b"AT %s %s%d.%09d " % (server, sign, skew // NS_PER_S, skew % NS_PER_S)
+    else:
+        head = b"AT %s %s " % (server, format_skew(received_ns - time_ns(time)))
+    return head, b" %s %s" % (iamat.coords, time)
 
 
 def parse_at(line: bytes) -> Record:

@@ -17,6 +17,7 @@ from herd_trio.protocol import (
     ProtocolError,
     Record,
     Whatsat,
+    at_parts,
     canonical_at,
     check_coords,
     format_at,
@@ -31,6 +32,7 @@ from herd_trio.protocol import (
     question,
     time_ns,
 )
+from herd_trio.store import pack
 
 WHITESPACE = b" \t\n\v\f\r"
 NOT_SEPARATORS = [
@@ -354,6 +356,22 @@ def test_format_at_is_the_time_difference_as_format_skew_writes_it(
     iamat = Iamat(b"kiwi", b"+1-1", time)
     skew = format_skew(received_ns - time_ns(time))
     assert format_at(b"Clark", received_ns, iamat) == b"AT Clark %s kiwi +1-1 %s" % (skew, time)
+
+
+@given(
+    st.from_regex(rb"\A[!-~\x80-\xff]{1,64}\Z"),  # a client id: one field, no white space
+    st.from_regex(rb"\A[0-9]{1,25}(\.[0-9]{1,15})?\Z"),
+    st.integers(min_value=0, max_value=10**20),
+)
+def test_at_parts_join_to_the_at_line_and_to_its_packed_form(
+    client: bytes, time: bytes, received_ns: int
+) -> None:
+    iamat = Iamat(client, b"+34.068930-118.445127", time)
+    head, tail = at_parts(b"Clark", received_ns, iamat)
+    skew = format_skew(received_ns - time_ns(time))
+    at_line = b"AT Clark %s %s +34.068930-118.445127 %s" % (skew, client, time)
+    assert head + client + tail == at_line
+    assert head + tail == pack(at_line, client)  # what client.answer stores for a new client
 
 
 def test_make_record_gives_the_classic_at_line() -> None:
