@@ -334,11 +334,19 @@ class Session:
         if not node.restore.done:  # the state file is still loading: fetch what they name
             await node.restore.ensure(lines)
         logged: list[tuple[bytes, bytes]] = []  # lines and replies: one time stamp, one write
+        kept, one_shot, requests = self._kept, node.settings.one_shot, node.stats.requests
+        # Lines answered one after another without waiting are timed as a run: each
+        # counts at the run's mean (Histogram.observe_run), which spares two clock
+        # reads and a bucket search per line. A WHATSAT, which waits for the places
+        # source, is timed on its own.
+        began, answered = time.perf_counter(), 0
         try:
             for index, line in enumerate(lines, 1):
                 if index % FAIR_SHARE == 0 and self._replies:
                     log.exchanges(who, logged)
+                    answered = requests.observe_run(began, answered)
                     await self._flush()  # a pipelining client must not hold the loop for long
+                    began = time.perf_counter()
                 logged.append((RECEIVED, line))
                 if not line or line.isspace():  # bytes.isspace(): the six white-space bytes
                     continue  # blank lines are ignored, also in one_shot mode
@@ -348,22 +356,28 @@ class Session:
                     log.write(f"{who} sent an HTTP request to the client port; closing")
                     return False
                 self._first = False
-                began = time.perf_counter()
-                reply = answer(node, line, received_ns, self._kept)
+                reply = answer(node, line, received_ns, kept)
                 if isinstance(reply, Whatsat):
                     log.exchanges(who, logged)  # the places source may log while we wait
+                    answered = requests.observe_run(began, answered)
                     if self._replies:  # earlier answers must not wait for the places source
                         await self._flush()
+                    began = time.perf_counter()
                     reply = await whatsat(node, self.places, reply)
-                node.stats.requests.observe(time.perf_counter() - began)
-                if node.settings.one_shot:
+                    requests.observe(time.perf_counter() - began)
+                    began = time.perf_counter()
+                else:
+                    answered += 1
+                if one_shot:
                     log.exchanges(who, logged)
+                    answered = requests.observe_run(began, answered)
                     await self._reply(reply)
                     log.write(f"{who} closed after one reply (one_shot)")
                     return False
                 logged.append((SENT, reply))
                 self._replies.append(reply)
         finally:
+            requests.observe_run(began, answered)
             log.exchanges(who, logged)  # before the replies go (and if a line ends the session)
             self._publish()  # every record kept is flooded, whatever happens to the session
         if self._replies:

@@ -370,6 +370,22 @@ async def test_a_session_answers_many_crlf_lines_in_order(nursery: trio.Nursery)
     await session.done.wait()  # the handler returned by itself
 
 
+async def test_every_line_answered_is_timed_once_in_the_request_histogram(
+    nursery: trio.Nursery,
+) -> None:
+    server = make_server(Places(legacy_body([place(1)], "OK")))
+    session = Session(nursery, server)
+    batch = [KIWI, b"", b"IAMAT a +1+1 1", b"WHATSAT kiwi.cs.ucla.edu 10 1", b"bad", b"IAMAT b +1+1 1"]
+    await session.client.send_all(b"".join(line + b"\n" for line in batch))
+    await session.client.send_eof()
+    await session.read_to_eof()
+    await session.done.wait()
+    requests = server.node.stats.requests
+    assert requests.count == 5  # the blank line is not answered
+    assert sum(requests.counts) == 5
+    assert requests.total > 0
+
+
 async def test_whatsat_reply_is_one_write_and_earlier_replies_do_not_wait(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
