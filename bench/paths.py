@@ -1,0 +1,152 @@
+"""The two hot paths of a loaded herd, in one process: `python -m bench.paths PATH`.
+
+* `client`: Clark alone, its client handler (client.handle_client, logging on) over
+  loopback TCP, 8 connections each sending batches of 16 pipelined IAMATs for new
+  clients and reading the 16 replies: what the herd's entry server does per update.
+* `relay`: Jaquez's two peer links (links.carry, logging on) over socket pairs: Clark
+  sends new records, Jaquez keeps each and forwards it to Campbell, which sends it
+  back (a flood's echo, settled as a duplicate): what a relay does per update.
+
+Prints one JSON object: the path, how many lines (updates) it ran, and the process's
+CPU microseconds per line, feeders included. CPU time on a shared machine moves by
+10-20% from run to run; `python -m bench.icount` counts instructions instead, which
+do not move, to size a change of a few percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from herd_trio.__main__ import collect_less
+from herd_trio.client import Admission, handle_client
+from herd_trio.lines import LineReader
+from herd_trio.links import carry
+from tests.helpers import Places, herd_config, make_node
+
+CONNECTIONS, DEPTH = 8, 16  # client: connections, and IAMATs per batch on each
+RELAY_BATCH = 32  # relay: records per write from Clark
+RELAY_AHEAD = 8  # relay: batches Clark may be ahead of what Campbell got back
+# Ports are only named in the config; the relay's links run over socket pairs.
+RELAY_SERVERS: dict[str, dict[str, object]] = {
+    "Campbell": {"port": 1, "peer_port": 2, "neighbours": ["Jaquez"]},
+    "Clark": {"port": 3, "peer_port": 4, "neighbours": ["Jaquez"]},
+    "Jaquez": {"port": 5, "peer_port": 6},
+}
+AT = b"AT Clark +0.018393080 r-%d +34.068930-118.445127 1796291240.923466616\n"
+
+
+async def client_path(lines: int, log_dir: Path) -> int:
+    """New-client IAMATs through Clark's client handler (see the module doc): `lines`,
+    rounded down to whole batches; how many."""
+    node = make_node("Clark", herd_config(), log=log_dir / "Clark.log")
+    batches = lines // CONNECTIONS // DEPTH
+    handler = partial(handle_client, node, Places(), Admission(max_clients=CONNECTIONS))
+
+    async def connection(number: int, port: int) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        for batch in range(batches):
+            await stream.send_all(
+                b"".join(
+                    b"IAMAT c%d-%d-%d +34.068930-118.445127 1621464827.%09d\n"
+                    % (number, batch, n, n)
+                    for n in range(DEPTH)
+                )
+            )
+            replies = 0
+            while replies < DEPTH:
+                replies += (await stream.receive_some(1 << 16)).count(b"\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as clients:
+            for number in range(CONNECTIONS):
+                clients.start_soon(connection, number, port)
+        nursery.cancel_scope.cancel()
+    node.log.close()
+    assert len(node.store) == batches * CONNECTIONS * DEPTH, "every IAMAT is a new client"
+    return len(node.store)
+
+
+async def relay_path(lines: int, log_dir: Path) -> int:
+    """`lines` records through Jaquez's links, each echoed back (see the module doc)."""
+    herd = herd_config(RELAY_SERVERS, sync_interval=3600.0, heartbeat_interval=30.0)
+    node = make_node("Jaquez", herd, log=log_dir / "Jaquez.log")
+    clark_end, from_clark = map(trio.SocketStream, trio.socket.socketpair())
+    campbell_end, from_campbell = map(trio.SocketStream, trio.socket.socketpair())
+    echoed = 0
+    echo = trio.Event()  # set when Campbell got records back
+    done = trio.Event()
+
+    async def clark() -> None:
+        nonlocal echo
+        for start in range(0, lines, RELAY_BATCH):
+            end = min(lines, start + RELAY_BATCH)
+            await clark_end.send_all(b"".join(AT % n for n in range(start, end)))
+            while end - echoed > RELAY_AHEAD * RELAY_BATCH:
+                echo = trio.Event()
+                await echo.wait()
+
+    async def campbell() -> None:
+        nonlocal echoed
+        pending = b""
+        while echoed < lines:
+            pending += await campbell_end.receive_some(1 << 16)
+            *received, pending = pending.split(b"\n")
+            records = [line for line in received if line.startswith(b"AT ")]
+            if records:
+                echoed += len(records)
+                echo.set()
+                await campbell_end.send_all(b"\n".join(records) + b"\n")
+        done.set()
+
+    async with clark_end, from_clark, campbell_end, from_campbell, trio.open_nursery() as nursery:
+        nursery.start_soon(carry, node, "Clark", from_clark, LineReader(from_clark, 8192))
+        nursery.start_soon(carry, node, "Campbell", from_campbell, LineReader(from_campbell, 8192))
+        nursery.start_soon(campbell)
+        nursery.start_soon(clark)
+        await done.wait()
+        nursery.cancel_scope.cancel()
+    node.log.close()
+    assert len(node.store) == lines, "every record is kept once"
+    return lines
+
+
+PATHS: dict[str, Callable[[int, Path], Awaitable[int]]] = {
+    "client": client_path,
+    "relay": relay_path,
+}
+
+
+def measure(path: str, lines: int) -> dict[str, Any]:
+    """Run one path for `lines` lines; its CPU per line."""
+    collect_less()  # as a server does (herd_trio.__main__)
+    with tempfile.TemporaryDirectory() as log_dir:
+        began = time.process_time()
+        ran = trio.run(PATHS[path], lines, Path(log_dir))
+        cpu = time.process_time() - began
+    return {"path": path, "lines": ran, "cpu_us_per_line": round(cpu / ran * 1e6, 3)}
+
+
+def main() -> None:
+    """`python -m bench.paths client|relay [--lines N]`."""
+    parser = argparse.ArgumentParser(prog="python -m bench.paths", description=__doc__)
+    parser.add_argument("path", choices=sorted(PATHS))
+    parser.add_argument("--lines", type=int, default=int(os.environ.get("LINES", "64000")))
+    args = parser.parse_args()
+    print(json.dumps(measure(args.path, args.lines)))
+
+
+if __name__ == "__main__":
+    main()
