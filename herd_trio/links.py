@@ -45,7 +45,6 @@ from herd_trio.protocol import (
 from herd_trio.security import PeerSecurity
 from herd_trio.silence import Silence
 from herd_trio.stats import PeerStats
-from herd_trio.store import split_client
 from herd_trio.sync import PeerMisbehaved, Reconciler
 from herd_trio.tls import wrap_dialled
 
@@ -182,6 +181,7 @@ async def read_peer(
     held = store.held
     logged: list[tuple[bytes, str]] = []  # record lines and verdicts, logged per batch
     kept: list[tuple[bytes, bytes]] = []  # records kept, flooded on per batch
+    new = duplicates = 0  # settled below without a Record; added to `counts` per batch
     while True:
         silence.waiting()
         lines = await reader.receive_lines()
@@ -200,17 +200,18 @@ async def read_peer(
                 # Most record lines are a flood's echoes of a line held already, or a
                 # new client's first record; both are settled here by comparing the
                 # line, packed, with the held one, without building a Record. (A
-                # heartbeat has one field: split_client gives None.)
-                if max_skew is None and (split := split_client(line)) is not None:
-                    client, packed = split
+                # heartbeat has one field, so it is not split into five.)
+                if max_skew is None and len(fields := line.split(b" ", 4)) == 5:
+                    client, fields[3] = fields[3], b""  # store.split_client, without a call
+                    packed = b" ".join(fields)
                     standing = held.get(client)
                     if standing == packed:  # equal to a checked line: the same line
-                        counts.duplicate += 1
+                        duplicates += 1
                         logged.append((line, "duplicate"))
                         continue
                     if standing is None and canonical_at(line):
                         store.add_new(client, packed, line)
-                        counts.kept += 1
+                        new += 1
                         kept.append((client, line))
                         logged.append((line, "kept"))
                         continue
@@ -234,6 +235,9 @@ async def read_peer(
                     continue
                 logged.append((line, _take(node, record, counts, kept)))
         finally:
+            counts.kept += new
+            counts.duplicate += duplicates
+            new = duplicates = 0
             _hand_on(node, peer, logged, kept)  # the batch's records go on, one write per link
 
 
