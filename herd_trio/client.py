@@ -24,11 +24,13 @@ from herd_trio.net import describe, host_of, linger, send_within
 from herd_trio.node import Node
 from herd_trio.places import JSON, PlacesSource, error_body, legacy_body, render
 from herd_trio.protocol import (
+    Iamat,
     ProtocolError,
     Whatsat,
     at_parts,
+    iamat_match,
     make_record,
-    parse_command,
+    parse_command_fields,
     question,
 )
 
@@ -64,26 +66,36 @@ def answer(
     node: Node, line: bytes, received_ns: int, kept: list[tuple[bytes, bytes]]
 ) -> bytes | Whatsat:
     """answer_line for a batch of lines: the record an IAMAT keeps is added to `kept`
-    as (client, AT line), for the caller to publish before any reply goes out."""
-    try:
-        command = parse_command(line)
-    except ProtocolError:
-        node.stats.invalid += 1
-        return question(line)
-    if isinstance(command, Whatsat):
-        node.stats.whatsat += 1
-        return command if node.store.get(command.client) is not None else question(line)
+    as (client, AT line), for the caller to publish before any reply goes out.
+
+    A well-formed IAMAT (the common line) is taken apart by parse_command's regex
+    here, and a new client's is kept without building an Iamat or a Record.
+    """
+    match = iamat_match(line)
+    if match is not None:
+        client, coords, time = match.groups()
+    else:
+        try:
+            command = parse_command_fields(line)
+        except ProtocolError:
+            node.stats.invalid += 1
+            return question(line)
+        if isinstance(command, Whatsat):
+            node.stats.whatsat += 1
+            return command if node.store.get(command.client) is not None else question(line)
+        client, coords, time = command
     max_skew = node.settings.max_future_skew
-    if max_skew is not None and protocol.too_far_ahead(command.sent, received_ns, max_skew):
+    if max_skew is not None and protocol.too_far_ahead(
+        Iamat(client, coords, time).sent, received_ns, max_skew
+    ):
         return question(line)
     node.stats.iamat += 1
-    client = command.client
     if client not in node.store.held:  # a new client: kept without building a Record
-        head, tail = at_parts(node.wire_name, received_ns, command)
+        head, tail = at_parts(node.wire_name, received_ns, coords, time)
         at_line = head + client + tail
         node.store.add_new(client, head + tail, at_line)  # head + tail: store.pack's form
     else:
-        record = make_record(node.wire_name, received_ns, command)
+        record = make_record(node.wire_name, received_ns, Iamat(client, coords, time))
         standing = node.store.offer(record, repeat=True)
         if standing is not record:
             return standing.at_line + b"\n"

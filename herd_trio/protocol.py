@@ -260,19 +260,19 @@ def make_record(server: bytes, received_ns: int, iamat: Iamat) -> Record:
 def format_at(server: bytes, received_ns: int, iamat: Iamat) -> bytes:
     """The AT line (without LF) that `server` answers an IAMAT with that arrived
     complete at `received_ns`."""
-    head, tail = at_parts(server, received_ns, iamat)
+    head, tail = at_parts(server, received_ns, iamat.coords, iamat.time)
     return head + iamat.client + tail
 
 
-def at_parts(server: bytes, received_ns: int, iamat: Iamat) -> tuple[bytes, bytes]:
-    """format_at's line as the bytes before its client field and the bytes after it:
-    the line is `head + client + tail`, and `head + tail` is the form a store keeps
-    (store.pack), so a new client's IAMAT is kept without splitting its line again.
+def at_parts(server: bytes, received_ns: int, coords: bytes, time: bytes) -> tuple[bytes, bytes]:
+    """format_at's line for an IAMAT's (checked) coords and time, as the bytes before
+    its client field and the bytes after it: the line is `head + client + tail`, and
+    `head + tail` is the form a store keeps (store.pack), so a new client's IAMAT is
+    kept without splitting its line again.
 
     A time of up to 18 whole digits (every clock of this era) is read here, without
-    time_ns's checks: an Iamat's time was checked when its line was parsed.
+    time_ns's checks: an IAMAT's time was checked when its line was parsed.
     """
-    time = iamat.time
     whole, _, frac = time.partition(b".")
     if len(whole) <= 18:
         skew = received_ns - (int(whole) * NS_PER_S + int(frac[:9].ljust(9, b"0")))
@@ -282,7 +282,7 @@ def at_parts(server: bytes, received_ns: int, iamat: Iamat) -> tuple[bytes, byte
         head = b"AT %s %s%d.%09d " % (server, sign, skew // NS_PER_S, skew % NS_PER_S)
     else:
         head = b"AT %s %s " % (server, format_skew(received_ns - time_ns(time)))
-    return head, b" %s %s" % (iamat.coords, time)
+    return head, b" %s %s" % (coords, time)
 
 
 def parse_at(line: bytes) -> Record:
@@ -297,6 +297,12 @@ def parse_at(line: bytes) -> Record:
         return Record(client, coords, Decimal(time.decode()), origin, line)
     return parse_at_fields(line)
 
+
+# iamat_match(line): the match of a well-formed IAMAT line, whose groups() are its
+# client, coords and time, as parse_command's fast path takes them; None does not mean
+# invalid (parse_command_fields then says). The regex's own method: no Python call, and
+# no Iamat built, for a new client's IAMAT (client.answer).
+iamat_match: Callable[[bytes], re.Match[bytes] | None] = _IAMAT_LINE.fullmatch
 
 # canonical_at(line) is true (a match) if `line` is an AT line that parse_at takes on
 # its fast path (one regex): for the hot path that keeps a new client's record from its

@@ -375,7 +375,7 @@ async def test_every_line_answered_is_timed_once_in_the_request_histogram(
 ) -> None:
     server = make_server(Places(legacy_body([place(1)], "OK")))
     session = Session(nursery, server)
-    batch = [KIWI, b"", b"IAMAT a +1+1 1", b"WHATSAT kiwi.cs.ucla.edu 10 1", b"bad", b"IAMAT b +1+1 1"]
+    batch = [KIWI, b"", b"IAMAT a +1+1 1", b"WHATSAT kiwi.cs.ucla.edu 10 1", b"bad", b"IAMAT b 1 2"]
     await session.client.send_all(b"".join(line + b"\n" for line in batch))
     await session.client.send_eof()
     await session.read_to_eof()

@@ -367,7 +367,7 @@ def test_at_parts_join_to_the_at_line_and_to_its_packed_form(
     client: bytes, time: bytes, received_ns: int
 ) -> None:
     iamat = Iamat(client, b"+34.068930-118.445127", time)
-    head, tail = at_parts(b"Clark", received_ns, iamat)
+    head, tail = at_parts(b"Clark", received_ns, iamat.coords, iamat.time)
     skew = format_skew(received_ns - time_ns(time))
     at_line = b"AT Clark %s %s +34.068930-118.445127 %s" % (skew, client, time)
     assert head + client + tail == at_line
