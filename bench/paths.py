@@ -47,7 +47,8 @@ AT = b"AT Clark +0.018393080 r-%d +34.068930-118.445127 1796291240.923466616\n"
 
 async def client_path(lines: int, log_dir: Path) -> int:
     """New-client IAMATs through Clark's client handler (see the module doc): `lines`,
-    rounded down to whole batches; how many."""
+    rounded down to whole batches; how many. Their time is the time of their batch,
+    in nanoseconds, as bench.loadgen and a client whose clock is in sync send."""
     node = make_node("Clark", herd_config(), log=log_dir / "Clark.log")
     batches = lines // CONNECTIONS // DEPTH
     handler = partial(handle_client, node, Places(), Admission(max_clients=CONNECTIONS))
@@ -55,10 +56,10 @@ async def client_path(lines: int, log_dir: Path) -> int:
     async def connection(number: int, port: int) -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         for batch in range(batches):
+            stamp = b"%d.%09d" % divmod(time.time_ns(), 1_000_000_000)
             await stream.send_all(
                 b"".join(
-                    b"IAMAT c%d-%d-%d +34.068930-118.445127 1621464827.%09d\n"
-                    % (number, batch, n, n)
+                    b"IAMAT c%d-%d-%d +34.068930-118.445127 %s\n" % (number, batch, n, stamp)
                     for n in range(DEPTH)
                 )
             )

@@ -374,6 +374,19 @@ def test_at_parts_join_to_the_at_line_and_to_its_packed_form(
     assert head + tail == pack(at_line, client)  # what client.answer stores for a new client
 
 
+@given(
+    st.from_regex(rb"\A[0-9]{1,18}(\.[0-9]{1,12})?\Z"),
+    st.integers(min_value=-2 * 10**9, max_value=2 * 10**9),
+)
+def test_format_at_near_the_servers_clock_is_exact(time: bytes, skew_ns: int) -> None:
+    # A client clock within a second or two of the server's (at_parts' short cuts: a
+    # time in nanoseconds, a skew of less than a second), on both sides of zero.
+    received_ns = time_ns(time) + skew_ns
+    iamat = Iamat(b"kiwi", b"+1-1", time)
+    expected = b"AT Clark %s kiwi +1-1 %s" % (format_skew(skew_ns), time)
+    assert format_at(b"Clark", received_ns, iamat) == expected
+
+
 def test_make_record_gives_the_classic_at_line() -> None:
     iamat = parse_command(KIWI)
     assert isinstance(iamat, Iamat)
