@@ -30,7 +30,7 @@ from herd_trio.bus import OutboxClosed
 from herd_trio.errors import leaves
 from herd_trio.lines import LineReader, LineTooLong
 from herd_trio.linkwriter import HEARTBEATS, PING, PONG, LinkWriter, Timers
-from herd_trio.log import RateLimiter
+from herd_trio.log import DUPLICATE, KEPT, VERDICT_TAILS, RateLimiter
 from herd_trio.net import hostport
 from herd_trio.node import Node
 from herd_trio.protocol import (
@@ -179,7 +179,8 @@ async def read_peer(
     max_skew = node.settings.max_future_skew
     store = node.store
     held = store.held
-    logged: list[tuple[bytes, str]] = []  # record lines and verdicts, logged per batch
+    logged: list[bytes] = []  # record lines, logged per batch with their verdicts' tails:
+    tails: list[bytes] = []  # KEPT, DUPLICATE or STALE (log.peer_lines)
     kept: list[tuple[bytes, bytes]] = []  # records kept, flooded on per batch
     new = duplicates = 0  # settled below without a Record; added to `counts` per batch
     while True:
@@ -195,7 +196,7 @@ async def read_peer(
                 handled += 1
                 if handled >= LINES_PER_CHECKPOINT:  # clients get the loop meanwhile
                     handled = 0
-                    _hand_on(node, peer, logged, kept)  # before anyone else logs or floods
+                    _hand_on(node, peer, logged, tails, kept)  # before anyone logs or floods
                     await trio.lowlevel.checkpoint()
                 # Most record lines are a flood's echoes of a line held already, or a
                 # new client's first record; both are settled here by comparing the
@@ -207,13 +208,15 @@ async def read_peer(
                     standing = held.get(client)
                     if standing == packed:  # equal to a checked line: the same line
                         duplicates += 1
-                        logged.append((line, "duplicate"))
+                        logged.append(line)
+                        tails.append(DUPLICATE)
                         continue
                     if standing is None and canonical_at(line):
                         store.add_new(client, packed, line)
                         new += 1
                         kept.append((client, line))
-                        logged.append((line, "kept"))
+                        logged.append(line)
+                        tails.append(KEPT)
                         continue
                 if line == PING:
                     writer.pong()
@@ -224,29 +227,34 @@ async def read_peer(
                     continue
                 if line.startswith(SYNC_PREFIXES):
                     parsed = _parse(peer, line, parse_sync)
-                    node.log.peer_lines(peer, logged)  # sync may log: keep the order
+                    node.log.peer_lines(peer, logged, tails)  # sync may log: keep the order
                     if node.restore.done:  # loading: we would ask for most of the store
                         sync.handle(parsed, trio.current_time())
                     continue
                 record = _parse(peer, line, parse_at)
                 if max_skew is not None and too_far_ahead(record.sent, node.now_ns(), max_skew):
-                    node.log.peer_lines(peer, logged)
+                    node.log.peer_lines(peer, logged, tails)
                     _refuse_ahead(node, peer, ahead, line)
                     continue
-                logged.append((line, _take(node, record, counts, kept)))
+                logged.append(line)
+                tails.append(VERDICT_TAILS[_take(node, record, counts, kept)])
         finally:
             counts.kept += new
             counts.duplicate += duplicates
             new = duplicates = 0
-            _hand_on(node, peer, logged, kept)  # the batch's records go on, one write per link
+            _hand_on(node, peer, logged, tails, kept)  # the batch's records go on, one write a link
 
 
 def _hand_on(
-    node: Node, peer: str, logged: list[tuple[bytes, str]], kept: list[tuple[bytes, bytes]]
+    node: Node,
+    peer: str,
+    logged: list[bytes],
+    tails: list[bytes],
+    kept: list[tuple[bytes, bytes]],
 ) -> None:
     """Log the lines taken from `peer` so far, flood on the records kept (in the order
-    they were kept: a client's later record is its newer) and send them; empty both."""
-    node.log.peer_lines(peer, logged)
+    they were kept: a client's later record is its newer) and send them; empty the lists."""
+    node.log.peer_lines(peer, logged, tails)
     if kept:
         node.bus.publish(kept, peer)
         kept.clear()

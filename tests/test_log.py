@@ -17,9 +17,13 @@ from hypothesis import strategies as st
 
 from herd_trio.client import Admission, handle_client
 from herd_trio.log import (
+    DUPLICATE,
     FLUSH_INTERVAL,
+    KEPT,
     RECEIVED,
     SENT,
+    STALE,
+    VERDICT_TAILS,
     RateLimiter,
     ServerLog,
     plural,
@@ -335,8 +339,8 @@ def test_a_peer_line_is_logged_with_its_verdict(tmp_path: Path) -> None:
     path = tmp_path / "Bona.log"
     log = ServerLog(path, "Bona")
     line = b"AT Clark +0.263873386 kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.9"
-    log.peer_lines("Clark", [(line, "kept")])
-    log.peer_lines("Clark", [(b"AT \x1b'x", "stale")])
+    log.peer_lines("Clark", [line], [KEPT])
+    log.peer_lines("Clark", [b"AT \x1b'x"], [STALE])
     log.close()
     first, second = path.read_text(encoding="utf-8").splitlines()
     assert re.fullmatch(STAMP + " Bona peer Clark < " + re.escape(repr(line)) + " kept", first)
@@ -347,13 +351,13 @@ def test_lines_handled_together_are_logged_as_one_write_with_one_stamp(tmp_path:
     path = tmp_path / "Bona.log"
     log = ServerLog(path, "Bona")
     line = b"AT Clark +0.263873386 kiwi +34-118 5"
-    batch = [(line, "kept"), (line, "duplicate"), (b"AT \x1b'x", "stale")]
-    log.peer_lines("Clark", batch)
-    assert batch == []  # emptied for the next batch
+    batch, tails = [line, line, b"AT \x1b'x"], [KEPT, DUPLICATE, STALE]
+    log.peer_lines("Clark", batch, tails)
+    assert batch == tails == []  # emptied for the next batch
     events = [log.received_text("who", b"IAMAT kiwi +34-118 5\x1b"), log.sent_text("who", b"? x\n")]
     log.events(events)
     assert events == []
-    log.peer_lines("Clark", [])  # nothing to log: nothing written
+    log.peer_lines("Clark", [], [])  # nothing to log: nothing written
     log.close()
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [ln.split(" ", 1)[1] for ln in lines] == [
@@ -426,6 +430,6 @@ def test_peer_lines_are_logged_as_repr_writes_them(
     path = tmp_path_factory.mktemp("peer") / "Bona.log"
     log = ServerLog(path, "Bona")
     expected = [f"Bona peer Clark < {line!r} {verdict}" for line, verdict in entries]
-    log.peer_lines("Clark", entries)
+    log.peer_lines("Clark", [ln for ln, _ in entries], [VERDICT_TAILS[v] for _, v in entries])
     log.close()
     assert logged_events(path) == expected
