@@ -345,7 +345,7 @@ class Session:
             await trio.lowlevel.cancel_shielded_checkpoint()
         if not node.restore.done:  # the state file is still loading: fetch what they name
             await node.restore.ensure(lines)
-        logged: list[tuple[bytes, bytes]] = []  # lines and replies: one time stamp, one write
+        logged: list[bytes] = []  # RECEIVED, line, SENT, reply...: one time stamp, one write
         kept, one_shot, requests = self._kept, node.settings.one_shot, node.stats.requests
         # Lines answered one after another without waiting are timed as a run: each
         # counts at the run's mean (Histogram.observe_run), which spares two clock
@@ -359,7 +359,8 @@ class Session:
                     answered = requests.observe_run(began, answered)
                     await self._flush()  # a pipelining client must not hold the loop for long
                     began = time.perf_counter()
-                logged.append((RECEIVED, line))
+                logged.append(RECEIVED)
+                logged.append(line)
                 if not line or line.isspace():  # bytes.isspace(): the six white-space bytes
                     continue  # blank lines are ignored, also in one_shot mode
                 if self._first and HTTP_REQUEST.match(line):
@@ -386,7 +387,8 @@ class Session:
                     await self._reply(reply)
                     log.write(f"{who} closed after one reply (one_shot)")
                     return False
-                logged.append((SENT, reply))
+                logged.append(SENT)
+                logged.append(reply)
                 self._replies.append(reply)
         finally:
             requests.observe_run(began, answered)

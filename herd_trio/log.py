@@ -13,7 +13,6 @@ Timestamps are local time in ISO 8601 with the UTC offset
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -25,11 +24,14 @@ import trio
 
 FLUSH_INTERVAL = 0.25  # seconds: PROTOCOL.md wants lines in the file within a second
 PREVIEW_SLACK = 64  # characters an escaped line may add beyond twice its bytes
-RECEIVED = b"<"  # ServerLog.exchanges: a line received from a client
-SENT = b">"  # ... and a reply sent to it
+# ServerLog.exchanges' marks: a line received from a client, and a reply sent to it.
+# Control bytes, so that the joined fast path can use them as placeholders for the heads.
+RECEIVED = b"\x01"
+SENT = b"\x02"
 # The bytes that repr() of a bytes object writes as they are (printable ASCII but the
 # quote and the backslash).
 _UNESCAPED = bytes(c for c in range(0x20, 0x7F) if c not in b"'\\")
+_UNESCAPED_OR_LF = _UNESCAPED + b"\n"  # ... and the LF, which repr() writes as \\n
 # What follows a peer line in its log entry (peer_lines), by verdict: what the store
 # made of the record.
 KEPT, DUPLICATE, STALE = b"' kept\n", b"' duplicate\n", b"' stale\n"
@@ -136,37 +138,41 @@ class ServerLog:
         lines.clear()
         tails.clear()
 
-    def exchanges(self, who: str, entries: list[tuple[bytes, bytes]]) -> None:
-        """Log lines received from client `who` (RECEIVED, line) and replies sent to it
-        (SENT, reply), in order, and empty `entries`; one time stamp and one write.
+    def exchanges(self, who: str, entries: list[bytes]) -> None:
+        """Log lines received from client `who` and replies sent to it, in order, and
+        empty `entries`; one time stamp and one write. `entries` alternates a mark and
+        its bytes: RECEIVED and a line, or SENT and a reply.
 
         The entries read as `received_text` and `sent_text` make them. When every line
-        and reply of the batch is shorter than `line_limit` and needs no escaping but
-        a reply's final LF (a telnet session; a load of IAMATs and their AT replies),
-        they are joined as bytes in one go, at a fifth of the cost of a repr() and two
-        f-strings each.
+        and reply of the batch is shorter than `line_limit`, holds nothing for repr()
+        to escape but LFs, and is no WHATSAT reply (which is logged as a summary), the
+        batch is laid out by slice assignments (each entry's mark, bytes and a NUL for
+        its end) and joined as bytes; four replaces then write each LF as repr() does,
+        end the entries and put the heads in place of the marks. No Python step per
+        entry: a third of the cost of a loop over them, a fifth of a repr() each.
         """
         if entries and self._file is not None:
-            head = f"{self._head()}{who} "
-            received, sent = f"{head}< b'".encode(), f"{head}> b'".encode()
-            parts: list[bytes] = []
-            for mark, data in entries:
-                if mark == RECEIVED:
-                    parts += (received, data, b"'\n")
-                elif data[-1:] == b"\n":
-                    parts += (sent, data[:-1], b"\\n'\n")
-                else:
-                    parts += (sent, data, b"'\n")
-            joined = _joined(parts, self.line_limit)
-            if joined is not None:
-                self._emit(joined)
-            else:  # a long line, or something to escape: entry by entry
+            texts = entries[1::2]
+            joined = b"".join(texts)
+            if (
+                max(map(len, texts)) < self.line_limit
+                and not joined.translate(None, _UNESCAPED_OR_LF)
+                and b"}\n\n" not in joined
+            ):
+                parts = [b"'\x00"] * (3 * len(texts))
+                parts[0::3] = entries[0::2]
+                parts[1::3] = texts
+                head = f"{self._head()}{who} "
+                batch = b"".join(parts).replace(b"\n", b"\\n").replace(b"\x00", b"\n")
+                batch = batch.replace(RECEIVED, f"{head}< b'".encode())
+                self._emit(batch.replace(SENT, f"{head}> b'".encode()).decode("ascii"))
+            else:  # a long line, something to escape, a WHATSAT reply: entry by entry
                 self.events(
                     [
                         self.received_text(who, data)
                         if mark == RECEIVED
                         else self.sent_text(who, data)
-                        for mark, data in entries
+                        for mark, data in zip(entries[0::2], texts, strict=True)
                     ]
                 )
         entries.clear()
@@ -256,13 +262,10 @@ class ServerLog:
             self.flush()
 
 
-def _joined(parts: list[bytes], limit: float = math.inf) -> str | None:
+def _joined(parts: list[bytes]) -> str | None:
     """Log entries given as (head, text, tail) triples in `parts`, as one string; None
-    if a text is `limit` bytes or longer or holds a byte that repr() would escape."""
-    texts = parts[1::3]
-    if limit != math.inf and max(map(len, texts)) >= limit:  # ~50 ns a text: not for peers
-        return None
-    if b"".join(texts).translate(None, _UNESCAPED):
+    if a text holds a byte that repr() would escape."""
+    if b"".join(parts[1::3]).translate(None, _UNESCAPED):
         return None
     return b"".join(parts).decode("ascii")
 
