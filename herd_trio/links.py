@@ -242,7 +242,8 @@ async def read_peer(
             counts.kept += new
             counts.duplicate += duplicates
             new = duplicates = 0
-            _hand_on(node, peer, logged, tails, kept)  # the batch's records go on, one write a link
+            # The batch's records go on, with one write per link.
+            _hand_on(node, peer, logged, tails, kept)
 
 
 def _hand_on(
