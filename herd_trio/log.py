@@ -149,7 +149,8 @@ class ServerLog:
         batch is laid out by slice assignments (each entry's mark, bytes and a NUL for
         its end) and joined as bytes; four replaces then write each LF as repr() does,
         end the entries and put the heads in place of the marks. No Python step per
-        entry: a third of the cost of a loop over them, a fifth of a repr() each.
+        entry: about 1,800 instructions fewer per IAMAT and reply than a loop over the
+        entries (python -m bench.icount).
         """
         if entries and self._file is not None:
             texts = entries[1::2]
