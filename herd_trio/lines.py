@@ -14,6 +14,8 @@ import math
 
 import trio
 
+from herd_trio.net import receive_some
+
 CHUNK = 65536  # bytes per receive_some: large enough that pipelined clients batch well
 
 
@@ -77,7 +79,7 @@ class LineReader:
             if self._buffer and self._line_timeout != math.inf:
                 data = await self._receive_rest()  # a line has begun: it gets line_timeout
             else:  # the hot path: no deadline to arm (a cancel scope costs a few us)
-                data = await self._stream.receive_some(self._chunk)
+                data = await receive_some(self._stream, self._chunk)
             received = True
             if data:
                 if isinstance(data, bytes) and not self._buffer and data.endswith(b"\n"):

@@ -100,6 +100,45 @@ def send_now(stream: trio.SocketStream, data: bytes) -> bytes:
     return data[sent:]
 
 
+async def receive_some(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes | bytearray:
+    """`stream.receive_some(max_bytes)`, with its checkpoints and errors.
+
+    On a plain socket, read(2) takes what is there, as trio's socket does, without the
+    wrappers and context managers it enters for every receive (the caller is the
+    stream's only reader): a checkpoint if cancelled, a read, and a yield when it got
+    something; else waits until the socket is readable and reads again.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return await stream.receive_some(max_bytes)
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        data = _read(stream, max_bytes)
+    except BlockingIOError:
+        pass
+    else:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+    while True:
+        await trio.lowlevel.wait_readable(stream.socket)
+        try:
+            return _read(stream, max_bytes)
+        except BlockingIOError:
+            pass
+
+
+def _read(stream: trio.SocketStream, max_bytes: int) -> bytes:
+    """One read(2); BlockingIOError if nothing is there, and the errors of trio's
+    receive_some otherwise (see send_now)."""
+    try:
+        return os.read(stream.socket.fileno(), max_bytes)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.EBADF or stream.socket.fileno() < 0:
+            raise trio.ClosedResourceError("this stream was closed") from exc
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
 async def linger(stream: trio.abc.Stream) -> None:
     """Half-close, then read and discard the other end's input until its EOF, for at
     most LINGER seconds and LINGER_BYTES bytes; the caller closes the stream after.

@@ -1,4 +1,5 @@
-"""send_within on real sockets: the direct write, the rest under a deadline, the errors."""
+"""send_within and receive_some on real sockets: the direct write, the rest under a
+deadline, the direct read, the waits and the errors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from herd_trio.net import send_within
+from herd_trio.net import receive_some, send_within
 
 
 def stream_pair() -> tuple[trio.SocketStream, socket.socket]:
@@ -75,3 +76,64 @@ async def test_a_closed_stream_and_a_gone_peer_give_trio_errors() -> None:
     await stream.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await send_within(stream, b"late\n", 1.0)
+
+
+async def test_receive_some_reads_what_is_there_waits_for_more_and_sees_the_end(
+    nursery: trio.Nursery,
+) -> None:
+    stream, theirs = stream_pair()
+    with theirs:
+        async with stream:
+            theirs.sendall(b"IAMAT a +1+1 1\n")
+            assert await receive_some(stream, 65536) == b"IAMAT a +1+1 1\n"
+            received: list[bytes] = []
+            done = trio.Event()
+
+            async def reader() -> None:
+                received.append(bytes(await receive_some(stream, 65536)))
+                done.set()
+
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert received == []  # nothing there: it waits
+            theirs.sendall(b"IAMAT b +1+1 2\n")
+            with trio.fail_after(5):
+                await done.wait()
+            assert received == [b"IAMAT b +1+1 2\n"]
+            theirs.shutdown(socket.SHUT_WR)
+            assert await receive_some(stream, 65536) == b""  # the end of the stream
+
+
+async def test_receive_some_checkpoints_even_when_data_is_there() -> None:
+    stream, theirs = stream_pair()
+    with theirs:
+        async with stream:
+            theirs.sendall(b"x\n")
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await receive_some(stream, 65536)  # cancelled before it reads
+            assert scope.cancelled_caught
+            assert await receive_some(stream, 65536) == b"x\n"  # nothing was lost
+
+
+async def test_receive_some_gives_trio_errors_for_a_reset_and_a_closed_stream() -> None:
+    stream, theirs = stream_pair()
+    theirs.sendall(b"sent before the reset\n")
+    await send_within(stream, b"unread\n", 1.0)
+    theirs.close()  # with our line unread: the kernel resets the connection
+
+    async def read_until_broken() -> None:
+        for _ in range(3):  # what was sent before the reset may come first
+            await receive_some(stream, 65536)
+
+    with pytest.raises(trio.BrokenResourceError):
+        await read_until_broken()
+    await stream.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await receive_some(stream, 65536)
+
+
+async def test_receive_some_on_another_stream_is_its_own() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    await left.send_all(b"hello\n")
+    assert await receive_some(right, 65536) == b"hello\n"
