@@ -338,10 +338,16 @@ class Session:
         """Answer lines that arrived together; False when the connection must close."""
         node, log, who = self.node, self.node.log, self.who
         received_ns = node.now_ns()  # when these lines were complete
-        # Peer records that became readable in the same poll as these lines are
-        # scheduled in this batch too; one checkpoint lets them land in the store
-        # first, so a WHATSAT sent after an IAMAT's reply sees that IAMAT.
+        # A WHATSAT sent after an IAMAT's reply must see that IAMAT (PROTOCOL.md §2).
+        # Its record reached this server's socket buffer before the WHATSAT did, so a
+        # link's reader takes it no later than the batch after this one: it is either
+        # woken by the same poll as these lines (and takes what it reads in that step),
+        # or already runnable, and then its next receive reads the record and yields
+        # once before handing it over, as trio's receive does. Two checkpoints put
+        # this answer after both. (Only a batch of more than LINES_PER_CHECKPOINT
+        # lines, a sync stream's, is taken in more than one step.)
         if b"WHAT" in b"\n".join(lines):  # one search in C, not a generator per line
+            await trio.lowlevel.cancel_shielded_checkpoint()
             await trio.lowlevel.cancel_shielded_checkpoint()
         if not node.restore.done:  # the state file is still loading: fetch what they name
             await node.restore.ensure(lines)

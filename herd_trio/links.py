@@ -53,7 +53,7 @@ HANDSHAKE_DEADLINE = 2.0  # seconds, as NATS gives a route to authenticate
 SILENT_BEATS = 3  # a link whose peer says nothing for this many heartbeats is dead
 FAILURE_LOG_EVERY = 20  # while a neighbour stays down, log every 20th failed dial
 PEER_LINE_SLACK = 512  # bytes an AT line adds to the client line it came from
-LINES_PER_CHECKPOINT = 32  # peer lines handled between checkpoints: ~1-2 ms of work
+LINES_PER_CHECKPOINT = 32  # lines of one batch handled between checkpoints: ~1-2 ms of work
 PEER_MIN_LINE = 8192  # bytes: the longest sync line (ITEMS, NEED) is about 1.1 KB
 BACKOFF = Backoff()
 
@@ -175,7 +175,6 @@ async def read_peer(
     """
     counts = node.stats.peer(peer)
     ahead = RateLimiter()
-    handled = 0  # lines since the last checkpoint: a sync stream's batch is thousands
     max_skew = node.settings.max_future_skew
     store = node.store
     held = store.held
@@ -191,11 +190,17 @@ async def read_peer(
             raise LinkError(f"{peer} closed the link", "closed")
         if len(lines) > 1 or lines[0] not in HEARTBEATS:
             writer.note_traffic()
+        # Every receive checkpoints, so only a long batch (a sync stream's is thousands
+        # of lines) checkpoints inside it, and only after its first LINES_PER_CHECKPOINT
+        # lines: a short batch is taken in the step that received it. A client's
+        # WHATSAT answered in a checkpoint between would miss a record that was read
+        # before it ("flood first, then reply", PROTOCOL.md §2).
+        handled = 0
         try:  # what was taken is logged even if a later line drops the link
             for line in lines:
                 handled += 1
-                if handled >= LINES_PER_CHECKPOINT:  # clients get the loop meanwhile
-                    handled = 0
+                if handled > LINES_PER_CHECKPOINT:  # clients get the loop meanwhile
+                    handled = 1
                     _hand_on(node, peer, logged, tails, kept)  # before anyone logs or floods
                     await trio.lowlevel.checkpoint()
                 # Most record lines are a flood's echoes of a line held already, or a
