@@ -29,6 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SIZES = {"client": (4096, 12288), "relay": (5000, 15000)}  # lines: small, large
+SIZES |= {f"limit-{path}": sizes for path, sizes in SIZES.items()}  # the floors (bench.paths)
 TOTAL = re.compile(rb"I\s+refs:\s+([0-9,]+)")
 
 
@@ -69,7 +70,7 @@ def main() -> None:
         checkouts[name] = Path(root).resolve()
     for path in args.paths.split(","):
         if path not in SIZES:
-            raise SystemExit(f"bench.icount: no path {path!r} (client, relay)")
+            raise SystemExit(f"bench.icount: no path {path!r} ({', '.join(SIZES)})")
         first = None
         for name, root in checkouts.items():
             count = per_line(root, path)

@@ -6,6 +6,9 @@
 * `relay`: Jaquez's two peer links (links.carry, logging on) over socket pairs: Clark
   sends new records, Jaquez keeps each and forwards it to Campbell, which sends it
   back (a flood's echo, settled as a duplicate): what a relay does per update.
+* `limit-client` and `limit-relay`: the same feeders, with the limit server's client
+  handler (bench.limit) and the limit herd's peer links (bench.limitherd) in place of
+  herd_trio's: the floor each path is compared with.
 
 Prints one JSON object: the path, how many lines (updates) it ran, and the process's
 CPU microseconds per line, feeders included. CPU time on a shared machine moves by
@@ -27,6 +30,7 @@ from typing import Any
 
 import trio
 
+from bench import limit, limitherd
 from herd_trio.__main__ import collect_less
 from herd_trio.client import Admission, handle_client
 from herd_trio.lines import LineReader
@@ -47,11 +51,25 @@ AT = b"AT Clark +0.018393080 r-%d +34.068930-118.445127 1796291240.923466616\n"
 
 async def client_path(lines: int, log_dir: Path) -> int:
     """New-client IAMATs through Clark's client handler (see the module doc): `lines`,
-    rounded down to whole batches; how many. Their time is the time of their batch,
-    in nanoseconds, as bench.loadgen and a client whose clock is in sync send."""
+    rounded down to whole batches; how many."""
     node = make_node("Clark", herd_config(), log=log_dir / "Clark.log")
-    batches = lines // CONNECTIONS // DEPTH
     handler = partial(handle_client, node, Places(), Admission(max_clients=CONNECTIONS))
+    sent = await feed_clients(handler, lines)
+    node.log.close()
+    assert len(node.store) == sent, "every IAMAT is a new client"
+    return sent
+
+
+async def limit_client_path(lines: int, log_dir: Path) -> int:
+    """client_path with the limit server's handler (no store, no log)."""
+    return await feed_clients(limit.handle, lines)
+
+
+async def feed_clients(handler: Callable[[trio.SocketStream], Awaitable[None]], lines: int) -> int:
+    """Serve `handler` on loopback and send it `lines` new-client IAMATs, rounded down
+    to whole batches (see the module doc); how many. Their time is the time of their
+    batch, in nanoseconds, as bench.loadgen and a client whose clock is in sync send."""
+    batches = lines // CONNECTIONS // DEPTH
 
     async def connection(number: int, port: int) -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -75,15 +93,49 @@ async def client_path(lines: int, log_dir: Path) -> int:
             for number in range(CONNECTIONS):
                 clients.start_soon(connection, number, port)
         nursery.cancel_scope.cancel()
-    node.log.close()
-    assert len(node.store) == batches * CONNECTIONS * DEPTH, "every IAMAT is a new client"
-    return len(node.store)
+    return batches * CONNECTIONS * DEPTH
 
 
 async def relay_path(lines: int, log_dir: Path) -> int:
     """`lines` records through Jaquez's links, each echoed back (see the module doc)."""
     herd = herd_config(RELAY_SERVERS, sync_interval=3600.0, heartbeat_interval=30.0)
     node = make_node("Jaquez", herd, log=log_dir / "Jaquez.log")
+
+    def links(from_clark: trio.SocketStream, from_campbell: trio.SocketStream) -> list[Runner]:
+        return [
+            partial(carry, node, "Clark", from_clark, LineReader(from_clark, 8192)),
+            partial(carry, node, "Campbell", from_campbell, LineReader(from_campbell, 8192)),
+        ]
+
+    await feed_relay(links, lines)
+    node.log.close()
+    assert len(node.store) == lines, "every record is kept once"
+    return lines
+
+
+async def limit_relay_path(lines: int, log_dir: Path) -> int:
+    """relay_path with the limit herd's peer links (no log, no sync, no checks)."""
+    server = limitherd.Server("Jaquez", {"servers": RELAY_SERVERS})
+
+    def links(from_clark: trio.SocketStream, from_campbell: trio.SocketStream) -> list[Runner]:
+        return [
+            partial(server.peer, b"Clark", from_clark, b""),
+            partial(server.peer, b"Campbell", from_campbell, b""),
+        ]
+
+    await feed_relay(links, lines)
+    assert len(server.store) == lines, "every record is kept once"
+    return lines
+
+
+Runner = Callable[[], Awaitable[object]]
+
+
+async def feed_relay(
+    links: Callable[[trio.SocketStream, trio.SocketStream], list[Runner]], lines: int
+) -> None:
+    """Run the relay's two links, as `links(from_clark, from_campbell)` gives them,
+    and feed them `lines` records (see the module doc)."""
     clark_end, from_clark = map(trio.SocketStream, trio.socket.socketpair())
     campbell_end, from_campbell = map(trio.SocketStream, trio.socket.socketpair())
     echoed = 0
@@ -113,20 +165,19 @@ async def relay_path(lines: int, log_dir: Path) -> int:
         done.set()
 
     async with clark_end, from_clark, campbell_end, from_campbell, trio.open_nursery() as nursery:
-        nursery.start_soon(carry, node, "Clark", from_clark, LineReader(from_clark, 8192))
-        nursery.start_soon(carry, node, "Campbell", from_campbell, LineReader(from_campbell, 8192))
+        for link in links(from_clark, from_campbell):
+            nursery.start_soon(link)
         nursery.start_soon(campbell)
         nursery.start_soon(clark)
         await done.wait()
         nursery.cancel_scope.cancel()
-    node.log.close()
-    assert len(node.store) == lines, "every record is kept once"
-    return lines
 
 
 PATHS: dict[str, Callable[[int, Path], Awaitable[int]]] = {
     "client": client_path,
     "relay": relay_path,
+    "limit-client": limit_client_path,
+    "limit-relay": limit_relay_path,
 }
 
 
