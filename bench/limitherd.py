@@ -21,6 +21,7 @@ import time
 import tomllib
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -54,12 +55,12 @@ class Link:
 class Server:
     """One server of the limit herd."""
 
-    def __init__(self, name: str, config: dict[str, dict[str, object]]) -> None:
-        servers = config["servers"]
+    def __init__(self, name: str, config: dict[str, Any]) -> None:
+        servers: dict[str, dict[str, Any]] = config["servers"]
         self.name = name.encode()
         me = servers[name]
         self.port, self.peer_port = int(str(me["port"])), int(str(me["peer_port"]))
-        edges = {(a, str(b)) for a, s in servers.items() for b in s.get("neighbours", [])}  # type: ignore[attr-defined]
+        edges = {(a, str(b)) for a, s in servers.items() for b in s.get("neighbours", [])}
         mine = {b for a, b in edges if a == name} | {a for a, b in edges if b == name}
         self.dial = {n: int(str(servers[n]["peer_port"])) for n in mine if name < n}
         self.store: Store = {}
