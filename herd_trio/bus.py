@@ -7,6 +7,13 @@ links ("flood first, then reply"). Publishing never waits: a link that cannot ke
 does not slow the server, the clients or the other links. A link's outbox holds at
 most one pending record per client (a storm of updates for one client coalesces to the
 newest), so its memory is bounded by the number of clients, never by the update rate.
+
+Under load, the bursts of one scheduling batch (a hundred clients' batches of lines
+answered one after another) are coalesced: the first burst's push writes at once, so
+a lone client's update leaves without delay, and the bursts published after it in the
+same batch are held for `run_coalescer`, which runs after the batch and writes them
+all with one write per link. A neighbour then reads hundreds of records per wake-up
+instead of a client's dozen, and floods them on the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import attrs
 import trio
@@ -140,6 +147,9 @@ class Bus:
     _subscribers: dict[str, Subscriber] = attrs.field(factory=dict, init=False)
     _held: list[Subscriber] = attrs.field(factory=list, init=False)  # to push()
     _progress: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
+    _coalescing: bool = attrs.field(default=False, init=False)  # run_coalescer is running
+    _pushed: bool = attrs.field(default=False, init=False)  # a push wrote in this batch
+    _due: trio.Event = attrs.field(factory=trio.Event, init=False)  # wakes run_coalescer
 
     @contextmanager
     def subscribe(self, link: str, subscriber: Subscriber) -> Iterator[None]:
@@ -165,20 +175,46 @@ class Bus:
 
         A publisher calls push() at the end of the burst it publishes in (a batch of
         client lines, a batch of peer lines): links whose writers were idle send the
-        whole burst then, with one write each (LinkWriter.deliver). Until then, or
-        until its writer wakes for a heartbeat, a held record waits; handed_off and
-        wait_handed_off push first.
+        whole burst then, with one write each (LinkWriter.deliver), or, if a push
+        wrote already in this scheduling batch, the coalescer does after the batch.
+        Until then, or until its writer wakes for a heartbeat, a held record waits;
+        handed_off and wait_handed_off push first.
         """
         for link, subscriber in self._subscribers.items():
             if link != source and subscriber.deliver(kept):
                 self._held.append(subscriber)
 
     def push(self) -> None:
-        """Send what the links hold from this burst (see publish); never blocks."""
-        if self._held:
+        """Send what the links hold from this burst (see publish); never blocks.
+
+        While run_coalescer runs, only the first push of a scheduling batch writes:
+        later ones leave the records held, for the coalescer to write after the batch.
+        """
+        if self._held and not self._pushed:
             held, self._held = self._held, []
             for subscriber in held:
                 subscriber.push()
+            if self._coalescing:
+                self._pushed = True
+                self._due.set()  # the coalescer runs after this batch
+
+    async def run_coalescer(self) -> NoReturn:
+        """Write what bursts published after a batch's first push left held (see the
+        module doc), once per scheduling batch, and tell the clients waiting for them.
+
+        Without it running (a bare Bus in a test, for one) every push writes at once.
+        """
+        self._coalescing = True
+        try:
+            while True:
+                await self._due.wait()
+                self._due = trio.Event()
+                self._pushed = False
+                if self._held:
+                    self.push()  # writes, and arms the coalescer for the next batch
+                    self.progress()
+        finally:
+            self._coalescing = self._pushed = False
 
     @property
     def links(self) -> list[str]:

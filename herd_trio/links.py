@@ -53,7 +53,10 @@ HANDSHAKE_DEADLINE = 2.0  # seconds, as NATS gives a route to authenticate
 SILENT_BEATS = 3  # a link whose peer says nothing for this many heartbeats is dead
 FAILURE_LOG_EVERY = 20  # while a neighbour stays down, log every 20th failed dial
 PEER_LINE_SLACK = 512  # bytes an AT line adds to the client line it came from
-LINES_PER_CHECKPOINT = 32  # lines of one batch handled between checkpoints: ~1-2 ms of work
+# Lines of one batch handled between checkpoints: about a millisecond of work. Each
+# part's records are flooded on with one write per link, so this is also how many
+# records a relay forwards per write when its neighbour sends it large batches.
+LINES_PER_CHECKPOINT = 256
 PEER_MIN_LINE = 8192  # bytes: the longest sync line (ITEMS, NEED) is about 1.1 KB
 BACKOFF = Backoff()
 

@@ -18,6 +18,7 @@ from herd_trio.client import answer_line
 from herd_trio.config import HerdConfig
 from herd_trio.lines import LineReader, LineTooLong
 from herd_trio.links import (
+    LINES_PER_CHECKPOINT,
     LINK_ERRORS,
     PEER_LINE_SLACK,
     LinkError,
@@ -822,11 +823,16 @@ async def send_batches(batches: list[list[bytes]]) -> list[list[int]]:
 async def test_a_short_batch_of_peer_lines_is_taken_in_one_step() -> None:
     # A WHATSAT answered between two lines of one batch would miss the second line's
     # record though it was read before the question (PROTOCOL.md §2). Batches of
-    # three lines, many times LINES_PER_CHECKPOINT lines in all.
-    seen = await send_batches([[b"c%d-%d" % (batch, k) for k in range(3)] for batch in range(40)])
-    assert seen == [[0, 3]] * 40
+    # three lines, more than twice LINES_PER_CHECKPOINT lines in all: a count of lines
+    # across batches would fall inside a batch at least once.
+    count = 2 * LINES_PER_CHECKPOINT // 3 + 8
+    seen = await send_batches(
+        [[b"c%d-%d" % (batch, k) for k in range(3)] for batch in range(count)]
+    )
+    assert seen == [[0, 3]] * count
 
 
 async def test_a_long_batch_of_peer_lines_lets_others_run_between_parts() -> None:
-    seen = await send_batches([[b"c%d" % k for k in range(100)]])
-    assert seen == [[0, 32, 64, 96, 100]]  # LINES_PER_CHECKPOINT lines a step
+    part = LINES_PER_CHECKPOINT
+    seen = await send_batches([[b"c%d" % k for k in range(2 * part + 10)]])
+    assert seen == [[0, part, 2 * part, 2 * part + 10]]  # LINES_PER_CHECKPOINT lines a step

@@ -135,3 +135,60 @@ async def test_a_burst_after_the_task_took_held_records_is_pushed_too(
     bus.push()
     assert fake.calls == [lines(second)]
     assert bus.handed_off()
+
+
+# --- The bus's coalescer: one write per link for the bursts of a scheduling batch ---------
+
+
+async def test_bursts_after_the_first_push_of_a_batch_leave_together(
+    nursery: trio.Nursery,
+) -> None:
+    bus, fake = Bus(), FakeSocket()
+    nursery.start_soon(bus.run_coalescer)
+    _writer, receive = await start(nursery, bus, fake)
+    first, second, third = rec(b"a"), rec(b"b"), rec(b"c")
+    publish(bus, first)
+    bus.push()  # a batch's first push writes at once: a lone client is not delayed
+    assert fake.calls == [lines(first)]
+    for later in (second, third):  # two more clients' bursts in the same batch
+        publish(bus, later)
+        bus.push()
+    assert fake.calls == [lines(first)]  # held for the coalescer
+    assert not bus.handed_off()  # so their clients wait before replying
+    with trio.fail_after(1):
+        await bus.wait_handed_off()  # the coalescer wrote them, and said so
+    assert fake.calls == [lines(first), lines(second, third)]  # in one write
+    await trio.testing.wait_all_tasks_blocked()
+    assert written(receive) == b""  # the writer task wrote nothing
+    publish(bus, fourth := rec(b"d"))  # a later batch: its first push writes at once
+    bus.push()
+    assert fake.calls[-1] == lines(fourth)
+
+
+async def test_without_the_coalescer_every_push_writes(nursery: trio.Nursery) -> None:
+    bus, fake = Bus(), FakeSocket()
+    await start(nursery, bus, fake)
+    burst = [rec(b"a"), rec(b"b")]
+    for record in burst:
+        publish(bus, record)
+        bus.push()
+    assert fake.calls == [lines(record) for record in burst]
+
+
+async def test_a_coalescer_that_stopped_leaves_no_push_held(nursery: trio.Nursery) -> None:
+    bus, fake = Bus(), FakeSocket()
+    coalescer = trio.CancelScope()
+
+    async def coalesce() -> None:
+        with coalescer:
+            await bus.run_coalescer()
+
+    nursery.start_soon(coalesce)
+    await start(nursery, bus, fake)
+    publish(bus, first := rec(b"a"))
+    bus.push()  # writes, and holds the batch's later bursts for the coalescer ...
+    coalescer.cancel()  # ... which stops before it runs
+    await trio.testing.wait_all_tasks_blocked()
+    publish(bus, second := rec(b"b"))
+    bus.push()
+    assert fake.calls == [lines(first), lines(second)]
