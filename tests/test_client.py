@@ -12,7 +12,14 @@ import pytest
 import trio
 import trio.testing
 
-from herd_trio.client import Admission, Ticket, answer_line, handle_client, whatsat
+from herd_trio.client import (
+    HANDOFF_DEADLINE,
+    Admission,
+    Ticket,
+    answer_line,
+    handle_client,
+    whatsat,
+)
 from herd_trio.lines import LineReader
 from herd_trio.links import LINK_ERRORS, carry
 from herd_trio.net import LINGER
@@ -536,6 +543,29 @@ async def test_an_update_is_written_to_the_links_before_the_reply(nursery: trio.
     assert await session.read(len(KIWI_AT) + 1) == KIWI_AT + b"\n"
     assert events[2:] == [("Recorder", KIWI_AT + b"\n")]
     assert errors == []
+
+
+class Stalled(Recording):
+    """A link whose writer is ready but never writes: nothing it is given is handed off."""
+
+    def handoff_mark(self) -> int | None:
+        return 1
+
+    def handed_off(self, mark: int) -> bool:
+        return False
+
+
+async def test_a_reply_waits_for_a_writer_that_never_writes_only_until_the_deadline(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = make_server()
+    with server.node.bus.subscribe("Bailey", bailey := Stalled()):
+        session = Session(nursery, server)
+        began = trio.current_time()
+        await session.client.send_all(KIWI + b"\n")
+        assert await session.read(len(KIWI_AT) + 1) == KIWI_AT + b"\n"
+        assert trio.current_time() - began >= HANDOFF_DEADLINE
+        assert [r.at_line for r in bailey.records] == [KIWI_AT]
 
 
 # --- hostile clients -------------------------------------------------------------------
