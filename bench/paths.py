@@ -47,6 +47,7 @@ RELAY_SERVERS: dict[str, dict[str, object]] = {
     "Jaquez": {"port": 5, "peer_port": 6},
 }
 AT = b"AT Clark +0.018393080 r-%d +34.068930-118.445127 1796291240.923466616\n"
+Runner = Callable[[], Awaitable[object]]  # a link's task, ready to start
 
 
 async def client_path(lines: int, log_dir: Path) -> int:
@@ -126,9 +127,6 @@ async def limit_relay_path(lines: int, log_dir: Path) -> int:
     await feed_relay(links, lines)
     assert len(server.store) == lines, "every record is kept once"
     return lines
-
-
-Runner = Callable[[], Awaitable[object]]
 
 
 async def feed_relay(
