@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import socket
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from decimal import Decimal
 from pathlib import Path
@@ -22,6 +25,7 @@ from herd_trio.client import (
 )
 from herd_trio.lines import LineReader
 from herd_trio.links import LINK_ERRORS, carry
+from herd_trio.linkwriter import LinkWriter, Timers, direct_sender
 from herd_trio.net import LINGER
 from herd_trio.node import Node
 from herd_trio.places import JSON, legacy_body
@@ -566,6 +570,69 @@ async def test_a_reply_waits_for_a_writer_that_never_writes_only_until_the_deadl
         assert await session.read(len(KIWI_AT) + 1) == KIWI_AT + b"\n"
         assert trio.current_time() - began >= HANDOFF_DEADLINE
         assert [r.at_line for r in bailey.records] == [KIWI_AT]
+
+
+async def test_under_load_every_reply_follows_its_records_onto_the_link(
+    nursery: trio.Nursery,
+) -> None:
+    # Twenty clients' batches answered in one scheduling batch: the first push writes at
+    # once, the coalescer writes the others' records after the batch, and no reply is
+    # written before its own records went into the link's socket (PROTOCOL.md §2).
+    server = make_server()
+    nursery.start_soon(server.node.bus.run_coalescer)
+    events: list[tuple[str, bytes]] = []  # every write to the link and to the clients
+
+    def recorded(stream: trio.abc.SendStream) -> Callable[[bytes], int] | None:
+        send = direct_sender(stream)  # the link's real non-blocking send
+        assert send is not None
+
+        def write(data: bytes) -> int:
+            events.append(("link", data))
+            return send(data)
+
+        return write
+
+    ours, theirs = trio.socket.socketpair()
+    link_end = trio.SocketStream(ours)
+    writer = LinkWriter(link_end, 10.0, server.node.bus.progress, sender=recorded)
+
+    async def link() -> None:
+        async with link_end:
+            with theirs, server.node.bus.subscribe("Jaquez", writer):  # theirs is never read
+                await writer.run(Timers(math.inf, math.inf, math.inf), lambda: b"")
+
+    async def serve(conn: socket.socket) -> None:
+        conn_end = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        async with conn_end:  # as trio.serve_listeners does
+            await server.handle(trio.StapledStream(Recorder(conn_end, events), conn_end))
+
+    nursery.start_soon(link)
+    clients = []
+    for _ in range(20):
+        client, conn = socket.socketpair()
+        nursery.start_soon(serve, conn)
+        clients.append((client, trio.socket.from_stdlib_socket(client)))
+    await trio.testing.wait_all_tasks_blocked()
+    # All sent before any session runs (a hundred bytes each: the socket takes them at once).
+    for n, (client, _) in enumerate(clients):
+        client.sendall(b"".join(b"IAMAT c%d-%d +1+1 %d\n" % (n, k, k + 1) for k in range(4)))
+    for _, reader in clients:
+        with trio.fail_after(30):
+            replies = b""
+            while replies.count(b"\n") < 4:
+                replies += await reader.recv(1 << 16)
+        reader.close()
+    flooded = b""
+    writes_to_link = 0
+    for who, data in events:
+        if who == "link":
+            flooded += data
+            writes_to_link += 1
+        else:  # a client's replies: each one's record went to the link before it
+            for reply in data.splitlines(keepends=True):
+                assert reply in flooded, reply
+    assert flooded.count(b"\n") == writer.records_sent == 80
+    assert writes_to_link < 20  # coalesced: fewer writes than clients' batches
 
 
 # --- hostile clients -------------------------------------------------------------------
