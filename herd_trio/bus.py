@@ -9,11 +9,13 @@ most one pending record per client (a storm of updates for one client coalesces 
 newest), so its memory is bounded by the number of clients, never by the update rate.
 
 Under load, the bursts of one scheduling batch (a hundred clients' batches of lines
-answered one after another) are coalesced: the first burst's push writes at once, so
-a lone client's update leaves without delay, and the bursts published after it in the
-same batch are held for `run_coalescer`, which runs after the batch and writes them
-all with one write per link. A neighbour then reads hundreds of records per wake-up
-instead of a client's dozen, and floods them on the same way.
+answered one after another) are coalesced. A client's burst of several updates (a
+client that pipelines: a sign of load) is written at once, and the bursts published
+after it in the same batch are held for `run_coalescer`, which runs after the batch
+and writes them all with one write per link. A neighbour then reads hundreds of
+records per wake-up instead of a client's dozen, and floods them on the same way. A
+lone update, or a neighbour's batch (large already under load), does not arm the
+coalescer: a herd under light load pays no task step for it.
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ class Bus:
     _held: list[Subscriber] = attrs.field(factory=list, init=False)  # to push()
     _progress: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
     _coalescing: bool = attrs.field(default=False, init=False)  # run_coalescer is running
-    _pushed: bool = attrs.field(default=False, init=False)  # a push wrote in this batch
+    _pushed: bool = attrs.field(default=False, init=False)  # later bursts of this batch wait
+    _arm: bool = attrs.field(default=False, init=False)  # the next push holds later bursts
     _due: trio.Event = attrs.field(factory=trio.Event, init=False)  # wakes run_coalescer
 
     @contextmanager
@@ -175,11 +178,13 @@ class Bus:
 
         A publisher calls push() at the end of the burst it publishes in (a batch of
         client lines, a batch of peer lines): links whose writers were idle send the
-        whole burst then, with one write each (LinkWriter.deliver), or, if a push
-        wrote already in this scheduling batch, the coalescer does after the batch.
-        Until then, or until its writer wakes for a heartbeat, a held record waits;
-        handed_off and wait_handed_off push first.
+        whole burst then, with one write each (LinkWriter.deliver), or, if a client's
+        burst of several updates was written already in this scheduling batch, the
+        coalescer does after the batch. Until then, or until its writer wakes for a
+        heartbeat, a held record waits; handed_off and wait_handed_off push first.
         """
+        if source is None and len(kept) > 1:
+            self._arm = True
         for link, subscriber in self._subscribers.items():
             if link != source and subscriber.deliver(kept):
                 self._held.append(subscriber)
@@ -187,14 +192,16 @@ class Bus:
     def push(self) -> None:
         """Send what the links hold from this burst (see publish); never blocks.
 
-        While run_coalescer runs, only the first push of a scheduling batch writes:
-        later ones leave the records held, for the coalescer to write after the batch.
+        While run_coalescer runs, a push that writes a client's burst of several
+        updates holds the bursts published after it in the same scheduling batch, for
+        the coalescer to write after the batch.
         """
+        arm, self._arm = self._arm, False
         if self._held and not self._pushed:
             held, self._held = self._held, []
             for subscriber in held:
                 subscriber.push()
-            if self._coalescing:
+            if arm and self._coalescing:
                 self._pushed = True
                 self._due.set()  # the coalescer runs after this batch
 
@@ -211,7 +218,8 @@ class Bus:
                 self._due = trio.Event()
                 self._pushed = False
                 if self._held:
-                    self.push()  # writes, and arms the coalescer for the next batch
+                    self._arm = True  # under load: the next batch's bursts wait too
+                    self.push()
                     self.progress()
         finally:
             self._coalescing = self._pushed = False

@@ -140,29 +140,52 @@ async def test_a_burst_after_the_task_took_held_records_is_pushed_too(
 # --- The bus's coalescer: one write per link for the bursts of a scheduling batch ---------
 
 
-async def test_bursts_after_the_first_push_of_a_batch_leave_together(
+def burst(*records: Record) -> list[tuple[bytes, bytes]]:
+    return [(record.client, record.at_line) for record in records]
+
+
+async def test_bursts_after_a_clients_burst_in_the_same_batch_leave_together(
     nursery: trio.Nursery,
 ) -> None:
     bus, fake = Bus(), FakeSocket()
     nursery.start_soon(bus.run_coalescer)
     _writer, receive = await start(nursery, bus, fake)
-    first, second, third = rec(b"a"), rec(b"b"), rec(b"c")
-    publish(bus, first)
-    bus.push()  # a batch's first push writes at once: a lone client is not delayed
-    assert fake.calls == [lines(first)]
-    for later in (second, third):  # two more clients' bursts in the same batch
-        publish(bus, later)
-        bus.push()
-    assert fake.calls == [lines(first)]  # held for the coalescer
+    a1, a2, b, c1, c2 = (rec(client) for client in (b"a1", b"a2", b"b", b"c1", b"c2"))
+    bus.publish(burst(a1, a2))  # a client's burst of several updates: a sign of load
+    bus.push()  # written at once, and the later bursts of this batch wait
+    assert fake.calls == [lines(a1, a2)]
+    bus.publish(burst(b))  # another client's, in the same batch
+    bus.push()
+    bus.publish(burst(c1, c2), source="Jaquez")  # a neighbour's batch, in the same batch
+    bus.push()
+    assert fake.calls == [lines(a1, a2)]  # held for the coalescer
     assert not bus.handed_off()  # so their clients wait before replying
     with trio.fail_after(1):
         await bus.wait_handed_off()  # the coalescer wrote them, and said so
-    assert fake.calls == [lines(first), lines(second, third)]  # in one write
+    assert fake.calls == [lines(a1, a2), lines(b, c1, c2)]  # in one write
     await trio.testing.wait_all_tasks_blocked()
     assert written(receive) == b""  # the writer task wrote nothing
-    publish(bus, fourth := rec(b"d"))  # a later batch: its first push writes at once
+    publish(bus, d := rec(b"d"))  # a later batch: its first push writes at once
     bus.push()
-    assert fake.calls[-1] == lines(fourth)
+    assert fake.calls[-1] == lines(d)
+
+
+async def test_a_lone_update_or_a_neighbours_batch_does_not_hold_the_next(
+    nursery: trio.Nursery,
+) -> None:
+    # Under light load a client sends one update at a time: the coalescer is not woken,
+    # and the bursts after it are written at once.
+    bus, fake = Bus(), FakeSocket()
+    nursery.start_soon(bus.run_coalescer)
+    await start(nursery, bus, fake)
+    a, b1, b2, c = rec(b"a"), rec(b"b1"), rec(b"b2"), rec(b"c")
+    bus.publish(burst(a))
+    bus.push()
+    bus.publish(burst(b1, b2), source="Jaquez")
+    bus.push()
+    bus.publish(burst(c))
+    bus.push()
+    assert fake.calls == [lines(a), lines(b1, b2), lines(c)]
 
 
 async def test_without_the_coalescer_every_push_writes(nursery: trio.Nursery) -> None:
@@ -185,10 +208,11 @@ async def test_a_coalescer_that_stopped_leaves_no_push_held(nursery: trio.Nurser
 
     nursery.start_soon(coalesce)
     await start(nursery, bus, fake)
-    publish(bus, first := rec(b"a"))
+    first = [rec(b"a1"), rec(b"a2")]
+    bus.publish(burst(*first))
     bus.push()  # writes, and holds the batch's later bursts for the coalescer ...
     coalescer.cancel()  # ... which stops before it runs
     await trio.testing.wait_all_tasks_blocked()
     publish(bus, second := rec(b"b"))
     bus.push()
-    assert fake.calls == [lines(first), lines(second)]
+    assert fake.calls == [lines(*first), lines(second)]
