@@ -206,7 +206,7 @@ class Bus:
                 self._due.set()  # the coalescer runs after this batch
 
     async def run_coalescer(self) -> NoReturn:
-        """Write what bursts published after a batch's first push left held (see the
+        """Write the bursts held after a client's burst of several updates (see the
         module doc), once per scheduling batch, and tell the clients waiting for them.
 
         Without it running (a bare Bus in a test, for one) every push writes at once.
