@@ -94,10 +94,18 @@ def send_now(stream: trio.SocketStream, data: bytes) -> bytes:
     except BlockingIOError:
         return data
     except OSError as exc:
-        if exc.errno == errno.EBADF or stream.socket.fileno() < 0:
-            raise trio.ClosedResourceError("this stream was closed") from exc
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        raise _stream_error(stream, exc) from exc
     return data[sent:]
+
+
+def _stream_error(
+    stream: trio.SocketStream, exc: OSError
+) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    """What trio's stream raises for `exc` from a read or write of its socket:
+    ClosedResourceError once the stream is closed, else BrokenResourceError."""
+    if exc.errno == errno.EBADF or stream.socket.fileno() < 0:
+        return trio.ClosedResourceError("this stream was closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
 async def receive_some(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes | bytearray:
@@ -128,15 +136,13 @@ async def receive_some(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes 
 
 def _read(stream: trio.SocketStream, max_bytes: int) -> bytes:
     """One read(2); BlockingIOError if nothing is there, and the errors of trio's
-    receive_some otherwise (see send_now)."""
+    receive_some otherwise (_stream_error)."""
     try:
         return os.read(stream.socket.fileno(), max_bytes)
     except BlockingIOError:
         raise
     except OSError as exc:
-        if exc.errno == errno.EBADF or stream.socket.fileno() < 0:
-            raise trio.ClosedResourceError("this stream was closed") from exc
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        raise _stream_error(stream, exc) from exc
 
 
 async def linger(stream: trio.abc.Stream) -> None:
