@@ -197,11 +197,17 @@ class Bus:
         the coalescer to write after the batch.
         """
         arm, self._arm = self._arm, False
-        if self._held and not self._pushed:
+        if not self._pushed:
+            self._write_held(arm)
+
+    def _write_held(self, hold_later: bool) -> None:
+        """Have the links send what they hold; with `hold_later` (and the coalescer
+        running), hold the bursts published after this in the same scheduling batch."""
+        if self._held:
             held, self._held = self._held, []
             for subscriber in held:
                 subscriber.push()
-            if arm and self._coalescing:
+            if hold_later and self._coalescing:
                 self._pushed = True
                 self._due.set()  # the coalescer runs after this batch
 
@@ -218,8 +224,7 @@ class Bus:
                 self._due = trio.Event()
                 self._pushed = False
                 if self._held:
-                    self._arm = True  # under load: the next batch's bursts wait too
-                    self.push()
+                    self._write_held(True)  # under load: the next batch's bursts wait too
                     self.progress()
         finally:
             self._coalescing = self._pushed = False
