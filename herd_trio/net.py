@@ -71,11 +71,20 @@ async def send_within(stream: trio.abc.SendStream, data: bytes, deadline: float)
     On a plain socket, what the kernel takes at once is written straight away, and only
     a rest (a full socket buffer) is sent under the deadline: entering and leaving a
     cancel scope with a deadline costs about as much as the send itself. The caller is
-    the stream's only writer, and checkpoints in its next receive.
+    the stream's only writer.
+
+    Like send_all, it is a checkpoint, also when the kernel took everything at once.
+    That yield is worth its cost: a client that waits for each reply before its next
+    line (telnet, or 100 such clients) has that line on its way while the other tasks
+    run, so the next receive usually reads it at once instead of finding the socket
+    empty and waiting for it to become readable (an empty read, an epoll_ctl, and a
+    sleep that an idle core is slow to wake from). Measured on Clark alone, 100 x 1:
+    about 30% less server CPU per request and 1.4x the replies/s (docs/performance.md).
     """
     if isinstance(stream, trio.SocketStream):
         data = send_now(stream, data)
         if not data:
+            await trio.lowlevel.checkpoint()
             return
     with trio.move_on_after(deadline) as scope:
         await stream.send_all(data)

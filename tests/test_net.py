@@ -36,6 +36,20 @@ async def test_a_reply_that_fits_is_written_at_once() -> None:
             assert receive_exactly(theirs, 34) == b"AT Clark +0.000000001 kiwi +1+1 5\n"
 
 
+async def test_a_send_is_a_checkpoint_like_send_all_also_when_written_at_once() -> None:
+    stream, theirs = stream_pair()
+    with theirs:
+        async with stream:
+            with trio.testing.assert_checkpoints():
+                await send_within(stream, b"AT Clark +0.000000001 kiwi +1+1 5\n", 1.0)
+            assert receive_exactly(theirs, 34) == b"AT Clark +0.000000001 kiwi +1+1 5\n"
+            with trio.CancelScope() as scope:  # and a cancelled task gets Cancelled
+                scope.cancel()
+                with pytest.raises(trio.Cancelled):
+                    await send_within(stream, b"x\n", 1.0)
+            assert receive_exactly(theirs, 2) == b"x\n"  # after the write, as send_all may
+
+
 async def test_what_the_kernel_does_not_take_goes_under_the_deadline() -> None:
     stream, theirs = stream_pair()
     big = bytes(range(256)) * 40_000  # 10 MB: far beyond the socket buffers
