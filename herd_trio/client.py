@@ -38,11 +38,6 @@ from herd_trio.protocol import (
 # at once rather than answered header by header.
 HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} \S+ HTTP/[0-9]")
 FAIR_SHARE = 64  # lines answered before a pipelining client yields to the others
-# Seconds a reply may wait for its update to reach the links. A link stuck in a send is
-# not waited for at all, so this bounds only the wait for a writer or the bus's
-# coalescer that is ready to run: under 100 x 16 that wait is the rest of a scheduling
-# batch, 10-90 ms. A safety net, not a latency target.
-HANDOFF_DEADLINE = 0.5
 # Errors that end one client connection and nothing else.
 CLIENT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError)
 
@@ -422,13 +417,12 @@ class Session:
 
     async def _flush(self) -> None:
         self._publish()
-        if self._flooded and not self.node.bus.handed_off():  # flood first, then reply
-            with trio.move_on_after(HANDOFF_DEADLINE) as waited:
-                await self.node.bus.wait_handed_off()
-            if waited.cancelled_caught:
-                # A writer woken meanwhile may be in the batch this deadline woke us
-                # in, in either order: one checkpoint lets it write first.
-                await trio.lowlevel.checkpoint()
+        bus = self.node.bus
+        # Flood first, then reply; no longer than the bus's handoff deadline.
+        if self._flooded and not bus.handed_off() and not await bus.wait_handed_off():
+            # A writer woken meanwhile may be in the batch this deadline woke us in,
+            # in either order: one checkpoint lets it write first.
+            await trio.lowlevel.checkpoint()
         data, self._replies, self._flooded = b"".join(self._replies), [], False
         # A client that never reads is dropped, not buffered.
         await send_within(self.stream, data, self.node.settings.write_deadline)

@@ -109,6 +109,7 @@ async def serve(
                 nursery.start_soon(_load, node, name=f"{name} load")
             nursery.start_soon(log.run_flusher, name=f"{name} log flusher")
             nursery.start_soon(node.bus.run_coalescer, name=f"{name} flood coalescer")
+            nursery.start_soon(node.bus.run_handoff_clock, name=f"{name} handoff clock")
             nursery.start_soon(door.report_absent, name=f"{name} absent neighbours")
             handler = partial(handle_client, node, places, admission)
             nursery.start_soon(trio.serve_listeners, handler, clients)

@@ -265,6 +265,55 @@ async def test_wait_handed_off_skips_a_link_stuck_in_a_send() -> None:
         assert not scope.cancelled_caught
 
 
+async def test_the_handoff_clock_bounds_every_waiter_with_one_timer(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    bus = Bus(handoff_deadline=1.0)
+    nursery.start_soon(bus.run_handoff_clock)
+    waited: list[tuple[bool, float]] = []
+
+    async def reply() -> None:
+        began = trio.current_time()
+        waited.append((await bus.wait_handed_off(), trio.current_time() - began))
+
+    with bus.subscribe("Bona", Writer()):  # ready, but it never writes
+        publish(bus, rec("1"))
+        nursery.start_soon(reply)
+        await trio.sleep(0.3)
+        nursery.start_soon(reply)  # begins between two ticks of the clock
+        await trio.sleep(0.9)
+        publish(bus, rec("2"))
+        nursery.start_soon(reply)  # begins after the clock went idle again
+        await trio.sleep(1.5)
+    assert len(waited) == 3
+    for handed_off, seconds in waited:
+        assert not handed_off
+        assert 0.5 <= seconds <= 1.0
+
+
+async def test_wait_handed_off_returns_when_the_writer_reports_before_the_clock(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    bus, bona = Bus(handoff_deadline=1.0), Writer()
+    nursery.start_soon(bus.run_handoff_clock)
+    result: list[tuple[bool, float]] = []
+
+    async def reply() -> None:
+        began = trio.current_time()
+        result.append((await bus.wait_handed_off(), trio.current_time() - began))
+
+    with bus.subscribe("Bona", bona):
+        publish(bus, rec("1"))
+        nursery.start_soon(reply)
+        await trio.sleep(0.2)
+        bona.written = 1
+        bus.progress()
+        await trio.testing.wait_all_tasks_blocked()
+    assert len(result) == 1
+    assert result[0][0] is True
+    assert result[0][1] == pytest.approx(0.2)
+
+
 async def test_a_link_that_goes_away_releases_the_waiters(nursery: trio.Nursery) -> None:
     bus, bona = Bus(), Writer()
     done = trio.Event()

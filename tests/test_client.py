@@ -15,8 +15,8 @@ import pytest
 import trio
 import trio.testing
 
+from herd_trio.bus import HANDOFF_DEADLINE
 from herd_trio.client import (
-    HANDOFF_DEADLINE,
     Admission,
     Ticket,
     answer_line,
@@ -570,6 +570,22 @@ async def test_a_reply_waits_for_a_writer_that_never_writes_only_until_the_deadl
         assert await session.read(len(KIWI_AT) + 1) == KIWI_AT + b"\n"
         assert trio.current_time() - began >= HANDOFF_DEADLINE
         assert [r.at_line for r in bailey.records] == [KIWI_AT]
+
+
+async def test_with_the_handoff_clock_a_stalled_writer_delays_a_reply_by_at_most_the_deadline(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = make_server()
+    nursery.start_soon(server.node.bus.run_handoff_clock)
+    with server.node.bus.subscribe("Bailey", Stalled()):
+        session = Session(nursery, server)
+        for n in range(3):  # each reply waits on its own, the clock ticking on
+            began = trio.current_time()
+            await session.client.send_all(b"IAMAT kiwi%d +1+1 1\n" % n)
+            reply = await session.client.receive_some()  # one write: the whole reply
+            assert reply.startswith(b"AT Clark ")
+            assert reply.endswith(b" kiwi%d +1+1 1\n" % n)
+            assert HANDOFF_DEADLINE / 2 <= trio.current_time() - began <= HANDOFF_DEADLINE
 
 
 async def test_under_load_every_reply_follows_its_records_onto_the_link(
