@@ -386,6 +386,7 @@ ANY_LINE = st.binary(max_size=80) | st.sampled_from(
 @example([(RECEIVED, b"IAMAT kiwi +34-118 5"), (SENT, b"AT Clark +0.1 kiwi +34-118 5\n")])
 @example([(RECEIVED, b""), (SENT, b"? no LF"), (RECEIVED, b"x" * 64), (SENT, b"y" * 64 + b"\n")])
 @example([(RECEIVED, b"x" * 65)])
+@example([(RECEIVED, b"IAMAT k}wi +34-118 5"), (SENT, b"AT Clark +0.1 k}wi +34-118 5\n")])
 def test_exchanges_log_exactly_what_received_and_sent_log(
     tmp_path_factory: pytest.TempPathFactory, entries: list[tuple[bytes, bytes]]
 ) -> None:
