@@ -23,7 +23,7 @@ deadline; `run_handoff_clock` keeps that deadline for every waiter at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from typing import NoReturn, Protocol
@@ -49,10 +49,17 @@ class Outbox:
     Every record that enters gets a sequence number; `queued` is the last one given and
     `taken` the last one taken (all before it were taken too), which is what a waiter
     compares against what the writer has written.
+
+    A burst held for a direct send (quiet puts into an empty outbox, the common case of
+    a link that keeps up) is only listed as it comes, and taken whole: the per-client
+    bookkeeping of two dicts per record is done only if something else comes first (a
+    waking put, a partial take). It cost 6% of a relay's CPU.
     """
 
     _pending: dict[bytes, bytes] = attrs.field(factory=dict, init=False)  # client -> AT line
     _seq: dict[bytes, int] = attrs.field(factory=dict, init=False)  # the number of each pending one
+    # Quiet puts into an empty outbox, not yet in `_pending`: (client, AT line) as put.
+    _burst: list[tuple[bytes, bytes]] = attrs.field(factory=list, init=False)
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _closed: bool = attrs.field(default=False, init=False)
     _queued: int = attrs.field(default=0, init=False)
@@ -74,9 +81,14 @@ class Outbox:
         return self._closed
 
     def __len__(self) -> int:
+        if self._burst:  # then nothing is pending: a burst is listed only into an empty outbox
+            return len(dict(self._burst))
         return len(self._pending)
 
-    def put(self, kept: Iterable[tuple[bytes, bytes]], wake: bool = True) -> None:
+    def __bool__(self) -> bool:
+        return bool(self._pending or self._burst)
+
+    def put(self, kept: Sequence[tuple[bytes, bytes]], wake: bool = True) -> None:
         """Queue records (client, AT line), each replacing a pending line of its
         client, and wake the writer (unless `wake` is False: the writer's push() sends
         them).
@@ -87,6 +99,12 @@ class Outbox:
         goes to the back of the queue, so the queue stays in sequence order and
         "everything up to N was taken" is exact for partial takes.
         """
+        if not wake and not self._pending:  # a burst held for a direct send: listed only
+            self._burst += kept
+            self._queued += len(kept)
+            return
+        if self._burst:
+            self._settle()
         pending, seq, queued = self._pending, self._seq, self._queued
         for client, line in kept:
             pending.pop(client, None)
@@ -96,6 +114,17 @@ class Outbox:
         self._queued = queued
         if wake:
             self._wakeup.set()
+
+    def _settle(self) -> None:
+        """Put the listed burst into the queue, numbered as it was put."""
+        burst, self._burst = self._burst, []
+        pending, seq = self._pending, self._seq
+        number = self._queued - len(burst)
+        for client, line in burst:
+            pending.pop(client, None)
+            number += 1
+            pending[client] = line
+            seq[client] = number
 
     def wake(self) -> None:
         """Wake the writer without a record (it has a direct send's tail to finish)."""
@@ -117,7 +146,18 @@ class Outbox:
             raise OutboxClosed
 
     def take_nowait(self, limit: int = 4096) -> list[bytes]:
-        """Up to `limit` pending AT lines, oldest first (an empty list if none)."""
+        """Up to `limit` pending AT lines, oldest first (an empty list if none).
+
+        A held burst taken whole gives each client's newest line in the order of its
+        client's first line in the burst (the queue would have moved it to the back).
+        """
+        if self._burst:
+            if not self._pending and len(self._burst) <= limit:
+                newest = dict(self._burst)  # in C: a later line of a client replaces its earlier
+                self._burst = []
+                self._taken = self._queued
+                return list(newest.values())
+            self._settle()
         if len(self._pending) <= limit:
             batch = list(self._pending.values())
             self._pending.clear()

@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from herd_trio.bus import Bus, Outbox, OutboxClosed
@@ -169,6 +169,90 @@ def test_outbox_holds_the_last_line_put_per_client_in_order(
     assert outbox.queued == len(updates)
     assert [(r.client, r.sent) for r in take(outbox)] == [(c, Decimal(t)) for c, t in last.items()]
     assert outbox.taken == outbox.queued
+
+
+def test_a_held_burst_taken_whole_gives_each_clients_newest_line() -> None:
+    outbox = Outbox()
+    outbox.put([(b"a", b"AT a 1"), (b"b", b"AT b 1")], wake=False)
+    outbox.put([(b"a", b"AT a 2"), (b"c", b"AT c 1")], wake=False)
+    assert len(outbox) == 3
+    assert outbox.queued == 4
+    # In the order of each client's first line in the burst (a stays first).
+    assert outbox.take_nowait() == [b"AT a 2", b"AT b 1", b"AT c 1"]
+    assert outbox.taken == outbox.queued == 4
+    assert not outbox
+    assert len(outbox) == 0
+
+
+def test_a_held_burst_joins_the_queue_in_order_when_more_comes_or_less_is_taken() -> None:
+    outbox = Outbox()
+    outbox.put([(b"a", b"AT a 1"), (b"b", b"AT b 1"), (b"a", b"AT a 2")], wake=False)
+    outbox.put([(b"c", b"AT c 1")])  # a waking put: the burst is queued first
+    assert outbox.take_nowait(limit=2) == [b"AT b 1", b"AT a 2"]
+    assert outbox.taken == 3
+    outbox.put([(b"d", b"AT d 1"), (b"e", b"AT e 1")], wake=False)  # c is pending: queued
+    assert outbox.take_nowait(limit=1) == [b"AT c 1"]
+    assert outbox.taken == 4
+    assert outbox.take_nowait() == [b"AT d 1", b"AT e 1"]
+    assert outbox.taken == outbox.queued == 6
+
+
+class QueueModel:
+    """The outbox's rule without its fast path: newest per client, a replacement at
+    the back, every put numbered."""
+
+    def __init__(self) -> None:
+        self.pending: dict[bytes, tuple[bytes, int]] = {}
+        self.queued = self.taken = 0
+
+    def put(self, kept: list[tuple[bytes, bytes]]) -> None:
+        for client, line in kept:
+            self.queued += 1
+            self.pending.pop(client, None)
+            self.pending[client] = (line, self.queued)
+
+    def take(self, limit: int) -> list[bytes]:
+        clients = list(self.pending)[:limit]
+        batch = [self.pending.pop(client) for client in clients]
+        self.taken = self.queued if not self.pending else max(n for _, n in batch)
+        return [line for line, _ in batch]
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.sampled_from(["quiet", "waking"]),
+            st.lists(st.tuples(st.sampled_from([b"a", b"b", b"c", b"d"]), st.integers(0, 9))),
+        ),
+        st.tuples(st.just("take"), st.integers(1, 5)),
+    ),
+    max_size=30,
+)
+
+
+@given(OPS)
+@example([("quiet", [(b"a", 0), (b"b", 0), (b"a", 1)]), ("take", 5)])
+@example([("quiet", [(b"a", 0), (b"b", 0)]), ("take", 1), ("quiet", [(b"a", 1)]), ("take", 5)])
+def test_quiet_and_waking_puts_and_takes_agree_with_the_queue_rule(
+    ops: list[tuple[str, object]],
+) -> None:
+    # The same lines in every take as the plain rule, the same numbers; only the order
+    # inside a held burst taken whole may differ.
+    outbox, model = Outbox(), QueueModel()
+    for op, arg in ops:
+        if op == "take":
+            assert isinstance(arg, int)
+            whole = arg >= len(model.pending)
+            got, want = outbox.take_nowait(arg), model.take(arg)
+            assert (sorted(got) if whole else got) == (sorted(want) if whole else want)
+        else:
+            assert isinstance(arg, list)
+            kept = [(c, b"AT %s %d" % (c, t)) for c, t in arg]
+            outbox.put(kept, wake=op == "waking")
+            model.put(kept)
+        assert (outbox.queued, outbox.taken) == (model.queued, model.taken)
+        assert len(outbox) == len(model.pending)
+        assert bool(outbox) == bool(model.pending)
 
 
 # --- Bus ------------------------------------------------------------------------------
