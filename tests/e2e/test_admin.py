@@ -161,25 +161,26 @@ async def test_an_events_reader_that_never_reads_does_not_delay_the_stop(tmp_pat
         herd.start("Solo")
         await (await connect(herd.ports["Solo"])).aclose()
         port = herd.admin_ports["Solo"]
-        reader = trio.socket.socket()
-        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up sooner
-        await reader.connect(("127.0.0.1", port))
-        await reader.send(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
-        # Records with 250-byte client ids: each kept one is a ~330-byte event, and
-        # 30,000 of them (10 MB) are more than loopback's socket buffers hold.
-        stream = await connect(herd.ports["Solo"])
-        pad, count = b"x" * 245, 30_000
-        batch = b"".join(b"IAMAT %s%d +1+1 1700000000\n" % (pad, n) for n in range(count))
-        replies = LineReader(stream, 1 << 20)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream.send_all, batch)
-            with trio.fail_after(60):
-                for _ in range(count):  # every IAMAT answered: every event was published
-                    reply = await replies.receive_line() or b""
-                    assert reply.startswith(b"AT Solo "), reply[:60] + reply[-60:]
-        await stream.aclose()
-        start = time.monotonic()
-        status = await trio.to_thread.run_sync(herd.kill, "Solo", signal.SIGTERM)
-        took = time.monotonic() - start
-        reader.close()
+        # The admin port opens after the client port: wait until it accepts too.
+        await (await connect(port)).aclose()
+        with trio.socket.socket() as reader:  # closed also if a step fails
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up sooner
+            await reader.connect(("127.0.0.1", port))
+            await reader.send(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
+            # Records with 250-byte client ids: each kept one is a ~330-byte event, and
+            # 30,000 of them (10 MB) are more than loopback's socket buffers hold.
+            stream = await connect(herd.ports["Solo"])
+            pad, count = b"x" * 245, 30_000
+            batch = b"".join(b"IAMAT %s%d +1+1 1700000000\n" % (pad, n) for n in range(count))
+            replies = LineReader(stream, 1 << 20)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream.send_all, batch)
+                with trio.fail_after(60):
+                    for _ in range(count):  # every IAMAT answered: every event was published
+                        reply = await replies.receive_line() or b""
+                        assert reply.startswith(b"AT Solo "), reply[:60] + reply[-60:]
+            await stream.aclose()
+            start = time.monotonic()
+            status = await trio.to_thread.run_sync(herd.kill, "Solo", signal.SIGTERM)
+            took = time.monotonic() - start
     assert (status, took < 3.0) == (0, True), took
