@@ -269,7 +269,10 @@ class LinkWriter:
         mark = self.outbox.taken  # everything taken so far is in `data` or was sent before
         self._busy = True
         try:
-            await send_within(self.stream, data, self.write_deadline)
+            # No yield after a write the socket took whole: until `_busy` is cleared,
+            # a client's records delivered meanwhile would not be waited for, as if
+            # the send were stuck. run() checkpoints next.
+            await send_within(self.stream, data, self.write_deadline, then_yield=False)
         finally:
             self._busy = False
         self._written = max(self._written, mark)

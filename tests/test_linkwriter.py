@@ -216,3 +216,54 @@ async def test_a_coalescer_that_stopped_leaves_no_push_held(nursery: trio.Nurser
     publish(bus, second := rec(b"b"))
     bus.push()
     assert fake.calls == [lines(*first), lines(second)]
+
+
+class AfterWriterSteps(trio.abc.Instrument):
+    """Runs `check` after every step of one task (instruments run between steps)."""
+
+    def __init__(self, task: trio.lowlevel.Task, check: Callable[[], None]) -> None:
+        self.task, self.check = task, check
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.check()
+
+
+async def test_a_write_the_socket_took_whole_never_passes_for_a_stuck_send(
+    nursery: trio.Nursery,
+) -> None:
+    # "Flood first, then reply": only a writer stuck in a send is not waited for. A
+    # record delivered right after the task's write, while the task yields (a send is
+    # a checkpoint), must still be waited for: the task has not written it yet.
+    ours, theirs = trio.socket.socketpair()
+    stream = trio.SocketStream(ours)
+    bus = Bus()
+    writer = LinkWriter(stream, 10.0, bus.progress)
+    tasks: list[trio.lowlevel.Task] = []
+    unwaited: list[bytes] = []
+
+    async def link() -> None:
+        tasks.append(trio.lowlevel.current_task())
+        with bus.subscribe("Bona", writer):
+            await writer.run(attrs.evolve(QUIET), lambda: b"")
+
+    def deliver_and_ask() -> None:  # a client publishing between the task's steps
+        if writer.outbox.closed:
+            return
+        client = b"c%d" % len(unwaited)
+        writer.deliver([(client, rec(client).at_line)])
+        if writer.handoff_mark() is None and writer.depth():
+            unwaited.append(client)
+
+    async with stream:
+        with theirs:
+            nursery.start_soon(link)
+            await trio.testing.wait_all_tasks_blocked()
+            instrument = AfterWriterSteps(tasks[0], deliver_and_ask)
+            trio.lowlevel.add_instrument(instrument)
+            try:
+                writer.pong()  # wakes the task: it writes the PONG itself
+                await trio.testing.wait_all_tasks_blocked()
+            finally:
+                trio.lowlevel.remove_instrument(instrument)
+    assert unwaited == []

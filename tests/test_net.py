@@ -48,6 +48,9 @@ async def test_a_send_is_a_checkpoint_like_send_all_also_when_written_at_once() 
                 with pytest.raises(trio.Cancelled):
                     await send_within(stream, b"x\n", 1.0)
             assert receive_exactly(theirs, 2) == b"x\n"  # after the write, as send_all may
+            with trio.testing.assert_no_checkpoints():  # a caller that yields itself after
+                await send_within(stream, b"y\n", 1.0, then_yield=False)
+            assert receive_exactly(theirs, 2) == b"y\n"
 
 
 async def test_what_the_kernel_does_not_take_goes_under_the_deadline() -> None:
