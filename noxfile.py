@@ -76,7 +76,8 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks against a minimal trio server measured in the same run."""
-    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
+    groups = nox.project.dependency_groups(PYPROJECT, "test", "bench")
+    session.install("-e", ".", *groups)
     session.run("python", "-m", "bench", *session.posargs)
 
 

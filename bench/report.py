@@ -506,6 +506,8 @@ def markdown(results: Result) -> str:
 def profile_markdown(profile: Result) -> list[str]:
     """The py-spy tables (self and inclusive shares) of Clark and Bona."""
     lines: list[str] = []
+    if "skipped" in profile:  # no profile at all (py-spy missing)
+        return ["", f"Profile: {profile['skipped']}"]
     for name in ("Clark", "Bona"):
         prof = profile.get(name)
         if not prof:
