@@ -163,6 +163,8 @@ class ServerLog:
         occurs once per entry is a memchr and a memcpy.
         """
         if entries and self._file is not None:
+            if len(entries) == 4 and self._one_exchange(who, entries):
+                return
             texts = entries[1::2]
             joined = b"".join(texts)
             if (
@@ -187,6 +189,26 @@ class ServerLog:
                     ]
                 )
         entries.clear()
+
+    def _one_exchange(self, who: str, entries: list[bytes]) -> bool:
+        """exchanges' fast path for one line and its one-line reply, the batch of a
+        client that waits for each reply: the same bytes, with less work around them
+        than the general layout (which costs twice as much for a batch this small).
+        False (and nothing written) if the pair needs the general path."""
+        mark, line, sent, reply = entries
+        if not (
+            mark == RECEIVED
+            and sent == SENT
+            and len(line) < self.line_limit
+            and len(reply) < self.line_limit
+            and reply[-1:] == b"\n"
+            and not (line + reply[:-1]).translate(None, _UNESCAPED)
+        ):
+            return False
+        head = f"{self._head()}{who} ".encode()
+        self._write(b"%s< b'%s'\n%s> b'%s\\n'\n" % (head, line, head, reply[:-1]))
+        entries.clear()
+        return True
 
     def sent(self, who: str, reply: bytes) -> None:
         """Log a reply sent to `who`, escaped; a WHATSAT reply's JSON as a summary."""

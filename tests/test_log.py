@@ -387,6 +387,13 @@ ANY_LINE = st.binary(max_size=80) | st.sampled_from(
 @example([(RECEIVED, b""), (SENT, b"? no LF"), (RECEIVED, b"x" * 64), (SENT, b"y" * 64 + b"\n")])
 @example([(RECEIVED, b"x" * 65)])
 @example([(RECEIVED, b"IAMAT k}wi +34-118 5"), (SENT, b"AT Clark +0.1 k}wi +34-118 5\n")])
+# One line and its reply (exchanges' own fast path for them), and pairs it must refuse.
+@example([(RECEIVED, b""), (SENT, b"\n")])
+@example([(RECEIVED, b"x" * 63), (SENT, b"y" * 62 + b"\n")])
+@example([(RECEIVED, b"x" * 64), (SENT, b"y\n")])
+@example([(RECEIVED, b"it's"), (SENT, b"? it's\n")])
+@example([(RECEIVED, b"WHATSAT kiwi 1 1"), (SENT, b"AT x\n{}\n\n")])
+@example([(SENT, b"AT x\n"), (RECEIVED, b"IAMAT")])
 def test_exchanges_log_exactly_what_received_and_sent_log(
     tmp_path_factory: pytest.TempPathFactory, entries: list[tuple[bytes, bytes]]
 ) -> None:
