@@ -297,7 +297,7 @@ class Bus:
         self.push()
         if not self._subscribers:  # a server without links: nothing to wait for
             return True
-        return all(subscriber.handed_off(mark) for subscriber, mark in self._marks())
+        return _reached(self._marks())
 
     def _marks(self) -> list[tuple[Subscriber, int]]:
         """Each subscriber with something unsent, and how far it must get."""
@@ -319,14 +319,14 @@ class Bus:
         marks = self._marks()
         if self._clocked:
             began = self._ticks
-            while not all(subscriber.handed_off(mark) for subscriber, mark in marks):
+            while not _reached(marks):
                 if self._ticks - began >= 2:
                     return False
                 self._waiting.set()
                 await self._progress.park()
             return True
         with trio.move_on_after(self.handoff_deadline):
-            while not all(subscriber.handed_off(mark) for subscriber, mark in marks):
+            while not _reached(marks):
                 await self._progress.park()
             return True
         return False
@@ -351,3 +351,8 @@ class Bus:
                     self._progress.unpark_all()
         finally:
             self._clocked = False
+
+
+def _reached(marks: list[tuple[Subscriber, int]]) -> bool:
+    """True once every subscriber got as far as its mark (Bus._marks)."""
+    return all(subscriber.handed_off(mark) for subscriber, mark in marks)
