@@ -42,6 +42,43 @@ def each_us(fn: Callable[[Any], object], items: list[Any]) -> float:
     return (time.process_time() - start) / max(1, len(items)) * 1e6
 
 
+def persister_us(tmp: Path, records: int = 300_000, batch: int = 1200) -> float:
+    """CPU microseconds (every thread) that a Persister adds per record a store keeps:
+    `records` new clients in batches of `batch`, a checkpoint between, the appends and
+    the compactions they bring (compact_min as configured), less the same run without."""
+    import trio
+
+    from herd_trio import protocol, store
+    from herd_trio.persist import open_persister
+
+    lines = [
+        b"AT Clark +0.263873386 c%d +34.068930-118.445127 1621464827.%09d" % (n, n)
+        for n in range(records)
+    ]
+    rows = [(n, protocol.parse_at(line)) for n, line in enumerate(lines)]
+
+    async def feed(held: store.Store) -> None:
+        for start in range(0, records, batch):
+            for _, record in rows[start : start + batch]:
+                held.offer(record)
+            await trio.sleep(0.001)
+
+    async def run(persist: bool) -> float:
+        held = store.Store()
+        began = time.process_time()
+        if persist:
+            async with open_persister(tmp / "micro.records", held) as persister:
+                persister.allow_compaction()
+                await feed(held)
+        else:
+            await feed(held)
+        return time.process_time() - began
+
+    without = trio.run(run, False)
+    with_file = trio.run(run, True)
+    return (with_file - without) / records * 1e6
+
+
 def cases(tmp: Path) -> dict[str, Callable[[], float]]:
     """The calls to time, built against the installed herd_trio."""
     import trio
@@ -120,6 +157,9 @@ def cases(tmp: Path) -> dict[str, Callable[[], float]]:
         ),
         "ServerLog.write (plain text)": timed(lambda: log.write("link to Bona up")),
         "bytes.split + join (baseline)": timed(lambda: b" ".join(AT.split())),
+        "Persister, per record kept (append, compaction; 300,000 new clients)": lambda: (
+            persister_us(tmp)
+        ),
     }
 
 

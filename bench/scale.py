@@ -28,7 +28,6 @@ import json
 import re
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -44,6 +43,7 @@ from bench import procs
 from bench.loadgen import COORDS, connect, iamat_time, rss_kb, summarize
 from bench.procs import HOST, ROOT, Proc
 from bench.scale_report import markdown, write_docs
+from herd_trio.statefile import read_all
 
 Result = dict[str, Any]
 
@@ -130,28 +130,22 @@ def log_bytes(root: Path, name: str) -> int:
     return sum(p.stat().st_size for p in (root / "logs").glob(f"{name}.log*"))
 
 
-def state_rows(root: Path, name: str) -> int:
-    """Records in server `name`'s state file now (a read-only look; WAL lets it run
-    beside the server's writes)."""
-    path = root / "state" / f"{name}.sqlite3"
-    if not path.exists():
+def state_lines(root: Path, name: str) -> int:
+    """Record lines in server `name`'s state file now (a read-only look beside the
+    server's appends). A server that only ever received new clients, as B joining
+    empty, holds one line per client."""
+    path = root / "state" / f"{name}.records"
+    try:
+        with path.open("rb") as file:
+            lines = sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
+    except FileNotFoundError:
         return 0
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    try:  # clients in the records table and in the journal not folded into it yet
-        return int(
-            conn.execute(
-                "SELECT count(*) FROM (SELECT client FROM records UNION SELECT client FROM journal)"
-            ).fetchone()[0]
-        )
-    except sqlite3.Error:
-        return 0
-    finally:
-        conn.close()
+    return max(0, lines - 1)  # the header
 
 
 def state_bytes(root: Path, name: str) -> int:
-    """Bytes of server `name`'s state file, with its write-ahead log."""
-    return sum(p.stat().st_size for p in (root / "state").glob(f"{name}.sqlite3*"))
+    """Bytes of server `name`'s state file (and of a compaction's file, while one runs)."""
+    return sum(p.stat().st_size for p in (root / "state").glob(f"{name}.records*"))
 
 
 class Probe:
@@ -322,7 +316,7 @@ class Scale:
         target = self.result["join"]["records"]
         wait_until(
             "B's state file holds what B received",
-            lambda: state_rows(self.root, "B") >= target,
+            lambda: state_lines(self.root, "B") >= target,
             900,
             step=0.5,
         )
@@ -358,28 +352,20 @@ class Scale:
         }
 
     def _blocking_load(self) -> float:
-        """The baseline, measured in the same run: how long a server took before issue 11
-        to have its file in its store (interpreter and imports, every row read and parsed
-        by `protocol.parse_at`, every record offered), with nothing served meanwhile."""
-        path = self.root / "state" / "A.sqlite3"
+        """The baseline, measured in the same run: how long a server that loads before it
+        serves, as before issue 11, takes to have its file in its store (interpreter and
+        imports, every line read and parsed by `protocol.parse_at`, every record
+        offered), with nothing served meanwhile."""
+        path = self.root / "state" / "A.records"
         began = time.perf_counter()
         subprocess.run([sys.executable, "-c", _BLOCKING_LOAD, str(path)], check=True, timeout=600)
         return time.perf_counter() - began
 
     def _samples(self) -> dict[bytes, bytes]:
         """SAMPLES clients spread over A's state file, with their stored AT lines."""
-        path = self.root / "state" / "A.sqlite3"
-        conn = sqlite3.connect(path)  # A is stopped: nobody else uses the file
-        try:
-            count = conn.execute("SELECT max(rowid) FROM records").fetchone()[0] or 0
-            step = max(1, count // SAMPLES)
-            rows = conn.execute(
-                "SELECT client, at_line FROM records WHERE rowid % ? = 0 LIMIT ?",
-                (step, SAMPLES),
-            ).fetchall()
-        finally:
-            conn.close()
-        return dict(rows)
+        rows = list(read_all(self.root / "state" / "A.records").items())  # A is stopped
+        step = max(1, len(rows) // SAMPLES)
+        return dict(rows[step - 1 :: step][:SAMPLES])
 
     def _answer_all(self, samples: dict[bytes, bytes]) -> float:
         """Ask A for every sample (WHATSAT, bound 0) from ANSWER_CONNECTIONS connections at
@@ -440,13 +426,14 @@ class Scale:
 
 
 _BLOCKING_LOAD = """
-import sqlite3, sys
+import sys
+from pathlib import Path
 import herd_trio.server
 from herd_trio.protocol import parse_at
+from herd_trio.statefile import read_all
 from herd_trio.store import Store
-conn = sqlite3.connect(sys.argv[1])
 store = Store()
-for client, at_line in conn.execute("SELECT client, at_line FROM records").fetchall():
+for at_line in read_all(Path(sys.argv[1])).values():
     store.offer(parse_at(at_line))
 assert len(store) > 0
 """

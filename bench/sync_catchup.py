@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import httpx
 import trio
 
+from herd_trio.statefile import sorted_lines, write_file
 from tests.e2e.herd import Herd, connect, poll, running
 
 NAMES = ["Alpha", "Beta"]
@@ -50,15 +50,9 @@ def line_of(number: int, version: int) -> tuple[bytes, bytes]:
 
 
 def write_state(path: Path, records: int, newer: set[int]) -> None:
-    """A state file (herd_trio/statefile.py's schema) with `records` records."""
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE records (client BLOB PRIMARY KEY, at_line BLOB NOT NULL)")
-    conn.executemany(
-        "INSERT INTO records VALUES (?, ?)",
-        (line_of(n, 1 if n in newer else 0) for n in range(records)),
-    )
-    conn.commit()
-    conn.close()
+    """A state file (herd_trio/statefile.py's format) with `records` records."""
+    lines = (line_of(n, 1 if n in newer else 0)[1] for n in range(records))
+    write_file(path, sorted_lines(lines))
 
 
 async def state(client: httpx.AsyncClient, herd: Herd, name: str) -> dict[str, Any] | None:
@@ -103,9 +97,9 @@ async def scenario(root: Path, records: int, differing: int, join: bool) -> dict
     state_dir = root / "state"
     state_dir.mkdir()
     newer = set(range(0, records, max(1, records // max(1, differing)))) if differing else set()
-    write_state(state_dir / "Alpha.sqlite3", records, newer)
+    write_state(state_dir / "Alpha.records", records, newer)
     if not join:
-        write_state(state_dir / "Beta.sqlite3", records, set())
+        write_state(state_dir / "Beta.records", records, set())
     herd = Herd.create(root, NAMES, [("Alpha", "Beta")], state_dir=str(state_dir))
     herd.with_admin()
     with running(herd):

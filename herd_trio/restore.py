@@ -1,41 +1,44 @@
 """Filling the store from the state file while the server already serves.
 
 A server with `state_dir` opens its listeners first and loads its file in the
-background (`Restore.run`): a worker thread reads the rows in chunks of CHUNK (SQLite
-releases the GIL while it steps through the table), and the event loop parses and
-offers them to the store SLICE at a time, with a checkpoint after each slice (a few
-hundred microseconds of work), so no client waits behind the load for long. Parsing
-on the loop rather than in the thread keeps the loop from waiting for the GIL (up to
-the 5 ms switch interval each time). Loading a million records takes a few seconds;
-until it is done:
+background (`Restore.run`): a worker thread reads the lines in chunks of about a
+megabyte (os.pread lets go of the GIL), and the event loop parses and offers them to
+the store SLICE at a time, with a checkpoint after each slice (a few hundred
+microseconds of work), so no client waits behind the load for long. Parsing on the
+loop rather than in the thread keeps the loop from waiting for the GIL (up to the 5 ms
+switch interval each time). Loading a million records takes a few seconds; until it
+is done:
 
 - A batch of client lines first looks up the clients it names in the file
-  (`Restore.ensure`: one indexed query, on the loop, as a thread's round trip would
-  cost more than the query, plus the journal rows a crash left, if any, read into
-  memory once: after a clean stop there are none; also for clients the store holds,
-  which may be an older record from a peer), so a WHATSAT for a stored client is
-  answered, never `?`, and an IAMAT older than the stored record gets the stored
-  record's AT line, as it would after the load.
+  (`Restore.ensure`: a bisection of the file's sorted section, mapped into memory, on
+  the loop, as a thread's round trip would cost more, plus the lines appended after
+  that section, read into memory once; also for clients the store holds, which may be
+  an older record from a peer), so a WHATSAT for a stored client is answered, never
+  `?`, and an IAMAT older than the stored record gets the stored record's AT line, as
+  it would after the load.
 - Records from peers are offered to the store as usual: last writer wins, so the order
   in which loaded and flooded records meet does not matter.
 - The server starts no anti-entropy sync and answers none (links.py): its store would
   look as if it lacked nearly everything.
 - /readyz says not ready (`Stats.state_loaded`).
+- The persister does not compact the file (it writes the store's lines): only a
+  complete load allows it (`Persister.allow_compaction`).
 
 Loaded records are on disk already, so the persister does not write them back
 (`Persister.from_file`).
 
-Rows are checked for shape (an AT line for the row's client, canonical spacing, a
-valid time and coordinates), not re-validated field by field as a peer's line is:
-the file holds only records this server accepted. Building the Record (a Decimal and
-an attrs instance) is most of the cost; the time spent is logged when the load ends.
+Lines are checked for shape (an AT line, canonical spacing, a valid time and
+coordinates), not re-validated field by field as a peer's line is: the file holds
+only records this server accepted. Building the Record (a Decimal and an attrs
+instance) is most of the cost; the time spent is logged when the load ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import sqlite3
+import mmap
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -46,12 +49,20 @@ import trio
 from herd_trio.log import plural
 from herd_trio.persist import Persister
 from herd_trio.protocol import Record
-from herd_trio.statefile import ROWS, PersistError, connect, parse_rows, rows_query
-from herd_trio.store import Store
+from herd_trio.statefile import (
+    HEADER_BYTES,
+    PersistError,
+    client_of,
+    convert_legacy,
+    file_size,
+    line_record,
+    parse_header,
+    parse_lines,
+    read_lines,
+)
+from herd_trio.store import Store, leaf_of
 
-CHUNK = 8192  # rows a worker thread reads per call
-SLICE = 64  # rows parsed and offered to the store between two checkpoints (about 0.3 ms)
-LOOKUP_BATCH = 500  # clients per lookup query (SQLite's variable limit is far above)
+SLICE = 64  # lines parsed and offered to the store between two checkpoints (about 0.3 ms)
 _COMMANDS = frozenset((b"IAMAT", b"WHATSAT", b"WHATISAT"))
 
 
@@ -96,127 +107,152 @@ def clients_named(lines: Iterable[bytes]) -> list[bytes]:
 
 @attrs.define(eq=False)
 class StateReader:
-    """Blocking reads of a state file: the rows in chunks (from a worker thread), and
-    lookups by client (indexed, quick). Each has its own connection (the bulk read holds
-    one statement open for the whole load, a consistent snapshot), used under its own
-    lock, so closing never races a thread abandoned on cancel.
+    """Blocking reads of a state file (herd_trio/statefile.py): its lines in chunks (from
+    a worker thread), and lookups by client (a bisection of the sorted section, mapped
+    into memory, and the appended section read into a dict once). The file as it was
+    when opened: lines appended since are records the store kept in this run.
     """
 
     path: Path
-    _bulk: sqlite3.Connection | None = attrs.field(default=None, init=False)
-    _rows: sqlite3.Cursor | None = attrs.field(default=None, init=False)
-    _point: sqlite3.Connection | None = attrs.field(default=None, init=False)
-    _bulk_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
-    _point_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    _fd: int | None = attrs.field(default=None, init=False)
+    _map: mmap.mmap | None = attrs.field(default=None, init=False)  # the sorted section
+    _chunks: Iterator[list[bytes]] | None = attrs.field(default=None, init=False)
+    _sorted_end: int = attrs.field(default=0, init=False)
+    _size: int = attrs.field(default=0, init=False)  # bytes when opened
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _closed: bool = attrs.field(default=False, init=False)
-    # The journal's last rowid when the file was opened (0: none), for lookups: rows
-    # appended since are records the store kept in this run (and if a fold emptied the
-    # journal meanwhile, rowids start again at 1: such rows are harmless, as old news).
-    _journal_end: int = attrs.field(default=0, init=False)
 
     def open(self) -> bool:
-        """Open the file; False if there is no file or no records table (nothing to load).
+        """Open the file; False if there is no file or it holds no lines (nothing to load).
 
-        PersistError if it exists but is not a readable records database.
+        PersistError if it exists but is not a readable records file.
         """
-        if not self.path.exists():
-            return False
         try:
-            self._bulk = connect(self.path)
-            query = rows_query(self._bulk)
-            if query is None:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise PersistError(f"cannot read records from {self.path}: {exc}") from exc
+        self._fd = fd
+        try:
+            size = file_size(fd)
+            if size == 0:
+                raise PersistError(f"{self.path} is empty, not a herd_trio records file")
+            self._sorted_end = HEADER_BYTES + parse_header(
+                os.pread(fd, HEADER_BYTES, 0), self.path, size
+            )
+            self._size = size
+            if size == HEADER_BYTES:
+                self.close()
                 return False
-            if query == ROWS:  # the rows a crash (or a failed fold) left in the journal
-                self._journal_end = (
-                    self._bulk.execute("SELECT max(rowid) FROM journal").fetchone()[0] or 0
-                )
-            self._rows = self._bulk.execute(query)  # one snapshot of both tables
-            self._point = connect(self.path)
-        except (sqlite3.Error, OSError) as exc:
+            if self._sorted_end > HEADER_BYTES:
+                self._map = mmap.mmap(fd, self._sorted_end, access=mmap.ACCESS_READ)
+            self._chunks = read_lines(fd, HEADER_BYTES, size)
+        except OSError as exc:
             self.close()
             raise PersistError(f"cannot read records from {self.path}: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
         return True
 
-    def next_rows(self, size: int = CHUNK) -> list[tuple[object, object]]:
-        """The next `size` rows ([] at the end); parsing them is the caller's job."""
-        with self._bulk_lock:
-            if self._rows is None or self._closed:
+    def next_rows(self) -> list[bytes]:
+        """The next lines of the file, about READ_CHUNK bytes of them ([] at the end);
+        parsing them is the caller's job."""
+        with self._lock:
+            if self._chunks is None or self._closed:
                 return []
             try:
-                rows: list[tuple[object, object]] = self._rows.fetchmany(size)
-            except sqlite3.Error as exc:
+                return next(self._chunks, [])
+            except OSError as exc:
                 raise PersistError(f"cannot read records from {self.path}: {exc}") from exc
             finally:
                 if self._closed:  # closed while this thread was reading (abandoned)
-                    self._close_bulk()
-            return rows
+                    self._close_file()
 
     def lookup(self, clients: list[bytes]) -> list[Record]:
-        """The stored records of those of `clients` the records table holds (invalid rows
-        left out); `journal` has the rest."""
+        """The records of those of `clients` the sorted section holds (invalid lines left
+        out); `journal` has the newer ones appended after it. On the loop: a bisection
+        touches about 20 lines, mapped into memory."""
         found: list[Record] = []
-        with self._point_lock:
-            if self._point is None or self._closed:
-                return found
-            try:
-                for start in range(0, len(clients), LOOKUP_BATCH):
-                    batch = clients[start : start + LOOKUP_BATCH]
-                    marks = ",".join("?" * len(batch))
-                    query = f"SELECT client, at_line FROM records WHERE client IN ({marks})"
-                    found += parse_rows(self._point.execute(query, batch).fetchall())[0]
-            except sqlite3.Error as exc:
-                raise PersistError(f"cannot read records from {self.path}: {exc}") from exc
+        view = self._map
+        if view is None or self._closed:
+            return found
+        for client in clients:
+            leaf = leaf_of(client)
+            start = _first_of_leaf(view, HEADER_BYTES, self._sorted_end, leaf)
+            while start < self._sorted_end:
+                stop = view.find(b"\n", start, self._sorted_end)
+                if stop < 0:  # not a whole line: the section was not written by us
+                    break
+                line = view[start:stop]
+                held = client_of(line)
+                if held == client:
+                    if (record := line_record(line)) is not None:
+                        found.append(record)
+                    break
+                if leaf_of(held) != leaf:
+                    break
+                start = stop + 1
         return found
 
     def journal(self) -> dict[bytes, bytes]:
-        """The journal rows the file held when opened (a crash's, or a failed fold's), the
-        newest per client; {} if none. Blocking: from a worker thread. The journal has no
-        index, so lookups use this instead of a scan each (65,536 rows: ~70 ms once,
-        against ~10 ms for every lookup)."""
-        with self._point_lock:
-            if self._point is None or self._closed or not self._journal_end:
-                return {}
+        """The lines appended after the sorted section when the file was opened, the
+        newest per client; {} if none. Blocking: from a worker thread. They are in the
+        order written, so lookups use this instead of a scan each."""
+        with self._lock:
+            newest: dict[bytes, bytes] = {}
+            if self._fd is None or self._closed or not self.has_journal:
+                return newest
             try:
-                rows = self._point.execute(
-                    "SELECT client, at_line FROM journal WHERE rowid <= ? ORDER BY rowid",
-                    (self._journal_end,),
-                )
-                return dict(rows)
-            except sqlite3.Error as exc:
+                for lines in read_lines(self._fd, self._sorted_end, self._size):
+                    for line in lines:
+                        newest[client_of(line)] = line
+            except OSError as exc:
                 raise PersistError(f"cannot read records from {self.path}: {exc}") from exc
+            return newest
 
     @property
     def has_journal(self) -> bool:
-        """True if the file held journal rows when opened."""
-        return self._journal_end > 0
+        """True if the file held lines after its sorted section when opened."""
+        return self._size > self._sorted_end
 
     def close(self) -> None:
-        """Close both connections; one a worker thread still uses closes when it is done."""
+        """Close the file; a worker thread still reading closes it when it is done."""
         self._closed = True
-        if self._bulk_lock.acquire(blocking=False):
+        view, self._map = self._map, None
+        if view is not None:
+            view.close()
+        if self._lock.acquire(blocking=False):
             try:
-                self._close_bulk()
+                self._close_file()
             finally:
-                self._bulk_lock.release()
-        if self._point_lock.acquire(blocking=False):
-            try:
-                if self._point is not None:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._point.close()
-                    self._point = None
-            finally:
-                self._point_lock.release()
+                self._lock.release()
 
-    def _close_bulk(self) -> None:
-        conn, self._bulk, self._rows = self._bulk, None, None
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+    def _close_file(self) -> None:
+        fd, self._fd, self._chunks = self._fd, None, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
-async def _read_rows(
-    reader: StateReader, send: trio.MemorySendChannel[list[tuple[object, object]]]
-) -> None:
+def _first_of_leaf(view: mmap.mmap, lo: int, hi: int, leaf: int) -> int:
+    """The offset of the first line in view[lo:hi] (whole lines, in leaf order) whose
+    client's leaf is `leaf` or later; `hi` if there is none."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = view.rfind(b"\n", lo, mid) + 1 or lo  # the line holding offset mid
+        stop = view.find(b"\n", start, hi)
+        if stop < 0:
+            stop = hi
+        if leaf_of(client_of(view[start:stop])) < leaf:
+            lo = stop + 1
+        else:
+            hi = start
+    return lo
+
+
+async def _read_rows(reader: StateReader, send: trio.MemorySendChannel[list[bytes]]) -> None:
     with send:
         while rows := await trio.to_thread.run_sync(reader.next_rows, abandon_on_cancel=True):
             await send.send(rows)
@@ -245,10 +281,14 @@ class Restore:
     @classmethod
     async def open(cls, path: Path, store: Store, log: Callable[[str], None]) -> Restore:
         """Open `path` for loading into `store` by `run()`; done at once if there is no
-        file or no records table. PersistError if the file cannot be read.
+        file or it holds no records. PersistError if the file cannot be read.
+
+        A state file of the SQLite format that came before is converted first, once
+        (statefile.convert_legacy): the server does not listen meanwhile.
 
         `attach` the persister writing `path` before anything else offers to the store.
         """
+        await trio.to_thread.run_sync(convert_legacy, path, log)
         reader = StateReader(path)
         if not await trio.to_thread.run_sync(reader.open):
             reader.close()
@@ -262,6 +302,8 @@ class Restore:
         self.persister = persister
         if not self.done:
             persister.track_clients(True)
+        else:  # nothing to load: the store holds what the file does (nothing)
+            persister.allow_compaction()
 
     async def wait(self) -> None:
         """Return once the store holds everything the file held."""
@@ -281,30 +323,37 @@ class Restore:
             return
         self.log(f"loading records from {reader.path}")
         began = trio.current_time()
-        # A worker thread reads the next rows (SQLite releases the GIL while it steps
-        # through the table) while the loop parses and offers these, a slice at a time.
-        send, receive = trio.open_memory_channel[list[tuple[object, object]]](1)
+        # A worker thread reads the next lines (os.pread lets go of the GIL) while the
+        # loop parses and offers these, a slice at a time.
+        send, receive = trio.open_memory_channel[list[bytes]](1)
         loaded = skipped = 0
+        whole = False
         try:
             with receive, _collector_paused():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_read_rows, reader, send)
                     async for rows in receive:
                         for start in range(0, len(rows), SLICE):
-                            records, bad = parse_rows(rows[start : start + SLICE])
+                            records, bad = parse_lines(rows[start : start + SLICE])
                             loaded, skipped = loaded + len(records), skipped + bad
                             with persister.from_file():
                                 for record in records:
                                     store.offer(record)
                             await trio.lowlevel.checkpoint()
+            whole = True
         except* PersistError as group:
             exc = group.exceptions[0]
-            self.log(f"{exc}; serving the {plural(len(store), 'record')} held so far")
+            self.log(
+                f"{exc}; serving the {plural(len(store), 'record')} held so far"
+                " (the file is not compacted until a restart loads it whole)"
+            )
         finally:
             persister.track_clients(False)
             reader.close()
+        if whole:  # a compaction writes the store: only once it holds the whole file
+            persister.allow_compaction()
         if skipped:
-            self.log(f"skipped {skipped} rows of {reader.path} that are not valid AT lines")
+            self.log(f"skipped {skipped} lines of {reader.path} that are not valid AT lines")
         took = trio.current_time() - began
         self.log(
             f"{plural(loaded, 'record')} loaded from {reader.path} in {took:.3f} s"
@@ -323,7 +372,7 @@ class Restore:
         self._journal = {}  # no more lookups
 
     async def _read_journal(self, reader: StateReader) -> dict[bytes, bytes]:
-        """The journal rows the file held at open, read in a worker thread the first time
+        """The appended lines the file held at open, read in a worker thread the first time
         a lookup needs them (client lines wait for it meanwhile, not the loop)."""
         async with self._journal_lock:
             if self._journal is None:
@@ -348,11 +397,11 @@ class Restore:
             return
         self.lookups += len(named)
         try:
-            # On the loop: an indexed read of a few rows costs less than a thread's round trip.
+            # On the loop: a bisection of a mapped file costs less than a thread's round trip.
             found = reader.lookup(named)
-            if reader.has_journal:  # newer than the records table's rows
+            if reader.has_journal:  # newer than the sorted section's lines
                 journal = await self._read_journal(reader)
-                found += parse_rows((c, journal[c]) for c in named if c in journal)[0]
+                found += parse_lines(journal[c] for c in named if c in journal)[0]
         except PersistError as exc:
             self.log(f"{exc}; waiting for the load instead")
             await self.wait()

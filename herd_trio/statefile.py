@@ -1,64 +1,53 @@
-"""The state file's format: `<state_dir>/<NAME>.sqlite3`, read and written whole.
+"""The state file's format: `<state_dir>/<NAME>.records`, a log of AT lines.
 
-The file holds two tables of (client, AT line) rows:
+The file is text, one AT line per LF-terminated line, in two sections after a header:
 
-- `records(client BLOB PRIMARY KEY, at_line BLOB NOT NULL)`, one row per client;
-- `journal(client BLOB NOT NULL, at_line BLOB NOT NULL)`, rows appended in the order
-  the server kept them (by rowid), newer than `records` for the same client.
+- the header, HEADER_BYTES long: `herd_trio records 1 sorted=<20 digits>\\n`, the
+  length in bytes of the sorted section that follows it;
+- the sorted section: one line per client, in the order of the client's leaf in the
+  reconciliation tree (`leaf_of`: the top 16 bits of its key), written whole when the
+  file is compacted;
+- the appended section: the lines the server kept since, in the order it kept them.
 
-A server appends what it keeps to the journal (`append_records`) and folds the journal
-into `records` every FOLD_ROWS rows and when it stops (`fold`): one sorted
-`INSERT OR REPLACE ... SELECT` and a `DELETE`, in one transaction. Client ids hash all
-over the primary key's B-tree, and rows upserted in the order they came cost 11.8 us of
-CPU each (240,000 random clients in batches of 1,200), against 1.2 us for an append,
-and 3.5 us per row all in all with a fold, in key order, every 48,000 rows. Readers
-take both tables (`ROWS`, `load_records`): a client's journal rows come after its
-`records` row, and the last one read is the newest.
+A client's last line in the file is its newest record: a server only appends a record
+that superseded the one it held, and a compaction writes the store as it is and then
+every record kept since the compaction began (herd_trio/persist.py). A line without
+its final LF at the end of the file is a write cut short by a crash: readers skip it
+and the writer cuts it off before it appends.
 
-Only the AT line is stored: it carries every field of a record (`parse_at` rebuilds
+Why not a database: a record is written once when kept (a write of the batch's lines,
+~0.15 us a record) and about once more when the file is compacted (the store's lines
+in leaf order, when the appended section has grown to as many lines as the store holds
+clients). SQLite, with a journal table folded into a keyed table, cost 3.4-4.6 us of CPU
+per record per server (docs/performance.md), a fifth of a herd's CPU per update. The
+leaf order lets a restarting server look a client up in the sorted section by bisection
+(herd_trio/restore.py) while it loads the rest.
+
+Only the AT line is stored: it carries every field of a record (`line_record` rebuilds
 the Record), and keeping it byte for byte keeps WHATSAT's first line exact across a
-restart. A server writes it through a Persister (herd_trio/persist.py) and loads it
-with herd_trio/restore.py; the functions here are what both, and tests and tools,
-share.
+restart. Files of the SQLite format that came before (`<NAME>.sqlite3`) are converted
+once, when a server opens its state (`convert_legacy`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import itertools
+import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from pathlib import Path
 
 from herd_trio.protocol import Record
+from herd_trio.store import leaf_of
 
-# Pages of WAL between checkpoints (SQLite's default is 1,000, about 4 MB). Client ids
-# hash all over the table, so a batch dirties pages everywhere, and a checkpoint copies
-# each dirty page once however many batches changed it: at 10,000 pages (about 40 MB
-# of WAL on disk) a row costs about a quarter less CPU and a third less time (13.0-13.9
-# against 16.7-18.3 us of CPU; 300,000 random clients written in batches of 500).
-WAL_CHECKPOINT_PAGES = 10_000
-BUSY_TIMEOUT = 1.0  # seconds sqlite waits for a lock held by another connection
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS records (client BLOB PRIMARY KEY, at_line BLOB NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS journal (client BLOB NOT NULL, at_line BLOB NOT NULL)",
-)
-UPSERT_ROWS = 256  # rows per INSERT statement at most (512 parameters): see upsert()
-FOLD_ROWS = 65_536  # journal rows a server folds into `records` at once (~0.1-0.2 s)
-# Every row of the file, `records` first, then the journal in the order it was written:
-# the last row read for a client is its newest record.
-ROWS = (
-    "SELECT client, at_line FROM records"
-    " UNION ALL SELECT client, at_line FROM (SELECT client, at_line FROM journal ORDER BY rowid)"
-)
-_FOLD = (
-    "INSERT OR REPLACE INTO records (client, at_line)"
-    " SELECT client, at_line FROM journal ORDER BY client, rowid"
-)
+MAGIC = b"herd_trio records 1 sorted="
+HEADER_BYTES = len(MAGIC) + 21  # 20 digits and an LF
+SUFFIX = ".records"
+LEGACY_SUFFIX = ".sqlite3"
+TMP_SUFFIX = ".tmp"  # a compaction's file until it is renamed into place
+READ_CHUNK = 1 << 20  # bytes read at a time
 # The shape of a stored AT line's client time and coordinates (protocol.py's rules).
 _TIME = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
 _COORDS = re.compile(rb"[+-][0-9]{1,2}(?:\.[0-9]+)?[+-][0-9]{1,3}(?:\.[0-9]+)?")
@@ -70,55 +59,71 @@ class PersistError(Exception):
 
 def state_path(state_dir: str | Path, name: str) -> Path:
     """Where server `name` keeps its records."""
-    return Path(state_dir) / f"{name}.sqlite3"
+    return Path(state_dir) / f"{name}{SUFFIX}"
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-    # check_same_thread=False: trio's worker threads differ from call to call; the
-    # Persister's lock makes sure only one of them uses the connection at a time.
-    conn = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-    )
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+def legacy_path(path: Path) -> Path:
+    """Where the SQLite file that `path` replaces would be."""
+    return path.with_suffix(LEGACY_SUFFIX)
 
 
-def row_record(client: object, at_line: object) -> Record | None:
-    """The record a state-file row holds, or None if the row is not an AT line for its key.
+def tmp_path(path: Path) -> Path:
+    """Where a compaction writes the file that replaces `path`."""
+    return path.with_name(path.name + TMP_SUFFIX)
 
-    The file holds only records this server accepted, so a row is checked for shape
-    (an AT line for the row's client, canonical spacing, a valid time and coordinates)
-    rather than parsed field by field as a peer's line is (`protocol.parse_at`): that
-    halves the cost of a restart.
+
+def header(sorted_bytes: int) -> bytes:
+    """The header of a file whose sorted section is `sorted_bytes` long."""
+    return b"%s%020d\n" % (MAGIC, sorted_bytes)
+
+
+def parse_header(data: bytes, path: Path, size: int) -> int:
+    """The sorted section's length from a file's first HEADER_BYTES; PersistError if
+    they are not a header or the section would run past the file's `size`."""
+    digits = data[len(MAGIC) : HEADER_BYTES - 1]
+    if (
+        len(data) != HEADER_BYTES
+        or not data.startswith(MAGIC)
+        or data[-1:] != b"\n"
+        or not digits.isdigit()
+        or HEADER_BYTES + int(digits) > size
+    ):
+        raise PersistError(f"{path} is not a herd_trio records file")
+    return int(digits)
+
+
+def line_record(line: bytes) -> Record | None:
+    """The record a stored line holds, or None if the line is not an AT line.
+
+    The file holds only records this server accepted, so a line is checked for shape
+    (six fields, canonical spacing, a valid time and coordinates) rather than parsed
+    field by field as a peer's line is (`protocol.parse_at`): that halves the cost of
+    a restart.
     """
-    if not isinstance(at_line, bytes) or not isinstance(client, bytes):
-        return None
-    fields = at_line.split()
+    fields = line.split()
     if (
         len(fields) != 6
         or fields[0] != b"AT"
-        or fields[3] != client
-        or b" ".join(fields) != at_line
+        or b" ".join(fields) != line
         or not _TIME.fullmatch(fields[5])
         or not _COORDS.fullmatch(fields[4])
     ):
         return None
-    return Record(client, fields[4], Decimal(fields[5].decode("ascii")), fields[1], at_line)
+    return Record(fields[3], fields[4], Decimal(fields[5].decode("ascii")), fields[1], line)
 
 
-def parse_rows(rows: Iterable[tuple[object, object]]) -> tuple[list[Record], int]:
-    """The records of state-file `rows`, and how many rows were skipped as not valid."""
+def client_of(line: bytes) -> bytes:
+    """The client field of a stored line (b"" if it has too few fields)."""
+    fields = line.split(b" ", 4)
+    return fields[3] if len(fields) == 5 else b""
+
+
+def parse_lines(lines: Iterable[bytes]) -> tuple[list[Record], int]:
+    """The records of stored `lines`, and how many were skipped as not valid."""
     records: list[Record] = []
     skipped = 0
-    for client, at_line in rows:
-        record = row_record(client, at_line)
+    for line in lines:
+        record = line_record(line)
         if record is None:
             skipped += 1
         else:
@@ -126,173 +131,208 @@ def parse_rows(rows: Iterable[tuple[object, object]]) -> tuple[list[Record], int
     return records, skipped
 
 
+def complete_lines(data: bytes) -> tuple[list[bytes], int]:
+    """The LF-terminated lines at the start of `data` (without their LFs), and how many
+    bytes they take; what follows the last LF is left for the next read."""
+    end = data.rfind(b"\n") + 1
+    if not end:
+        return [], 0
+    return data[: end - 1].split(b"\n"), end
+
+
+def read_lines(fd: int, start: int, stop: int) -> Iterator[list[bytes]]:
+    """The complete lines of file `fd` between offsets `start` (a line's start) and
+    `stop`, a chunk of about READ_CHUNK bytes at a time; an unfinished last line is
+    left out. Blocking; OSError if a read fails."""
+    rest = b""
+    offset = start
+    while offset < stop:
+        data = os.pread(fd, min(READ_CHUNK, stop - offset), offset)
+        if not data:
+            break  # the file is shorter than it was: what is there has been read
+        offset += len(data)
+        lines, used = complete_lines(rest + data)
+        rest = (rest + data)[used:]
+        if lines:
+            yield lines
+
+
+def file_size(fd: int) -> int:
+    return os.fstat(fd).st_size
+
+
+def read_all(path: Path) -> dict[bytes, bytes]:
+    """Every client's newest line in the file at `path` ({} if there is no file).
+
+    Blocking. PersistError if the file cannot be read or is not a records file. For
+    tools, tests and benchmarks; a server loads its file with herd_trio/restore.py, in
+    chunks, while it serves.
+    """
+    return _read_newest(path)[0]
+
+
+def _read_newest(path: Path) -> tuple[dict[bytes, bytes], int]:
+    """read_all's lines, and how many lines it left out for having no client field."""
+    newest: dict[bytes, bytes] = {}
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return newest, 0
+    except OSError as exc:
+        raise PersistError(f"cannot read records from {path}: {exc}") from exc
+    try:
+        size = file_size(fd)
+        parse_header(os.pread(fd, HEADER_BYTES, 0), path, size)
+        junk = 0
+        for lines in read_lines(fd, HEADER_BYTES, size):
+            for line in lines:
+                client = client_of(line)
+                if client:
+                    newest[client] = line
+                else:
+                    junk += 1
+    except OSError as exc:
+        raise PersistError(f"cannot read records from {path}: {exc}") from exc
+    finally:
+        os.close(fd)
+    return newest, junk
+
+
 def load_records(path: str | Path, *, log: Callable[[str], None] | None = None) -> list[Record]:
     """Every record stored in `path`; [] if there is no such file yet.
 
     Blocking: call it from a thread (`trio.to_thread.run_sync`) or before `trio.run`.
-    A server loads its file with herd_trio/restore.py instead, in chunks, while it
-    serves; this is for tests and tools. Rows that are not a valid AT line for their
-    client are skipped and counted (the count goes to `log`, the only thing logged
-    here); a file that is not a readable records database raises PersistError, rather
-    than letting the server start empty and overwrite it.
+    Lines that are not a valid AT line are skipped and counted (the count goes to
+    `log`, the only thing logged here); a file that is not a records file raises
+    PersistError, rather than letting the server start empty and overwrite it.
     """
     path = Path(path)
-    if not path.exists():
-        return []
-    try:
-        conn = connect(path)
-        try:
-            query = rows_query(conn)
-            rows = conn.execute(query).fetchall() if query is not None else []
-        finally:
-            conn.close()
-    except (sqlite3.Error, OSError) as exc:
-        raise PersistError(f"cannot read records from {path}: {exc}") from exc
-    newest = dict(rows)  # a client's last row is its newest record (ROWS)
-    records, skipped = parse_rows(newest.items())
+    newest, junk = _read_newest(path)
+    records, skipped = parse_lines(newest.values())
+    skipped += junk
     if log is not None and skipped:  # the caller logs how many were loaded
-        log(f"skipped {skipped} rows of {path} that are not valid AT lines")
+        log(f"skipped {skipped} lines of {path} that are not valid AT lines")
     return records
 
 
-def rows_query(conn: sqlite3.Connection) -> str | None:
-    """The query for every row of the file (ROWS); None if it has no records table. A
-    file written before the journal existed has only `records`."""
-    tables = {
-        name
-        for (name,) in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('records', 'journal')"
-        )
-    }
-    if "records" not in tables:
-        return None
-    return ROWS if "journal" in tables else "SELECT client, at_line FROM records"
+def sorted_lines(lines: Iterable[bytes]) -> list[bytes]:
+    """`lines` (one per client) in the sorted section's order."""
+    return sorted(lines, key=lambda line: leaf_of(client_of(line)))
 
 
-def open_file(path: Path) -> sqlite3.Connection:
-    """A connection to the state file at `path`, created (with its tables) if need be."""
+def write_file(path: Path, lines: Iterable[bytes]) -> None:
+    """Replace the file at `path` with one whose sorted section holds `lines` (in the
+    sorted section's order already, one per client), atomically: written beside it,
+    synced, renamed into place. Blocking; OSError if anything fails (the old file, if
+    any, is then untouched)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = connect(path)
+    tmp = tmp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for statement in _SCHEMA:
-            conn.execute(statement)
+        offset = HEADER_BYTES
+        chunk: list[bytes] = []
+        for line in lines:
+            chunk.append(line)
+            if len(chunk) >= 8192:
+                offset += write_lines(fd, chunk, offset)
+                chunk = []
+        offset += write_lines(fd, chunk, offset)
+        write_all(fd, header(offset - HEADER_BYTES), 0)
+        os.fsync(fd)
     except BaseException:
-        conn.close()
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
-    return conn
+    os.close(fd)
+    replace(tmp, path)
 
 
-def commit_records(conn: sqlite3.Connection, rows: Iterable[tuple[bytes, bytes]]) -> None:
-    """Write `rows` (client, AT line) into `records` in one transaction (rolled back if
-    anything fails), replacing a client's row."""
-    _transaction(conn, rows, upsert)
+def write_lines(fd: int, lines: list[bytes], offset: int) -> int:
+    """Write `lines`, each with its LF, at `offset`; the bytes written."""
+    if not lines:
+        return 0
+    data = b"\n".join(lines) + b"\n"
+    write_all(fd, data, offset)
+    return len(data)
 
 
-def append_records(conn: sqlite3.Connection, rows: Iterable[tuple[bytes, bytes]]) -> None:
-    """Append `rows` (client, AT line) to the journal in one transaction (rolled back if
-    anything fails); each must be newer than what the file holds for its client."""
-    _transaction(conn, rows, _append)
+def write_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite all of `data` at `offset` (a short write is continued); OSError if not."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
-def fold(conn: sqlite3.Connection) -> None:
-    """Move the journal into `records` in one transaction: a client's newest row wins."""
-    conn.execute("BEGIN IMMEDIATE")
+def replace(tmp: Path, path: Path) -> None:
+    """Rename `tmp` over `path` and sync the directory, so the rename survives a crash."""
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        conn.execute(_FOLD)
-        conn.execute("DELETE FROM journal")
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-
-
-def journal_rows(conn: sqlite3.Connection) -> int:
-    """How many rows the journal holds (not folded yet)."""
-    return int(conn.execute("SELECT count(*) FROM journal").fetchone()[0])
-
-
-def _transaction(
-    conn: sqlite3.Connection,
-    rows: Iterable[tuple[bytes, bytes]],
-    write: Callable[[sqlite3.Connection, Sequence[tuple[bytes, bytes]]], None],
-) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        rest = iter(rows)
-        while chunk := list(itertools.islice(rest, 4096)):  # any number, a slice at a time
-            write(conn, chunk)
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def write_records(path: str | Path, records: Iterable[Record]) -> None:
-    """Store `records` in `path`'s records table in one transaction (blocking).
+    """Write `records` into the records file at `path` (made if need be), in one
+    compacted file: a record replaces the one the file holds for its client, and a
+    later one in `records` an earlier one. Blocking.
 
     For tests and benchmarks that need a state file of a given size quickly; a server
     writes through its Persister.
     """
     path = Path(path)
+    newest = read_all(path)
+    for record in records:
+        newest[record.client] = record.at_line
     try:
-        conn = open_file(path)
-        try:
-            commit_records(conn, ((r.client, r.at_line) for r in records))
-        finally:
-            conn.close()
-    except (sqlite3.Error, OSError) as exc:
+        write_file(path, sorted_lines(newest.values()))
+    except OSError as exc:
         raise PersistError(f"cannot write records to {path}: {exc}") from exc
 
 
-def upsert(conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes]]) -> None:
-    """Insert `rows` (client, AT line) into `records`, replacing a client's row if it has one.
+# --- the SQLite format that came before ------------------------------------------------
 
-    One statement per up to UPSERT_ROWS rows (256, 128, ... 1: a few statement texts,
-    each prepared once), not executemany's one per row. Each statement is one step of
-    SQLite, and sqlite3 lets go of the GIL for every step and takes it back after: a
-    worker thread writing row by row beside a busy main thread handed the GIL back and
-    forth about 20 times per row (a batch of 750 rows: ~15,000 context switches,
-    against ~2,500 this way), and a row costs less CPU even alone (2.0-3.0 against
-    2.7-3.5 us). In a loaded herd the difference is inside the noise.
-    """
-    _insert(conn, rows, _upsert_sql)
+# Every row of a legacy file, `records` first, then its journal in the order written:
+# the last row read for a client is its newest record.
+_LEGACY_ROWS = (
+    "SELECT client, at_line FROM records"
+    " UNION ALL SELECT client, at_line FROM (SELECT client, at_line FROM journal ORDER BY rowid)"
+)
 
 
-def _append(conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes]]) -> None:
-    """Append `rows` (client, AT line) to the journal, the statements as upsert's."""
-    _insert(conn, rows, _append_sql)
-
-
-def _insert(
-    conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes]], sql: Callable[[int], str]
-) -> None:
-    start = 0
-    while start < len(rows):
-        count = min(UPSERT_ROWS, 1 << ((len(rows) - start).bit_length() - 1))
-        chunk = rows[start : start + count]
-        conn.execute(sql(count), [field for row in chunk for field in row])
-        start += count
-
-
-@functools.cache
-def _upsert_sql(rows: int) -> str:
-    # The store only ever notifies records newer than the last one it notified for
-    # that client, and batches are written one at a time in the order they were
-    # taken, so the last write for a client is always its newest record: a plain
-    # REPLACE is enough. Within one statement, too, a later row replaces an earlier
-    # row of the same client.
-    values = ", ".join(["(?, ?)"] * rows)
-    return f"INSERT OR REPLACE INTO records (client, at_line) VALUES {values}"
-
-
-@functools.cache
-def _append_sql(rows: int) -> str:
-    # In rowid order, which is the order the rows were written in (ROWS reads it so).
-    values = ", ".join(["(?, ?)"] * rows)
-    return f"INSERT INTO journal (client, at_line) VALUES {values}"
+def convert_legacy(path: Path, log: Callable[[str], None]) -> None:
+    """If there is no file at `path` but a SQLite state file of the format that came
+    before (`legacy_path`), write its records to `path` (blocking). The old file is
+    left as it was, and no longer used. PersistError if it cannot be read."""
+    legacy = legacy_path(path)
+    if path.exists() or not legacy.exists():
+        return
+    try:
+        conn = sqlite3.connect(f"file:{legacy}?mode=ro", uri=True, timeout=5.0)
+        try:
+            tables = {
+                name
+                for (name,) in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                    " AND name IN ('records', 'journal')"
+                )
+            }
+            query = _LEGACY_ROWS if "journal" in tables else "SELECT client, at_line FROM records"
+            rows = conn.execute(query).fetchall() if "records" in tables else []
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise PersistError(f"cannot read records from {legacy}: {exc}") from exc
+    newest = {c: line for c, line in rows if isinstance(c, bytes) and isinstance(line, bytes)}
+    lines = [line for c, line in newest.items() if client_of(line) == c]
+    try:
+        write_file(path, sorted_lines(lines))
+    except OSError as exc:
+        raise PersistError(f"cannot write records to {path}: {exc}") from exc
+    log(
+        f"converted {len(lines)} records from {legacy} to {path}; the old file is no"
+        " longer used and can be removed"
+    )

@@ -48,6 +48,11 @@ key_of: Callable[[bytes], int] = xxh3_64_intdigest
 fingerprint_line: Callable[[bytes], int] = xxh3_64_intdigest
 
 
+def leaf_of(client: bytes) -> int:
+    """The leaf of the reconciliation tree that holds `client` (its key's top 16 bits)."""
+    return key_of(client) >> _LEAF_SHIFT
+
+
 def fingerprint(record: Record) -> int:
     """The fingerprint of `record` (see fingerprint_line)."""
     return fingerprint_line(record.at_line)
@@ -337,6 +342,16 @@ class Store:
     def leaf_clients(self, leaf: int) -> list[bytes]:
         """The clients of one leaf (do not modify the list)."""
         return self._members[leaf] or []
+
+    def lines_of_leaves(self, first: int, stop: int) -> list[bytes]:
+        """The AT lines of every client in leaves `first` to `stop` - 1, leaf by leaf
+        (the state file's sorted order, herd_trio/statefile.py)."""
+        lines, members = self._lines, self._members
+        out: list[bytes] = []
+        for leaf in range(first, stop):
+            for client in members[leaf] or ():
+                out.append(unpack(lines[client], client))
+        return out
 
     def find(self, key: int) -> bytes | None:
         """The AT line of the client whose key is `key`, if held (a scan of its leaf)."""

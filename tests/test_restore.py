@@ -16,27 +16,29 @@ from herd_trio.lines import LineReader
 from herd_trio.persist import Persister
 from herd_trio.protocol import Record, parse_at
 from herd_trio.restore import SLICE, Restore, clients_named
-from herd_trio.statefile import (
-    PersistError,
-    append_records,
-    load_records,
-    open_file,
-    write_records,
-)
-from herd_trio.store import Store
+from herd_trio.statefile import PersistError, load_records, write_records
+from herd_trio.store import Store, leaf_of
 from tests.helpers import herd_config, make_node, record
 from tests.test_links import EMPTY_ROUND, PEER_MAX, carry_collecting
-from tests.test_persist import Log, rows, wait_for_batches
+from tests.test_persist import Log, rows, wait_for_batches, wait_for_compactions
 
 
 def rec(client: bytes, time: int, origin: bytes = b"Clark") -> Record:
     return parse_at(b"AT %s +0.000000001 %s +34.068930-118.445127 %d" % (origin, client, time))
 
 
-async def opened(path: Path, store: Store, log: Log | None = None) -> tuple[Restore, Persister]:
+def append(path: Path, *lines: bytes) -> None:
+    """Append `lines` to the file, as a server (or one a crash stopped) leaves them."""
+    with path.open("ab") as file:
+        file.write(b"".join(line + b"\n" for line in lines))
+
+
+async def opened(
+    path: Path, store: Store, log: Log | None = None, compact_min: int = 65_536
+) -> tuple[Restore, Persister]:
     """A Restore of `path` into `store` with its Persister attached, as serve() builds them."""
     restore = await Restore.open(path, store, log or Log())
-    persister = Persister(path)
+    persister = Persister(path, store=store, compact_min=compact_min)
     store.on_change(persister.note)
     restore.attach(persister)
     return restore, persister
@@ -55,23 +57,40 @@ def test_clients_named_takes_client_lines_only() -> None:
 
 
 async def test_a_missing_file_is_loaded_at_once(tmp_path: Path) -> None:
-    restore = await Restore.open(tmp_path / "nobody.sqlite3", Store(), Log())
+    restore = await Restore.open(tmp_path / "nobody.records", Store(), Log())
     assert restore.done
     await restore.wait()  # returns at once
-    assert not (tmp_path / "nobody.sqlite3").exists()
+    assert not (tmp_path / "nobody.records").exists()
 
 
-async def test_a_file_that_is_not_a_database_fails_at_open(tmp_path: Path) -> None:
-    path = tmp_path / "Clark.sqlite3"
-    path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(PersistError, match=r"cannot read records from .*Clark\.sqlite3"):
+@pytest.mark.parametrize("content", [b"this is not a records file" * 100, b""])
+async def test_a_file_that_is_not_a_records_file_fails_at_open(
+    tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "Clark.records"
+    path.write_bytes(content)
+    with pytest.raises(PersistError, match=r"Clark\.records is (empty, )?not a herd_trio records"):
         await Restore.open(path, Store(), Log())
+
+
+async def test_a_file_of_the_sqlite_format_is_converted_and_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.records"
+    conn = sqlite3.connect(tmp_path / "Clark.sqlite3")
+    with conn:
+        conn.execute("CREATE TABLE records (client BLOB PRIMARY KEY, at_line BLOB NOT NULL)")
+        conn.execute("INSERT INTO records VALUES (?, ?)", (b"kiwi", rec(b"kiwi", 1).at_line))
+    conn.close()
+    store, log = Store(), Log()
+    restore, _ = await opened(path, store, log)
+    assert log.lines[0].startswith(f"converted 1 records from {tmp_path / 'Clark.sqlite3'}")
+    await restore.run()
+    assert list(store) == [rec(b"kiwi", 1)]
 
 
 async def test_the_load_fills_the_store_logs_and_writes_nothing_back(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    path = tmp_path / "Clark.sqlite3"
+    path = tmp_path / "Clark.records"
     records = [rec(b"client-%d" % i, i) for i in range(3000)]  # several slices and chunks
     write_records(path, records)
     store, log = Store(), Log()
@@ -91,34 +110,28 @@ async def test_the_load_fills_the_store_logs_and_writes_nothing_back(
     assert persister.statistics().rows_written == 1
 
 
-async def test_bad_rows_are_skipped_and_counted(tmp_path: Path) -> None:
-    path = tmp_path / "Clark.sqlite3"
+async def test_bad_lines_are_skipped_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "Clark.records"
     good = rec(b"kiwi", 7)
     write_records(path, [good])
-    conn = sqlite3.connect(path)
-    with conn:
-        conn.executemany(
-            "INSERT INTO records VALUES (?, ?)",
-            [
-                (b"junk", b"AT garbage"),
-                (b"text", rec(b"text", 1).at_line.decode()),  # TEXT, not BLOB
-                (b"other", rec(b"pear", 1).at_line),  # key and line disagree
-                (b"spaced", b"AT  Clark +0.000000001 spaced +1+1 1"),  # not canonical
-                (b"nan", b"AT Clark +0.000000001 nan +1+1 nan"),  # not a time
-                (b"where", b"AT Clark +0.000000001 where 1+1 1"),  # not coordinates
-            ],
-        )
-    conn.close()
+    append(
+        path,
+        b"AT garbage",
+        b"AT  Clark +0.000000001 spaced +1+1 1",  # not canonical
+        b"AT Clark +0.000000001 nan +1+1 nan",  # not a time
+        b"AT Clark +0.000000001 where 1+1 1",  # not coordinates
+        b"\x00\xff",
+    )
     store, log = Store(), Log()
     restore, _ = await opened(path, store, log)
     await restore.run()
     assert list(store) == [good]
-    assert f"skipped 6 rows of {path} that are not valid AT lines" in log.lines
+    assert f"skipped 5 lines of {path} that are not valid AT lines" in log.lines
     assert load_records(path) == [good]  # the same rule for tools
 
 
 async def test_ensure_fetches_named_clients_before_the_load_reaches_them(tmp_path: Path) -> None:
-    path = tmp_path / "Clark.sqlite3"
+    path = tmp_path / "Clark.records"
     write_records(path, [rec(b"client-%d" % i, 100 + i) for i in range(2000)])
     store = Store()
     restore, persister = await opened(path, store)
@@ -140,21 +153,16 @@ async def test_ensure_fetches_named_clients_before_the_load_reaches_them(tmp_pat
     assert restore.lookups == 4
 
 
-async def test_a_crash_journal_is_loaded_and_looked_up(tmp_path: Path) -> None:
-    """Rows a killed server appended and never folded: the load and the lookups see
-    them, newer than the records table's row of the same client."""
-    path = tmp_path / "Clark.sqlite3"
+async def test_appended_lines_are_loaded_and_looked_up(tmp_path: Path) -> None:
+    """Lines appended after the sorted section: the load and the lookups see them,
+    newer than the sorted section's line of the same client."""
+    path = tmp_path / "Clark.records"
     write_records(path, [rec(b"client-%d" % i, 100 + i) for i in range(500)])
-    conn = open_file(path)
-    append_records(conn, [(b"client-7", rec(b"client-7", 9000).at_line)])
-    append_records(conn, [(b"journal-only", rec(b"journal-only", 5).at_line)])
-    conn.close()
+    append(path, rec(b"client-7", 9000).at_line, rec(b"journal-only", 5).at_line)
     store = Store()
     restore, persister = await opened(path, store)
-    # A row the persister appends during this run is not a lookup's business.
-    append_late = open_file(path)
-    append_records(append_late, [(b"late", rec(b"late", 1).at_line)])
-    append_late.close()
+    # A line the persister appends during this run is not a lookup's business.
+    append(path, rec(b"late", 1).at_line)
     await restore.ensure(
         [b"WHATSAT journal-only 10 5", b"IAMAT client-7 +1+1 1", b"IAMAT late +1+1 1"]
     )
@@ -163,8 +171,39 @@ async def test_a_crash_journal_is_loaded_and_looked_up(tmp_path: Path) -> None:
     assert store.get(b"late") is None
     assert persister.statistics().pending == 0
     await restore.run()
-    assert len(store) == 501  # the rows of the snapshot taken at open: not "late"
+    assert len(store) == 501  # the lines of the file as it was at open: not "late"
     assert store.get(b"client-7") == rec(b"client-7", 9000)
+
+
+async def test_a_bisection_finds_every_client_of_a_large_file(tmp_path: Path) -> None:
+    """20,000 clients over 65,536 leaves: many leaves hold two or more, some none."""
+    path = tmp_path / "Clark.records"
+    records = [rec(b"c%d" % i, i) for i in range(20_000)]
+    write_records(path, records)
+    assert len({leaf_of(r.client) for r in records}) < len(records)  # shared leaves
+    store = Store()
+    restore, _ = await opened(path, store)
+    assert restore.reader is not None
+    found = restore.reader.lookup([r.client for r in records] + [b"absent", b"c20000"])
+    assert sorted(found, key=lambda r: r.client) == sorted(records, key=lambda r: r.client)
+    restore.close()
+
+
+async def test_a_whole_load_allows_compaction(tmp_path: Path, nursery: trio.Nursery) -> None:
+    path = tmp_path / "Clark.records"
+    write_records(path, [rec(b"client-%d" % i, i) for i in range(50)])
+    append(path, *[rec(b"client-%d" % i, 100 + i).at_line for i in range(50)])
+    store = Store()
+    restore, persister = await opened(path, store, compact_min=1)
+    await nursery.start(persister.run)
+    store.offer(rec(b"new", 1))  # noted: written, but the file is not compacted yet
+    await wait_for_batches(persister, 1)
+    assert persister.statistics().compactions == 0
+    await restore.run()
+    store.offer(rec(b"newer", 1))
+    await wait_for_compactions(persister, 1)  # 102 lines appended for 52 clients
+    assert rows(path) == {r.client: r.at_line for r in store}
+    assert len(rows(path)) == 52
 
 
 async def test_records_from_peers_during_the_load_win_or_lose_by_rank(
@@ -172,7 +211,7 @@ async def test_records_from_peers_during_the_load_win_or_lose_by_rank(
 ) -> None:
     """A peer's record newer than the file's is kept and written; a peer's record older
     than the file's loses, and the file's record is what stays on disk."""
-    path = tmp_path / "Clark.sqlite3"
+    path = tmp_path / "Clark.records"
     write_records(path, [rec(b"kiwi", 10), rec(b"pear", 10)])
     store = Store()
     restore, persister = await opened(path, store)
@@ -214,7 +253,7 @@ async def test_no_sync_before_the_store_is_loaded(
 
 
 async def test_the_load_lets_other_tasks_run_between_slices(tmp_path: Path) -> None:
-    path = tmp_path / "Clark.sqlite3"
+    path = tmp_path / "Clark.records"
     write_records(path, [rec(b"client-%d" % i, i) for i in range(10 * SLICE)])
     store = Store()
     restore, _ = await opened(path, store)

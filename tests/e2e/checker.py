@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -30,7 +29,7 @@ import attrs
 import trio
 
 from herd_trio.protocol import Record, parse_at
-from herd_trio.statefile import rows_query
+from herd_trio.statefile import PersistError, read_all
 from tests.e2e.herd import Herd, reachable
 
 PROBE_CONNECT_DEADLINE = 2.0  # seconds to reach a live server's client port
@@ -396,16 +395,9 @@ class Figures:
 
 def durable_lines(path: Path) -> dict[bytes, bytes]:
     """The AT lines a server's state file holds now, per client (read-only; {} if the
-    file or its table is not there yet)."""
-    if not path.exists():
-        return {}
+    file is not there yet). Lines the server has written count: a killed process's
+    writes are the kernel's to finish."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
-        try:
-            query = rows_query(conn)  # the records table, then the journal
-            rows = conn.execute(query).fetchall() if query is not None else []
-        finally:
-            conn.close()
-    except sqlite3.Error:
+        return read_all(path)
+    except PersistError:
         return {}
-    return {bytes(client): bytes(line) for client, line in rows}

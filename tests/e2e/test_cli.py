@@ -122,7 +122,7 @@ async def test_all_keeps_state_beside_the_config_whatever_the_log_dir(tmp_path: 
     assert f"state: {state}\n" in out
     log = (tmp_path / "logs-a" / "Solo.log").read_text()
     assert f"log file {tmp_path / 'logs-a' / 'Solo.log'}; state file {state / 'Solo'}" in log
-    assert (state / "Solo.sqlite3").exists()
+    assert (state / "Solo.records").exists()
 
     with launched("--all", "--config", config, "--log-dir", "../logs-b", cwd=elsewhere) as second:
         await (await connect(herd.ports["Solo"])).aclose()
