@@ -317,7 +317,7 @@ class Persister:
                 if since is not None and (
                     not batch or self._closing or time.monotonic() - since >= self.sync_interval
                 ):
-                    os.fdatasync(fd)
+                    _datasync(fd)
                     self._unsynced_since = None
             except OSError as exc:
                 self._cut = True
@@ -439,6 +439,11 @@ class Persister:
                     os.fsync(dir_fd)
                 finally:
                     os.close(dir_fd)
+
+
+def _datasync(fd: int) -> None:
+    """fdatasync where the OS has it (Linux), else fsync (macOS)."""
+    (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
 
 
 def _whole_lines(fd: int, start: int, size: int) -> tuple[int, int]:

@@ -15,13 +15,13 @@ every record kept since the compaction began (herd_trio/persist.py). A line with
 its final LF at the end of the file is a write cut short by a crash: readers skip it
 and the writer cuts it off before it appends.
 
-Why not a database: a record is written once when kept (a write of the batch's lines,
-~0.15 us a record) and about once more when the file is compacted (the store's lines
-in leaf order, when the appended section has grown to as many lines as the store holds
-clients). SQLite, with a journal table folded into a keyed table, cost 3.4-4.6 us of CPU
-per record per server (docs/performance.md), a fifth of a herd's CPU per update. The
-leaf order lets a restarting server look a client up in the sorted section by bisection
-(herd_trio/restore.py) while it loads the rest.
+Why not a database: a record is written once when kept (its share of one write of the
+batch's lines, about 0.02 us) and about once more when the file is compacted (the
+store's lines in leaf order, when the appended section has grown to as many lines as
+the store holds clients). SQLite, with a journal table folded into a keyed table, cost
+3.4-4.6 us of CPU per record per server (docs/performance.md), a fifth of a herd's CPU
+per update. The leaf order lets a restarting server look a client up in the sorted
+section by bisection (herd_trio/restore.py) while it loads the rest.
 
 Only the AT line is stored: it carries every field of a record (`line_record` rebuilds
 the Record), and keeping it byte for byte keeps WHATSAT's first line exact across a
@@ -151,8 +151,9 @@ def read_lines(fd: int, start: int, stop: int) -> Iterator[list[bytes]]:
         if not data:
             break  # the file is shorter than it was: what is there has been read
         offset += len(data)
-        lines, used = complete_lines(rest + data)
-        rest = (rest + data)[used:]
+        data = rest + data
+        lines, used = complete_lines(data)
+        rest = data[used:]
         if lines:
             yield lines
 
