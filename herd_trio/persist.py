@@ -411,6 +411,7 @@ class Persister:
             if fd is not None and fd != self._fd:  # not the file in place now
                 _discard(fd, tmp)
         self._compactions += 1
+        self._next_compaction = 0
         self.log(
             f"compacted {self.path}: {plural(len(store), 'record')} from"
             f" {plural(appended, 'line')} appended, in {trio.current_time() - began:.3f} s"
