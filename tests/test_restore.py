@@ -153,6 +153,23 @@ async def test_ensure_fetches_named_clients_before_the_load_reaches_them(tmp_pat
     assert restore.lookups == 4
 
 
+async def test_lines_the_fast_path_leaves_are_loaded_as_before(tmp_path: Path) -> None:
+    """A new client's canonical line is kept without a Record; a line of the right shape
+    that is not canonical (a latitude past 90), and a client's second line, are offered
+    as Records: the newer record of a client stands whichever line came first."""
+    path = tmp_path / "Clark.records"
+    far = parse_at(b"AT Clark +0.000000001 far +10+1 1").at_line.replace(b"+10+1", b"+95+1")
+    write_records(path, [rec(b"kiwi", 5), rec(b"pear", 5)])
+    append(path, far, rec(b"kiwi", 9).at_line, rec(b"pear", 1, origin=b"Bona").at_line)
+    store, log = Store(), Log()
+    restore, _ = await opened(path, store, log)
+    await restore.run()
+    assert store.line(b"far") == far
+    assert store.get(b"kiwi") == rec(b"kiwi", 9)
+    assert store.get(b"pear") == rec(b"pear", 5)  # the older line, read later, lost
+    assert log.lines[-1].startswith(f"5 records loaded from {path} in ")
+
+
 async def test_appended_lines_are_loaded_and_looked_up(tmp_path: Path) -> None:
     """Lines appended after the sorted section: the load and the lookups see them,
     newer than the sorted section's line of the same client."""
