@@ -27,10 +27,12 @@ is done:
 Loaded records are on disk already, so the persister does not write them back
 (`Persister.from_file`).
 
-Lines are checked for shape (an AT line, canonical spacing, a valid time and
-coordinates), not re-validated field by field as a peer's line is: the file holds
-only records this server accepted. Building the Record (a Decimal and an attrs
-instance) is most of the cost; the time spent is logged when the load ends.
+A new client's line in the canonical form (`protocol.canonical_at`, the one regex a
+flood's new line gets) is kept without building a Record (`Store.add_new`). Any other
+line is checked for shape (an AT line, canonical spacing, a valid time and
+coordinates) rather than re-validated field by field as a peer's line is, since the
+file holds only records this server accepted, and offered as a Record, so a client met
+twice keeps its newer record. The time spent is logged when the load ends.
 """
 
 from __future__ import annotations
