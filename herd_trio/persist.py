@@ -45,14 +45,14 @@ from herd_trio.backoff import Backoff
 from herd_trio.log import plural
 from herd_trio.statefile import (
     HEADER_BYTES,
-    READ_CHUNK,
     PersistError,
-    file_size,
-    header,
-    parse_header,
+    datasync,
+    discard_tmp,
+    open_for_append,
+    open_tmp,
+    seal,
+    sync_dir,
     tmp_path,
-    write_all,
-    write_file,
     write_lines,
 )
 from herd_trio.store import LEAVES, Store
@@ -317,7 +317,7 @@ class Persister:
                 if since is not None and (
                     not batch or self._closing or time.monotonic() - since >= self.sync_interval
                 ):
-                    _datasync(fd)
+                    datasync(fd)
                     self._unsynced_since = None
             except OSError as exc:
                 self._cut = True
@@ -332,26 +332,8 @@ class Persister:
         cut short is cut off); created empty if there is none."""
         if self._fd is not None:
             return self._fd
-        path = self.path
-        with contextlib.suppress(OSError):  # if it stays, the next compaction says why
-            os.unlink(tmp_path(path))  # a compaction a crash cut short
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            write_file(path, [])
-            fd = os.open(path, os.O_RDWR)
-        try:
-            size = file_size(fd)
-            if size == 0:  # not ours: written whole, a records file is never empty
-                raise PersistError(f"{path} is empty, not a herd_trio records file")
-            start = HEADER_BYTES + parse_header(os.pread(fd, HEADER_BYTES, 0), path, size)
-            end, lines = _whole_lines(fd, start, size)
-            if end < size:
-                os.ftruncate(fd, end)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd, self._end, self._appended, self._cut = fd, end, lines, False
+        fd, self._end, self._appended = open_for_append(self.path)
+        self._fd, self._cut = fd, False
         return fd
 
     def _drop_file(self) -> None:
@@ -381,11 +363,10 @@ class Persister:
         store = self.store
         assert store is not None
         began, appended = trio.current_time(), self._appended
-        tmp = tmp_path(self.path)
         fd: int | None = None
         self._replay = {}
         try:
-            fd = await trio.to_thread.run_sync(_create, tmp)
+            fd = await trio.to_thread.run_sync(open_tmp, self.path)
             offset = HEADER_BYTES
             lines: list[bytes] = []
             written_at = trio.current_time()
@@ -409,7 +390,7 @@ class Persister:
         finally:
             self._replay = None
             if fd is not None and fd != self._fd:  # not the file in place now
-                _discard(fd, tmp)
+                discard_tmp(fd, self.path)
         self._compactions += 1
         self._next_compaction = 0
         self.log(
@@ -424,8 +405,7 @@ class Persister:
             if self._closing or self._fd is None:
                 raise PersistError("the file was closed meanwhile")
             end = sorted_end + write_lines(fd, replay, sorted_end)
-            write_all(fd, header(sorted_end - HEADER_BYTES), 0)
-            os.fsync(fd)
+            seal(fd, sorted_end)
             os.replace(tmp_path(self.path), self.path)
             # The file in place is the new one from here on, whatever happens next.
             old, self._fd = self._fd, fd
@@ -435,41 +415,7 @@ class Persister:
                 os.close(old)
             # The rename itself; if this fails, only an OS crash could undo it.
             with contextlib.suppress(OSError):
-                dir_fd = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-
-
-def _datasync(fd: int) -> None:
-    """fdatasync where the OS has it (Linux), else fsync (macOS)."""
-    (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
-
-
-def _whole_lines(fd: int, start: int, size: int) -> tuple[int, int]:
-    """(offset after the last LF at or after `start`, or `start`; LFs counted there)."""
-    end, count, offset = start, 0, start
-    while offset < size:
-        data = os.pread(fd, min(READ_CHUNK, size - offset), offset)
-        if not data:
-            break
-        if found := data.count(b"\n"):
-            count += found
-            end = offset + data.rfind(b"\n") + 1
-        offset += len(data)
-    return end, count
-
-
-def _create(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-
-
-def _discard(fd: int, path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(path)
+                sync_dir(self.path)
 
 
 @asynccontextmanager

@@ -56,9 +56,9 @@ from herd_trio.statefile import (
     PersistError,
     client_of,
     convert_legacy,
-    file_size,
     line_record,
-    parse_header,
+    newest_lines,
+    open_header,
     parse_lines,
     read_lines,
 )
@@ -137,19 +137,13 @@ class StateReader:
             raise PersistError(f"cannot read records from {self.path}: {exc}") from exc
         self._fd = fd
         try:
-            size = file_size(fd)
-            if size == 0:
-                raise PersistError(f"{self.path} is empty, not a herd_trio records file")
-            self._sorted_end = HEADER_BYTES + parse_header(
-                os.pread(fd, HEADER_BYTES, 0), self.path, size
-            )
-            self._size = size
-            if size == HEADER_BYTES:
+            self._size, self._sorted_end = open_header(fd, self.path)
+            if self._size == HEADER_BYTES:
                 self.close()
                 return False
             if self._sorted_end > HEADER_BYTES:
                 self._map = mmap.mmap(fd, self._sorted_end, access=mmap.ACCESS_READ)
-            self._chunks = read_lines(fd, HEADER_BYTES, size)
+            self._chunks = read_lines(fd, HEADER_BYTES, self._size)
         except OSError as exc:
             self.close()
             raise PersistError(f"cannot read records from {self.path}: {exc}") from exc
@@ -203,16 +197,12 @@ class StateReader:
         newest per client; {} if none. Blocking: from a worker thread. They are in the
         order written, so lookups use this instead of a scan each."""
         with self._lock:
-            newest: dict[bytes, bytes] = {}
             if self._fd is None or self._closed or not self.has_journal:
-                return newest
+                return {}
             try:
-                for lines in read_lines(self._fd, self._sorted_end, self._size):
-                    for line in lines:
-                        newest[client_of(line)] = line
+                return newest_lines(self._fd, self._sorted_end, self._size)[0]
             except OSError as exc:
                 raise PersistError(f"cannot read records from {self.path}: {exc}") from exc
-            return newest
 
     @property
     def has_journal(self) -> bool:

@@ -158,8 +158,64 @@ def read_lines(fd: int, start: int, stop: int) -> Iterator[list[bytes]]:
             yield lines
 
 
-def file_size(fd: int) -> int:
-    return os.fstat(fd).st_size
+def open_header(fd: int, path: Path) -> tuple[int, int]:
+    """(size, end of the sorted section) of the records file open as `fd`;
+    PersistError if it is empty or not a records file."""
+    size = os.fstat(fd).st_size
+    if size == 0:  # not ours: written whole, a records file is never empty
+        raise PersistError(f"{path} is empty, not a herd_trio records file")
+    return size, HEADER_BYTES + parse_header(os.pread(fd, HEADER_BYTES, 0), path, size)
+
+
+def newest_lines(fd: int, start: int, stop: int) -> tuple[dict[bytes, bytes], int]:
+    """Each client's last whole line of file `fd` between `start` and `stop`, and how
+    many lines there had no client field. Blocking; OSError if a read fails."""
+    newest: dict[bytes, bytes] = {}
+    junk = 0
+    for lines in read_lines(fd, start, stop):
+        for line in lines:
+            client = client_of(line)
+            if client:
+                newest[client] = line
+            else:
+                junk += 1
+    return newest, junk
+
+
+def open_for_append(path: Path) -> tuple[int, int, int]:
+    """(fd, end, lines) of the records file at `path`, opened for writing, made empty
+    if there is none: `end` is where its last whole line ends (a line a crash cut short
+    is cut off), `lines` how many lines follow its sorted section. A compaction's file
+    that a crash left is removed. Blocking; OSError or PersistError."""
+    with contextlib.suppress(OSError):  # if it stays, the next compaction says why
+        os.unlink(tmp_path(path))
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        write_file(path, [])
+        fd = os.open(path, os.O_RDWR)
+    try:
+        size, start = open_header(fd, path)
+        end, count, offset = start, 0, start
+        while offset < size:
+            data = os.pread(fd, min(READ_CHUNK, size - offset), offset)
+            if not data:
+                break
+            if found := data.count(b"\n"):
+                count += found
+                end = offset + data.rfind(b"\n") + 1
+            offset += len(data)
+        if end < size:
+            os.ftruncate(fd, end)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, end, count
+
+
+def datasync(fd: int) -> None:
+    """fdatasync where the OS has it (Linux), else fsync (macOS)."""
+    (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
 
 
 def read_all(path: Path) -> dict[bytes, bytes]:
@@ -174,29 +230,19 @@ def read_all(path: Path) -> dict[bytes, bytes]:
 
 def _read_newest(path: Path) -> tuple[dict[bytes, bytes], int]:
     """read_all's lines, and how many lines it left out for having no client field."""
-    newest: dict[bytes, bytes] = {}
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return newest, 0
+        return {}, 0
     except OSError as exc:
         raise PersistError(f"cannot read records from {path}: {exc}") from exc
     try:
-        size = file_size(fd)
-        parse_header(os.pread(fd, HEADER_BYTES, 0), path, size)
-        junk = 0
-        for lines in read_lines(fd, HEADER_BYTES, size):
-            for line in lines:
-                client = client_of(line)
-                if client:
-                    newest[client] = line
-                else:
-                    junk += 1
+        size, _ = open_header(fd, path)
+        return newest_lines(fd, HEADER_BYTES, size)
     except OSError as exc:
         raise PersistError(f"cannot read records from {path}: {exc}") from exc
     finally:
         os.close(fd)
-    return newest, junk
 
 
 def load_records(path: str | Path, *, log: Callable[[str], None] | None = None) -> list[Record]:
@@ -227,8 +273,7 @@ def write_file(path: Path, lines: Iterable[bytes]) -> None:
     synced, renamed into place. Blocking; OSError if anything fails (the old file, if
     any, is then untouched)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = open_tmp(path)
     try:
         offset = HEADER_BYTES
         chunk: list[bytes] = []
@@ -237,16 +282,13 @@ def write_file(path: Path, lines: Iterable[bytes]) -> None:
             if len(chunk) >= 8192:
                 offset += write_lines(fd, chunk, offset)
                 chunk = []
-        offset += write_lines(fd, chunk, offset)
-        write_all(fd, header(offset - HEADER_BYTES), 0)
-        os.fsync(fd)
+        seal(fd, offset + write_lines(fd, chunk, offset))
     except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        discard_tmp(fd, path)
         raise
     os.close(fd)
-    replace(tmp, path)
+    os.replace(tmp_path(path), path)
+    sync_dir(path)
 
 
 def write_lines(fd: int, lines: list[bytes], offset: int) -> int:
@@ -266,9 +308,28 @@ def write_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def replace(tmp: Path, path: Path) -> None:
-    """Rename `tmp` over `path` and sync the directory, so the rename survives a crash."""
-    os.replace(tmp, path)
+def open_tmp(path: Path) -> int:
+    """A new, empty file for the one that replaces `path` (`tmp_path`), open to write."""
+    return os.open(tmp_path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+
+def seal(fd: int, sorted_end: int) -> None:
+    """Give the file open as `fd` its header, for a sorted section that ends at
+    `sorted_end`, and sync it: it is ready to be renamed into place."""
+    write_all(fd, header(sorted_end - HEADER_BYTES), 0)
+    os.fsync(fd)
+
+
+def discard_tmp(fd: int, path: Path) -> None:
+    """Close and remove the unfinished file (open_tmp) that was to replace `path`."""
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp_path(path))
+
+
+def sync_dir(path: Path) -> None:
+    """Sync the directory of `path`, so that a rename into it survives a crash."""
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
