@@ -105,26 +105,24 @@ class Outbox:
             return
         if self._burst:
             self._settle()
-        pending, seq, queued = self._pending, self._seq, self._queued
-        for client, line in kept:
-            pending.pop(client, None)
-            queued += 1
-            pending[client] = line
-            seq[client] = queued
-        self._queued = queued
+        self._queued = self._enqueue(kept, self._queued)
         if wake:
             self._wakeup.set()
 
     def _settle(self) -> None:
         """Put the listed burst into the queue, numbered as it was put."""
         burst, self._burst = self._burst, []
+        self._enqueue(burst, self._queued - len(burst))
+
+    def _enqueue(self, kept: Sequence[tuple[bytes, bytes]], number: int) -> int:
+        """Queue records, numbered from `number` + 1 on; the last number given."""
         pending, seq = self._pending, self._seq
-        number = self._queued - len(burst)
-        for client, line in burst:
+        for client, line in kept:
             pending.pop(client, None)
             number += 1
             pending[client] = line
             seq[client] = number
+        return number
 
     def wake(self) -> None:
         """Wake the writer without a record (it has a direct send's tail to finish)."""
