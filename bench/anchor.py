@@ -96,10 +96,17 @@ def _arrives(check: Callable[[], bool], seconds: float) -> bool:
 
 
 def throughput(
-    herd: Herd, servers: dict[str, Proc], conns: int, depth: int, prefix: str, plan: AnchorPlan
+    herd: Herd,
+    servers: dict[str, Proc],
+    conns: int,
+    depth: int,
+    prefix: str,
+    plan: AnchorPlan,
+    pool: int = 0,
 ) -> Result:
-    """`conns` x `depth` pipelined IAMATs (new clients) to Clark, or to the only server:
-    replies/s and server CPU per reply, in all and per server (cpu_us_NAME)."""
+    """`conns` x `depth` pipelined IAMATs (new clients, or each connection's `pool` of
+    clients updated round and round) to Clark, or to the only server: replies/s and
+    server CPU per reply, in all and per server (cpu_us_NAME)."""
     entry = servers[ENTRY] if ENTRY in servers else next(iter(servers.values()))
     pids = [entry.pid, *(p.pid for p in servers.values() if p is not entry)]
     suite.settle(pids)
@@ -112,6 +119,7 @@ def throughput(
         "duration": plan.duration,
         "max_requests": 2_000_000,
         "prefix": prefix,
+        "pool": pool,
         "pids": pids,
     }
     run = procs.loadgen(spec, timeout=plan.warmup + plan.duration + 60)

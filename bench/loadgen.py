@@ -128,6 +128,7 @@ class _Conn:
     def __init__(self, sock: socket.socket, client: bytes) -> None:
         self.sock = sock
         self.client = client  # per-connection id prefix; a counter makes each id new
+        # (or, with a pool, names the pool's clients round and round)
         self.pending = 0
         self.seq = 0
         self.started = 0
@@ -145,6 +146,7 @@ def throughput(spec: Spec) -> Result:
     warmup, duration = float(spec["warmup"]), float(spec["duration"])
     max_requests = int(spec["max_requests"])
     prefix = str(spec["prefix"]).encode()
+    pool = int(spec.get("pool", 0))  # clients per connection, updated round and round
     pids = [int(p) for p in spec.get("pids", [])]
     sel = selectors.DefaultSelector()
     all_conns: list[_Conn] = []
@@ -161,9 +163,8 @@ def throughput(spec: Spec) -> Result:
         nonlocal sent
         stamp = iamat_time()
         client, seq = conn.client, conn.seq
-        data = b"".join(
-            [b"IAMAT %s%d %s %s\n" % (client, seq + k, COORDS, stamp) for k in range(depth)]
-        )
+        ids = range(seq, seq + depth) if not pool else [n % pool for n in range(seq, seq + depth)]
+        data = b"".join([b"IAMAT %s%d %s %s\n" % (client, n, COORDS, stamp) for n in ids])
         conn.seq = seq + depth
         conn.pending = depth
         conn.started = now_ns

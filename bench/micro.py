@@ -115,6 +115,8 @@ def cases(tmp: Path) -> dict[str, Callable[[], float]]:
         for n in range(1, 50_001)
     ]  # the same client, each newer than the last
     known = store.Store([record])
+    replaced = store.Store([record])
+    newer_packed = [(r.client, store.pack(r.at_line, r.client), r.at_line) for r in newer]
     fresh_rows = [(r.client, r.at_line) for r in fresh]
     fresh_packed = [(r.client, store.pack(r.at_line, r.client), r.at_line) for r in fresh]
     peer_batch = [r.at_line for r in fresh[:32]]
@@ -145,6 +147,12 @@ def cases(tmp: Path) -> dict[str, Callable[[], float]]:
         "store.key_of": timed(lambda: store.key_of(record.client)),
         "Store.offer, newer (kept)": lambda: each_us(store.Store().offer, fresh),
         "Store.offer, known client, newer (kept)": lambda: each_us(known.offer, newer),
+        "Store.replace, known client, newer (kept)": lambda: each_us(
+            lambda row: replaced.replace(*row), newer_packed
+        ),
+        "protocol.later (an update's client time)": timed(
+            lambda: protocol.later(b"1721464827.000000001", b"1621464827.959498503")
+        ),
         "Store.offer, not newer (dropped)": timed(lambda: held.offer(record)),
         "Store.offer, repeat IAMAT (dropped)": timed(lambda: held.offer(record, repeat=True)),
         "Store.get, known client": timed(lambda: held.get(record.client)),

@@ -1,14 +1,19 @@
 """Several herd_trio checkouts side by side: `python -m bench.sidebyside NAME=PATH ...`.
 
     python -m bench.sidebyside before=/tmp/old after=. [--reps 10] [--set KEY=VALUE]
+                               [--updates]
 
 Every repetition starts one five-server herd per checkout (PATH goes first on the
 servers' PYTHONPATH; the bench code is this checkout's), all at once on their own
 ports, runs 100 connections x 16 pipelined IAMATs to Clark against each herd in turn
 (the order rotated from one repetition to the next), exactly as bench.anchor measures
-a herd, and stops them. Prints, per herd after the first, the median of the
-per-repetition ratios to the first herd, how many repetitions came out below 1, and
-the middle half of the ratios. Two runs of the same 10-repetition comparison differed
+a herd, and stops them. With --updates each connection names UPDATE_POOL clients
+round and round, so after the first fraction of a second every IAMAT updates a known
+client (a herd whose clients move) where bench.anchor's are all new clients.
+
+Prints, per herd after the first, the median of the per-repetition ratios to the
+first herd, how many repetitions came out below 1, and the middle half of the
+ratios. Two runs of the same 10-repetition comparison differed
 by 7%: a median of 10 ratios tells the direction of a cut and roughly its size.
 
 A change that saves 5-15% of the CPU is lost in the 20-30% that a shared machine moves
@@ -32,6 +37,7 @@ from typing import Any
 from bench import anchor, procs, suite
 
 Result = dict[str, Any]
+UPDATE_POOL = 64  # --updates: clients per connection, 6,400 in all (a multiple of 16)
 FIGURES = ["cpu_us_per_update", "rps", *(f"cpu_us_{name}" for name in procs.DEFAULT_NAMES)]
 
 
@@ -105,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="a [herd] setting of every herd (TOML value), e.g. --set 'state_dir=\"state\"'",
     )
+    parser.add_argument("--updates", action="store_true", help="updates of known clients")
     args = parser.parse_args(argv)
     try:
         settings = {**suite.SETTINGS, **tomllib.loads("\n".join(args.set))}
@@ -118,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         for rep in range(args.reps):
             order = names[rep % len(names) :] + names[: rep % len(names)]
-            for name, result in measure_once(checkouts, order, settings, plan, run_dir, rep):
+            pool = UPDATE_POOL if args.updates else 0
+            for name, result in measure_once(checkouts, order, settings, plan, run_dir, rep, pool):
                 runs[name].append(result)
                 suite.say(
                     f"sidebyside rep {rep + 1}: {name} {result['rps']:,.0f} replies/s,"
@@ -136,6 +144,7 @@ def measure_once(
     plan: anchor.AnchorPlan,
     run_dir: Path,
     rep: int,
+    pool: int = 0,
 ) -> list[tuple[str, Result]]:
     """Start a fresh herd per checkout, measure each once in `order`, stop them all.
 
@@ -155,7 +164,7 @@ def measure_once(
             root = str(checkouts[name])
             up[name] = suite.start_herd(herds[name], run_dir / name, env={"PYTHONPATH": root})
         return [
-            (name, anchor.throughput(herds[name], up[name], 100, 16, f"x{name}{rep}-", plan))
+            (name, anchor.throughput(herds[name], up[name], 100, 16, f"x{name}{rep}-", plan, pool))
             for name in order
         ]
     finally:

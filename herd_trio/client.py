@@ -29,10 +29,12 @@ from herd_trio.protocol import (
     Whatsat,
     at_parts,
     iamat_match,
+    later,
     make_record,
     parse_command_fields,
     question,
 )
+from herd_trio.store import unpack
 
 # A browser or scanner that talks HTTP to a client port gets its `?` and is closed
 # at once rather than answered header by header.
@@ -89,16 +91,27 @@ def answer(
     ):
         return question(line)
     node.stats.iamat += 1
-    if client not in node.store.held:  # a new client: kept without building a Record
-        head, tail = at_parts(node.wire_name, received_ns, coords, time)
-        at_line = head + client + tail
-        node.store.add_new(client, head + tail, at_line)  # head + tail: store.pack's form
-    else:
+    store = node.store
+    held = store.held.get(client)
+    # A new client, or a later client time than the held record's (which decides the
+    # rank whatever else differs): kept without building a Record. An earlier time is
+    # answered with the held line. Equal times (a repeat, or a tie that origin and
+    # coords break) are for offer().
+    if held is not None and (order := later(time, held[held.rindex(b" ") + 1 :])) <= 0:
+        if order < 0:
+            return unpack(held, client) + b"\n"
         record = make_record(node.wire_name, received_ns, Iamat(client, coords, time))
-        standing = node.store.offer(record, repeat=True)
+        standing = store.offer(record, repeat=True)
         if standing is not record:
             return standing.at_line + b"\n"
         at_line = record.at_line
+    else:
+        head, tail = at_parts(node.wire_name, received_ns, coords, time)
+        at_line = head + client + tail
+        if held is None:
+            store.add_new(client, head + tail, at_line)  # head + tail: store.pack's form
+        else:
+            store.replace(client, head + tail, at_line)
     kept.append((client, at_line))
     return at_line + b"\n"
 

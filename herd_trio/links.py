@@ -30,7 +30,7 @@ from herd_trio.bus import OutboxClosed
 from herd_trio.errors import leaves
 from herd_trio.lines import LineReader, LineTooLong
 from herd_trio.linkwriter import HEARTBEATS, PING, PONG, LinkWriter, Timers
-from herd_trio.log import DUPLICATE, KEPT, VERDICT_TAILS, RateLimiter
+from herd_trio.log import DUPLICATE, KEPT, STALE, VERDICT_TAILS, RateLimiter
 from herd_trio.net import hostport
 from herd_trio.node import Node
 from herd_trio.protocol import (
@@ -38,6 +38,7 @@ from herd_trio.protocol import (
     ProtocolError,
     Record,
     canonical_at,
+    later,
     parse_at,
     parse_sync,
     too_far_ahead,
@@ -184,7 +185,7 @@ async def read_peer(
     logged: list[bytes] = []  # record lines, logged per batch with their verdicts' tails:
     tails: list[bytes] = []  # KEPT, DUPLICATE or STALE (log.peer_lines)
     kept: list[tuple[bytes, bytes]] = []  # records kept, flooded on per batch
-    new = duplicates = 0  # settled below without a Record; added to `counts` per batch
+    taken = duplicates = stale = 0  # settled below without a Record; into `counts` per batch
     while True:
         silence.waiting()
         lines = await reader.receive_lines()
@@ -206,10 +207,11 @@ async def read_peer(
                     handled = 1
                     _hand_on(node, peer, logged, tails, kept)  # before anyone logs or floods
                     await trio.lowlevel.checkpoint()
-                # Most record lines are a flood's echoes of a line held already, or a
-                # new client's first record; both are settled here by comparing the
-                # line, packed, with the held one, without building a Record. (A
-                # heartbeat has one field, so it is not split into five.)
+                # Most record lines are a flood's echoes of a line held already, a new
+                # client's first record or a client's update; all are settled here by
+                # comparing the line, packed, with the held one, and the client times,
+                # without building a Record. (A heartbeat has one field, so it is not
+                # split into five.)
                 if max_skew is None and len(fields := line.split(b" ", 4)) == 5:
                     client, fields[3] = fields[3], b""  # store.split_client, without a call
                     packed = b" ".join(fields)
@@ -219,13 +221,28 @@ async def read_peer(
                         logged.append(line)
                         tails.append(DUPLICATE)
                         continue
-                    if standing is None and canonical_at(line):
-                        store.add_new(client, packed, line)
-                        new += 1
-                        kept.append((client, line))
-                        logged.append(line)
-                        tails.append(KEPT)
-                        continue
+                    if (match := canonical_at(line)) is not None:
+                        # A new client, or an update whose client time is later or
+                        # earlier than the held one's (the time decides the rank):
+                        # settled without a Record. Equal times go to _take.
+                        order = 1
+                        if standing is not None:
+                            order = later(match[4], standing[standing.rindex(b" ") + 1 :])
+                        if order > 0:
+                            if standing is None:
+                                store.add_new(client, packed, line)
+                            else:
+                                store.replace(client, packed, line)
+                            taken += 1
+                            kept.append((client, line))
+                            logged.append(line)
+                            tails.append(KEPT)
+                            continue
+                        if order < 0:
+                            stale += 1
+                            logged.append(line)
+                            tails.append(STALE)
+                            continue
                 if line == PING:
                     writer.pong()
                     continue
@@ -247,9 +264,10 @@ async def read_peer(
                 logged.append(line)
                 tails.append(VERDICT_TAILS[_take(node, record, counts, kept)])
         finally:
-            counts.kept += new
+            counts.kept += taken
             counts.duplicate += duplicates
-            new = duplicates = 0
+            counts.stale += stale
+            taken = duplicates = stale = 0
             # The batch's records go on, with one write per link.
             _hand_on(node, peer, logged, tails, kept)
 

@@ -229,6 +229,34 @@ class Store:
         for listener in self._listeners:
             listener(client, line)
 
+    def replace(self, client: bytes, packed: bytes, line: bytes) -> None:
+        """Keep a newer record of `client`, which is `held`: its AT line, checked, and the
+        line's packed form (split_client). The caller has seen that its client time is
+        later than the held record's (protocol.later), which decides whatever else
+        differs (Record.rank).
+
+        The hot paths' way in for a client's update: no Record is built for either
+        line. The client's cached Record, if any, is dropped (the next get() builds
+        the new one); its leaf and fingerprint spare a hash.
+        """
+        held = self._lines[client]
+        entry = self._young.pop(client, None)
+        old_entry = self._old.pop(client, None)
+        if entry is None:
+            entry = old_entry
+        held_fp = entry[2] if entry is not None else -1
+        leaf = entry[1] if entry is not None else -1
+        if held_fp < 0:
+            held_fp = fingerprint_line(unpack(held, client))
+        if leaf < 0:
+            leaf = key_of(client) >> _LEAF_SHIFT
+        self._lines[client] = packed
+        change = fingerprint_line(line) ^ held_fp
+        self._leaf_fps[leaf] ^= change  # as _xor does, without the call
+        self._mid_fps[leaf >> _MID_SHIFT] ^= change
+        for listener in self._listeners:
+            listener(client, line)
+
     def _xor(self, leaf: int, change: int) -> None:
         """XOR `change` into the fingerprints of `leaf` and its level-2 node."""
         self._leaf_fps[leaf] ^= change

@@ -14,6 +14,8 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from herd_trio.bus import HANDOFF_DEADLINE
 from herd_trio.client import (
@@ -29,7 +31,7 @@ from herd_trio.linkwriter import LinkWriter, Timers, direct_sender
 from herd_trio.net import LINGER
 from herd_trio.node import Node
 from herd_trio.places import JSON, legacy_body
-from herd_trio.protocol import Record, Whatsat
+from herd_trio.protocol import Iamat, Record, Whatsat, make_record, parse_command
 from herd_trio.store import Store
 from tests.helpers import PAIR, Places, Recording, herd_config, make_node, record
 
@@ -124,6 +126,51 @@ def test_equal_time_from_a_lower_origin_is_replaced_by_this_server() -> None:
     reply = server.answer(b"IAMAT apple +1-1 7", 9_000_000_000)
     assert reply == b"AT Clark +2.000000000 apple +1-1 7\n"
     assert len(server.bona.records) == 1
+
+
+def test_a_later_iamat_of_a_held_client_replaces_its_record_and_is_flooded() -> None:
+    server = make_server()
+    server.answer(KIWI, RECEIVED)
+    assert server.store.get(b"kiwi.cs.ucla.edu") is not None  # its Record cached
+    moved = b"IAMAT kiwi.cs.ucla.edu +1+1 1621464828.1"
+    reply = b"AT Clark +0.123372289 kiwi.cs.ucla.edu +1+1 1621464828.1\n"
+    assert answer_line(server.node, moved, RECEIVED) == (reply, True)
+    assert [r.at_line + b"\n" for r in server.bona.records] == [KIWI_AT + b"\n", reply]
+    assert server.store.get(b"kiwi.cs.ucla.edu") == server.bona.records[1]
+
+
+UPDATE_TIMES = [b"6", b"7", b"7.0", b"7.10", b"7.1", b"7.01", b"07", b"8.999999999"]
+UPDATE_TIMES += [b"8.9999999991", b"1" + b"0" * 19, b"1" + b"0" * 19 + b".5"]
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"a", b"b"]), st.sampled_from(UPDATE_TIMES), st.booleans()),
+        max_size=30,
+    )
+)
+def test_answers_to_updates_are_those_of_offer(updates: list[tuple[bytes, bytes, bool]]) -> None:
+    # answer() settles a held client's IAMAT by comparing client times (protocol.later)
+    # without a Record; its replies, the records it floods and the store it leaves are
+    # those of the general path: make_record and offer(repeat=True). Some clients'
+    # records come from a peer (Bona) first, at the same client time.
+    server, reference, flooded = make_server(), Store(), []
+    for n, (client, time, from_peer) in enumerate(updates):
+        received = 10 * 10**9 + n
+        if from_peer:
+            peer = foreign(b"Bona", b"IAMAT %s +1-1 %s" % (client, time), received)
+            server.store.offer(peer)
+            reference.offer(peer)
+        line = b"IAMAT %s +34-118 %s" % (client, time)
+        command = parse_command(line)
+        assert isinstance(command, Iamat)
+        taken = make_record(b"Clark", received, command)
+        standing = reference.offer(taken, repeat=True)
+        flooded += [taken] if standing is taken else []
+        assert server.answer(line, received) == standing.at_line + b"\n"
+    assert server.bona.records == flooded
+    assert server.store.snapshot() == reference.snapshot()
+    assert server.store.digest() == reference.digest()
 
 
 def test_whatsat_for_an_unknown_client_gets_a_question_mark() -> None:

@@ -781,6 +781,42 @@ async def test_an_echo_of_a_stored_line_is_a_duplicate_and_goes_no_further(
     assert errors == []
 
 
+async def test_a_later_record_of_a_held_client_replaces_it_whatever_else_differs(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # The relay settles an update by comparing client times (protocol.later), without
+    # a Record: a later time replaces the held record (here one whose Record get()
+    # had cached), an earlier one is stale, and an equal time goes to offer(), which
+    # breaks the tie on origin (Zeta > Beta).
+    alpha = make_server("Alpha", tmp_path / "Alpha.log", heartbeat_interval=1.0)
+    ours, theirs = trio.testing.memory_stream_pair()
+    errors: list[BaseException] = []
+    gamma = Recording()
+    kiwi = record("Beta", b"IAMAT kiwi +34-118 5")
+    moved = record("Beta", b"IAMAT kiwi +35-118 5.000000001")
+    earlier = record("Bona", b"IAMAT kiwi +1-1 5.0000000009")
+    tie = record("Zeta", b"IAMAT kiwi +36-118 5.000000001000")
+    with alpha.bus.subscribe("Gamma", gamma):
+        nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
+        reader = LineReader(theirs, PEER_MAX)
+        assert await reader.receive_line() == EMPTY_ROUND
+        await theirs.send_all(kiwi.at_line + b"\n")
+        await settle()
+        assert alpha.store.get(b"kiwi") == kiwi
+        await theirs.send_all(b"".join(r.at_line + b"\n" for r in (moved, earlier, tie)))
+        await settle()
+        assert alpha.store.get(b"kiwi") == tie
+        assert gamma.records == [kiwi, moved, tie]
+    assert alpha.store.digest() == Store([tie]).digest()
+    counts = alpha.stats.peer("Beta")
+    assert (counts.kept, counts.duplicate, counts.stale) == (3, 0, 1)
+    alpha.log.close()
+    log = (tmp_path / "Alpha.log").read_text().splitlines()
+    said = [line.rsplit(" ", 1)[1] for line in log if " peer Beta < b'AT " in line]
+    assert said == ["kept", "kept", "stale", "kept"]
+    assert errors == []
+
+
 class BatchWatch(trio.abc.Instrument):
     """After every task step, how many records of each batch `node`'s store holds
     (each batch's list of counts, as they changed)."""

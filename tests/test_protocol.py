@@ -9,7 +9,7 @@ from __future__ import annotations
 from decimal import ROUND_DOWN, Decimal
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from herd_trio.protocol import (
@@ -22,6 +22,7 @@ from herd_trio.protocol import (
     check_coords,
     format_at,
     format_skew,
+    later,
     make_record,
     parse_at,
     parse_at_fields,
@@ -829,3 +830,28 @@ def test_parse_command_fast_path_agrees_with_the_field_checks(
             parse_command(line)
     else:
         assert parse_command(line) == expected
+
+
+_DIGITS = st.text("0123456789", min_size=1, max_size=21)
+
+
+@given(_DIGITS, st.none() | _DIGITS, _DIGITS, st.none() | _DIGITS)
+@example("5", None, "5", "0")  # equal, spelled differently
+@example("5", "10", "5", "1")
+@example("5", "05", "5", "5")
+@example("5", "5", "5", "51")
+@example("0005", "9", "5", "900")
+@example("1" + "0" * 19, "5", "1" + "0" * 19, "4")  # the same shape: compared as bytes
+@example("1" + "0" * 19, "5", "1" + "0" * 18, "45")
+def test_later_compares_client_times_as_their_decimals_do(
+    whole: str, frac: str | None, other_whole: str, other_frac: str | None
+) -> None:
+    time = whole if frac is None else f"{whole}.{frac}"
+    other = other_whole if other_frac is None else f"{other_whole}.{other_frac}"
+    got = later(time.encode(), other.encode())
+    exact = (Decimal(time) > Decimal(other)) - (Decimal(time) < Decimal(other))
+    if len(whole) > 18 or len(other_whole) > 18:
+        assert got in (0, exact)  # 0: left to the caller's Records
+    else:
+        assert got == exact
+    assert later(time.encode(), time.encode()) == 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 from decimal import Decimal
 from random import Random
 
+import pytest
 import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from herd_trio.protocol import Record
+from herd_trio import store as store_module
+from herd_trio.protocol import Record, later
 from herd_trio.store import (
     LEAF_LEVEL,
     MAX_LEVEL,
@@ -300,6 +302,77 @@ def test_add_new_and_offer_keep_the_same_store(updates: list[tuple[bytes, int, b
     ]
     assert {client: line for client, line in heard} == {r.client: r.at_line for r in slow}
     assert all(fast.get(r.client) == r for r in slow)
+
+
+TIMES = ["4", "5", "5.0", "5.000", "5.1", "5.10", "5.01", "05", "6", "9.999999999"]
+TIMES += ["9.9999999991", "1" + "0" * 18, "1" + "0" * 19, "1" + "0" * 19 + ".5"]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"a", b"b", b"c"]),
+            st.sampled_from(TIMES),
+            st.booleans(),  # by another origin
+            st.booleans(),  # its held Record asked for (and cached) first
+        ),
+        max_size=40,
+    )
+)
+def test_the_hot_paths_rule_keeps_what_offer_keeps(
+    updates: list[tuple[bytes, str, bool, bool]],
+) -> None:
+    # The hot paths keep a new client with add_new, a later client time with replace
+    # (protocol.later: no Record built for either line), leave an earlier one, and
+    # give an equal time (a tie that origin and coords break) to offer(). A store fed
+    # that way holds, digests and indexes exactly what offer() alone keeps, and get()
+    # never answers from a Record cached before a replace.
+    fast, slow = Store(), Store()
+    heard: list[tuple[bytes, bytes]] = []
+    fast.on_change(lambda client, line: heard.append((client, line)))
+    for client, time, by_origin, asked in updates:
+        record = rec(time, client=client, origin=b"Bona" if by_origin else b"Clark")
+        slow.offer(record)
+        if asked:
+            fast.get(client)
+        split = split_client(record.at_line)
+        assert split is not None
+        held = fast.held.get(client)
+        if held is None:
+            fast.add_new(client, split[1], record.at_line)
+        elif (order := later(time.encode(), held[held.rindex(b" ") + 1 :])) > 0:
+            fast.replace(client, split[1], record.at_line)
+        elif order == 0 and held != split[1]:
+            fast.offer(record)
+    assert fast.snapshot() == slow.snapshot()
+    assert fast.digest() == slow.digest()
+    assert fast.summary(0, 0) == slow.summary(0, 0)
+    assert [fast.summary(4, leaf) for leaf in range(0, 65536, 4099)] == [
+        slow.summary(4, leaf) for leaf in range(0, 65536, 4099)
+    ]
+    assert {client: line for client, line in heard} == {r.client: r.at_line for r in slow}
+    assert all(fast.get(r.client) == r for r in slow)
+
+
+@pytest.mark.parametrize("generation", ["_young", "_old"])
+def test_replace_drops_a_record_cached_in_either_generation(
+    monkeypatch: pytest.MonkeyPatch, generation: str
+) -> None:
+    monkeypatch.setattr(store_module, "CACHE", 2)  # generations of two clients
+    store = Store()
+    kiwi, fig = rec("5", client=b"kiwi"), rec("5", client=b"fig")
+    store.offer(kiwi)  # cached in the young generation
+    if generation == "_old":
+        store.offer(fig)  # the young generation fills and becomes the old one
+    else:
+        store.add_new(b"fig", split_client(fig.at_line)[1], fig.at_line)  # type: ignore[index]
+    assert b"kiwi" in getattr(store, generation)
+    moved = rec("6", client=b"kiwi", coords=b"+35-118")
+    split = split_client(moved.at_line)
+    assert split is not None
+    store.replace(b"kiwi", split[1], moved.at_line)
+    assert store.get(b"kiwi") == moved
+    assert store.digest() == Store([moved, fig]).digest()
 
 
 def test_a_store_of_a_thousand_clients_gives_back_every_line() -> None:
