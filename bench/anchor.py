@@ -28,6 +28,10 @@ from bench.procs import Herd, Proc
 Result = dict[str, Any]
 SECRET_ENV = "HERD_BENCH_SECRET"
 ENTRY = "Clark"
+# Updates of known clients (a herd whose clients move): each of the 100 connections
+# names this many clients round and round, 6,400 in all (a multiple of 16, so a batch
+# never names one twice); after the first fraction of a second every IAMAT is an update.
+UPDATE_POOL = 64
 
 
 @dataclass(frozen=True)
@@ -264,6 +268,11 @@ def _measure(
     for kind in order:
         suite.say(f"anchor rep {r + 1}: {kind} 100 x 16 to Clark, whole herd up")
         rep[f"tp_{kind}"] = throughput(configs[kind], up[kind], 100, 16, f"a{kind[:2]}{r}-", plan)
+    for kind in ("anchor", "herd") if r % 2 == 0 else ("herd", "anchor"):
+        suite.say(f"anchor rep {r + 1}: {kind} 100 x 16 updates of known clients")
+        rep[f"upd_{kind}"] = throughput(
+            configs[kind], up[kind], 100, 16, f"u{kind[0]}{r}-", plan, UPDATE_POOL
+        )
     for conns, depth in ((100, 1), (100, 16)):
         pair = [("limit", limit), ("solo", solo)]
         for kind, proc in pair if r % 2 == 0 else pair[::-1]:
@@ -310,6 +319,22 @@ ROWS: list[tuple[str, tuple[str, str], tuple[str, str], str, str, bool]] = [
         ("tp_anchor", "cpu_us_per_update"),
         "limit herd",
         "<= 1.5",
+        False,
+    ),
+    (
+        "(context) updates of known clients: replies/s, whole herd up, 100 x 16",
+        ("upd_herd", "rps"),
+        ("upd_anchor", "rps"),
+        "limit herd",
+        "-",
+        True,
+    ),
+    (
+        "(context) updates of known clients: CPU per update (us)",
+        ("upd_herd", "cpu_us_per_update"),
+        ("upd_anchor", "cpu_us_per_update"),
+        "limit herd",
+        "-",
         False,
     ),
     *(

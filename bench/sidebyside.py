@@ -7,7 +7,7 @@ Every repetition starts one five-server herd per checkout (PATH goes first on th
 servers' PYTHONPATH; the bench code is this checkout's), all at once on their own
 ports, runs 100 connections x 16 pipelined IAMATs to Clark against each herd in turn
 (the order rotated from one repetition to the next), exactly as bench.anchor measures
-a herd, and stops them. With --updates each connection names UPDATE_POOL clients
+a herd, and stops them. With --updates each connection names anchor.UPDATE_POOL clients
 round and round, so after the first fraction of a second every IAMAT updates a known
 client (a herd whose clients move) where bench.anchor's are all new clients.
 
@@ -37,7 +37,6 @@ from typing import Any
 from bench import anchor, procs, suite
 
 Result = dict[str, Any]
-UPDATE_POOL = 64  # --updates: clients per connection, 6,400 in all (a multiple of 16)
 FIGURES = ["cpu_us_per_update", "rps", *(f"cpu_us_{name}" for name in procs.DEFAULT_NAMES)]
 
 
@@ -125,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         for rep in range(args.reps):
             order = names[rep % len(names) :] + names[: rep % len(names)]
-            pool = UPDATE_POOL if args.updates else 0
+            pool = anchor.UPDATE_POOL if args.updates else 0
             for name, result in measure_once(checkouts, order, settings, plan, run_dir, rep, pool):
                 runs[name].append(result)
                 suite.say(
