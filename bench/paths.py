@@ -127,6 +127,7 @@ async def relay_path(lines: int, log_dir: Path, pool: int | None) -> int:
     await feed_relay(links, lines, pool)
     node.log.close()
     assert len(node.store) == (lines if pool is None else min(lines, pool)), "each kept once"
+    assert node.stats.peer("Clark").kept == lines, "every record from Clark is new or later"
     return lines
 
 
