@@ -365,7 +365,7 @@ def test_replace_drops_a_record_cached_in_either_generation(
     if generation == "_old":
         store.offer(fig)  # the young generation fills and becomes the old one
     else:
-        store.add_new(b"fig", split_client(fig.at_line)[1], fig.at_line)  # type: ignore[index]
+        store.add_new(b"fig", pack(fig.at_line, b"fig"), fig.at_line)  # nothing cached
     assert b"kiwi" in getattr(store, generation)
     moved = rec("6", client=b"kiwi", coords=b"+35-118")
     split = split_client(moved.at_line)
