@@ -272,6 +272,20 @@ def test_split_client_wants_five_fields() -> None:
     assert split_client(b"SUMS 1 0 ab cd ef") == (b"ab", b"SUMS 1 0  cd ef")
 
 
+def assert_same_store(fast: Store, slow: Store, heard: list[tuple[bytes, bytes]]) -> None:
+    """`fast` (fed by the hot paths, its listener's calls in `heard`) holds, digests and
+    indexes what `slow` (fed by offer() alone) does, and its listener heard every
+    record it kept."""
+    assert fast.snapshot() == slow.snapshot()
+    assert fast.digest() == slow.digest()
+    assert fast.summary(0, 0) == slow.summary(0, 0)
+    assert [fast.summary(4, leaf) for leaf in range(0, 65536, 4099)] == [
+        slow.summary(4, leaf) for leaf in range(0, 65536, 4099)
+    ]
+    assert {client: line for client, line in heard} == {r.client: r.at_line for r in slow}
+    assert all(fast.get(r.client) == r for r in slow)
+
+
 @given(
     st.lists(
         st.tuples(st.sampled_from([b"a", b"b", b"c", b"d"]), st.integers(0, 9), st.booleans()),
@@ -294,14 +308,7 @@ def test_add_new_and_offer_keep_the_same_store(updates: list[tuple[bytes, int, b
             fast.add_new(client, split[1], record.at_line)
         elif fast.held[client] != split[1]:  # not the held line: offer() decides
             fast.offer(record)
-    assert fast.snapshot() == slow.snapshot()
-    assert fast.digest() == slow.digest()
-    assert fast.summary(0, 0) == slow.summary(0, 0)
-    assert [fast.summary(4, leaf) for leaf in range(0, 65536, 4099)] == [
-        slow.summary(4, leaf) for leaf in range(0, 65536, 4099)
-    ]
-    assert {client: line for client, line in heard} == {r.client: r.at_line for r in slow}
-    assert all(fast.get(r.client) == r for r in slow)
+    assert_same_store(fast, slow, heard)
 
 
 TIMES = ["4", "5", "5.0", "5.000", "5.1", "5.10", "5.01", "05", "6", "9.999999999"]
@@ -344,14 +351,7 @@ def test_the_hot_paths_rule_keeps_what_offer_keeps(
             fast.replace(client, split[1], record.at_line)
         elif order == 0 and held != split[1]:
             fast.offer(record)
-    assert fast.snapshot() == slow.snapshot()
-    assert fast.digest() == slow.digest()
-    assert fast.summary(0, 0) == slow.summary(0, 0)
-    assert [fast.summary(4, leaf) for leaf in range(0, 65536, 4099)] == [
-        slow.summary(4, leaf) for leaf in range(0, 65536, 4099)
-    ]
-    assert {client: line for client, line in heard} == {r.client: r.at_line for r in slow}
-    assert all(fast.get(r.client) == r for r in slow)
+    assert_same_store(fast, slow, heard)
 
 
 @pytest.mark.parametrize("generation", ["_young", "_old"])
