@@ -34,19 +34,18 @@ from herd_trio.log import DUPLICATE, KEPT, STALE, VERDICT_TAILS, RateLimiter
 from herd_trio.net import hostport
 from herd_trio.node import Node
 from herd_trio.protocol import (
-    SYNC_PREFIXES,
     ProtocolError,
     Record,
     canonical_at,
     later,
     parse_at,
-    parse_sync,
     too_far_ahead,
 )
 from herd_trio.security import PeerSecurity
 from herd_trio.silence import Silence
 from herd_trio.stats import PeerStats
 from herd_trio.sync import PeerMisbehaved, Reconciler
+from herd_trio.synclines import SYNC_PREFIXES, parse_sync
 from herd_trio.tls import wrap_dialled
 
 DIAL_DEADLINE = 3.0  # seconds: loopback and LAN dials take milliseconds

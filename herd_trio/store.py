@@ -18,7 +18,8 @@ from decimal import Decimal
 
 from xxhash import xxh3_64_intdigest
 
-from herd_trio.protocol import TREE_LEVELS, Record
+from herd_trio.protocol import Record
+from herd_trio.synclines import TREE_LEVELS
 
 FANOUT = 16  # children per node: 4 bits of the key per level
 LEAF_LEVEL = 4  # the deepest level kept up to date: 16**4 leaves

@@ -40,17 +40,6 @@ from typing import Literal
 import attrs
 import trio
 
-from herd_trio.protocol import (
-    ITEMS_MAX,
-    NEED_MAX,
-    Items,
-    Need,
-    Sums,
-    SyncLine,
-    format_items,
-    format_need,
-    format_sums,
-)
 from herd_trio.stats import PeerStats
 from herd_trio.store import (
     FANOUT,
@@ -60,6 +49,17 @@ from herd_trio.store import (
     Store,
     fingerprint_line,
     key_of,
+)
+from herd_trio.synclines import (
+    ITEMS_MAX,
+    NEED_MAX,
+    Items,
+    Need,
+    Sums,
+    SyncLine,
+    format_items,
+    format_need,
+    format_sums,
 )
 
 CHUNK = 1000  # records per streamed chunk: well under a millisecond to gather

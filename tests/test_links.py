@@ -29,8 +29,9 @@ from herd_trio.links import (
 )
 from herd_trio.node import Node
 from herd_trio.peerport import PeerPort
-from herd_trio.protocol import SYNC_PREFIXES, Record
+from herd_trio.protocol import Record
 from herd_trio.store import Store
+from herd_trio.synclines import SYNC_PREFIXES
 from tests.helpers import (
     TRIANGLE,
     Recording,

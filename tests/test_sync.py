@@ -16,19 +16,7 @@ from hypothesis import strategies as st
 
 from herd_trio.lines import LineReader
 from herd_trio.linkwriter import LinkWriter, Timers
-from herd_trio.protocol import (
-    SYNC_PREFIXES,
-    Items,
-    Need,
-    ProtocolError,
-    Record,
-    Sums,
-    format_items,
-    format_need,
-    format_sums,
-    parse_at,
-    parse_sync,
-)
+from herd_trio.protocol import ProtocolError, Record, parse_at
 from herd_trio.stats import PeerStats
 from herd_trio.store import Store, key_of, node_of
 from herd_trio.sync import (
@@ -37,6 +25,16 @@ from herd_trio.sync import (
     PeerMisbehaved,
     Reconciler,
     RoundGate,
+)
+from herd_trio.synclines import (
+    SYNC_PREFIXES,
+    Items,
+    Need,
+    Sums,
+    format_items,
+    format_need,
+    format_sums,
+    parse_sync,
 )
 
 
