@@ -755,31 +755,44 @@ async def test_a_record_from_a_peer_is_flooded_on_but_not_sent_back(
     assert errors == []
 
 
-async def test_an_echo_of_a_stored_line_is_a_duplicate_and_goes_no_further(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
-) -> None:
+async def relay_at_alpha(
+    nursery: trio.Nursery, tmp_path: Path, batches: list[list[Record]]
+) -> tuple[Node, list[Record], list[str]]:
+    """Run Alpha's end of a link from Beta, with a neighbour Gamma subscribed, and send
+    each batch of records in one write; after each batch, ask Alpha's store for its
+    clients (which caches their Records). Alpha, what went on to Gamma, and the
+    verdicts Alpha logged for Beta's lines."""
     alpha = make_server("Alpha", tmp_path / "Alpha.log", heartbeat_interval=1.0)
     ours, theirs = trio.testing.memory_stream_pair()
     errors: list[BaseException] = []
     gamma = Recording()
-    kiwi = record("Beta", b"IAMAT kiwi +34-118 5")
-    older = record("Gamma", b"IAMAT kiwi +34-118 4")
     with alpha.bus.subscribe("Gamma", gamma):
         nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
         reader = LineReader(theirs, PEER_MAX)
         assert await reader.receive_line() == EMPTY_ROUND
-        lines = [kiwi.at_line, kiwi.at_line, older.at_line, kiwi.at_line]
-        await theirs.send_all(b"\n".join(lines) + b"\n")
-        await settle()
-        assert alpha.store.get(b"kiwi") == kiwi
-        assert gamma.records == [kiwi]  # flooded on once
-    counts = alpha.stats.peer("Beta")
-    assert (counts.kept, counts.duplicate, counts.stale) == (1, 2, 1)
+        for batch in batches:
+            await theirs.send_all(b"".join(r.at_line + b"\n" for r in batch))
+            await settle()
+            for r in batch:
+                alpha.store.get(r.client)
+    assert errors == []
     alpha.log.close()
     log = (tmp_path / "Alpha.log").read_text().splitlines()
     said = [line.rsplit(" ", 1)[1] for line in log if " peer Beta < b'AT " in line]
+    return alpha, gamma.records, said
+
+
+async def test_an_echo_of_a_stored_line_is_a_duplicate_and_goes_no_further(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    kiwi = record("Beta", b"IAMAT kiwi +34-118 5")
+    older = record("Gamma", b"IAMAT kiwi +34-118 4")
+    alpha, flooded, said = await relay_at_alpha(nursery, tmp_path, [[kiwi, kiwi, older, kiwi]])
+    assert alpha.store.get(b"kiwi") == kiwi
+    assert flooded == [kiwi]  # flooded on once
+    counts = alpha.stats.peer("Beta")
+    assert (counts.kept, counts.duplicate, counts.stale) == (1, 2, 1)
     assert said == ["kept", "duplicate", "stale", "duplicate"]
-    assert errors == []
 
 
 async def test_a_later_record_of_a_held_client_replaces_it_whatever_else_differs(
@@ -789,33 +802,17 @@ async def test_a_later_record_of_a_held_client_replaces_it_whatever_else_differs
     # a Record: a later time replaces the held record (here one whose Record get()
     # had cached), an earlier one is stale, and an equal time goes to offer(), which
     # breaks the tie on origin (Zeta > Beta).
-    alpha = make_server("Alpha", tmp_path / "Alpha.log", heartbeat_interval=1.0)
-    ours, theirs = trio.testing.memory_stream_pair()
-    errors: list[BaseException] = []
-    gamma = Recording()
     kiwi = record("Beta", b"IAMAT kiwi +34-118 5")
     moved = record("Beta", b"IAMAT kiwi +35-118 5.000000001")
     earlier = record("Bona", b"IAMAT kiwi +1-1 5.0000000009")
     tie = record("Zeta", b"IAMAT kiwi +36-118 5.000000001000")
-    with alpha.bus.subscribe("Gamma", gamma):
-        nursery.start_soon(carry_collecting, alpha, "Beta", ours, errors)
-        reader = LineReader(theirs, PEER_MAX)
-        assert await reader.receive_line() == EMPTY_ROUND
-        await theirs.send_all(kiwi.at_line + b"\n")
-        await settle()
-        assert alpha.store.get(b"kiwi") == kiwi
-        await theirs.send_all(b"".join(r.at_line + b"\n" for r in (moved, earlier, tie)))
-        await settle()
-        assert alpha.store.get(b"kiwi") == tie
-        assert gamma.records == [kiwi, moved, tie]
+    alpha, flooded, said = await relay_at_alpha(nursery, tmp_path, [[kiwi], [moved, earlier, tie]])
+    assert alpha.store.get(b"kiwi") == tie
+    assert flooded == [kiwi, moved, tie]
     assert alpha.store.digest() == Store([tie]).digest()
     counts = alpha.stats.peer("Beta")
     assert (counts.kept, counts.duplicate, counts.stale) == (3, 0, 1)
-    alpha.log.close()
-    log = (tmp_path / "Alpha.log").read_text().splitlines()
-    said = [line.rsplit(" ", 1)[1] for line in log if " peer Beta < b'AT " in line]
     assert said == ["kept", "kept", "stale", "kept"]
-    assert errors == []
 
 
 class BatchWatch(trio.abc.Instrument):
