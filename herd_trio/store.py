@@ -241,12 +241,8 @@ class Store:
         the new one); its leaf and fingerprint spare a hash.
         """
         held = self._lines[client]
-        entry = self._young.pop(client, None)
-        old_entry = self._old.pop(client, None)
-        if entry is None:
-            entry = old_entry
-        held_fp = entry[2] if entry is not None else -1
-        leaf = entry[1] if entry is not None else -1
+        young, old = self._young.pop(client, None), self._old.pop(client, None)
+        _, leaf, held_fp = young or old or (None, -1, -1)  # -1: not known
         if held_fp < 0:
             held_fp = fingerprint_line(unpack(held, client))
         if leaf < 0:
